@@ -1,0 +1,100 @@
+"""The online-distillation record: one prompt, the student's draft, the teacher's answer.
+
+The gateway builds a `Sample` for every escalation and audited request; this package stores
+and (later) trains on it. Plain frozen values, with JSON (de)serialisation; no I/O here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from models import ChatMessage, Generation, TokenLogprob, TopLogprob, Usage
+
+Kind = Literal["escalation", "audit"]
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    id: str
+    created_at: float  # unix seconds
+    tenant: str  # API-key id (a hash prefix), never the key itself
+    kind: Kind
+    reason: str  # why the teacher was asked: low_confidence, student_error, audit, ...
+    messages: tuple[ChatMessage, ...]
+    student: Generation | None  # None when the student failed before drafting
+    confidence: float | None
+    features: Mapping[str, float]
+    teacher: Generation
+    threshold: float
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+def logprobs_to_json(lps: tuple[TokenLogprob, ...]) -> list[dict[str, Any]]:
+    return [
+        {"token": t.token, "logprob": t.logprob, "id": t.token_id,
+         "top": [[x.token, x.logprob] for x in t.top]}
+        for t in lps
+    ]
+
+
+def logprobs_from_json(raw: list[dict[str, Any]]) -> tuple[TokenLogprob, ...]:
+    return tuple(
+        TokenLogprob(d["token"], d["logprob"], d.get("id"), tuple(TopLogprob(a, b) for a, b in d.get("top", ())))
+        for d in raw
+    )
+
+
+def generation_to_json(g: Generation) -> dict[str, Any]:
+    return {
+        "text": g.text,
+        "model": g.model,
+        "version": g.version,
+        "finish_reason": g.finish_reason,
+        "usage": [g.usage.prompt_tokens, g.usage.completion_tokens],
+        "token_ids": list(g.token_ids),
+        "logprobs": logprobs_to_json(g.logprobs),
+    }
+
+
+def generation_from_json(d: Mapping[str, Any]) -> Generation:
+    return Generation(
+        text=d["text"],
+        finish_reason=d["finish_reason"],
+        usage=Usage(*d["usage"]),
+        model=d["model"],
+        token_ids=tuple(d.get("token_ids", ())),
+        logprobs=logprobs_from_json(d.get("logprobs", [])),
+        version=d["version"],
+    )
+
+
+def messages_to_json(messages: tuple[ChatMessage, ...]) -> str:
+    return json.dumps([{"role": m.role, "content": m.content} for m in messages], ensure_ascii=False)
+
+
+def messages_from_json(raw: str) -> tuple[ChatMessage, ...]:
+    return tuple(ChatMessage(m["role"], m["content"]) for m in json.loads(raw))
+
+
+def to_chat_jsonl(sample: Sample) -> dict[str, Any]:
+    """The record as an OpenAI/TRL chat example: prompt messages plus the teacher's answer."""
+    return {
+        "messages": [{"role": m.role, "content": m.content} for m in sample.messages]
+        + [{"role": "assistant", "content": sample.teacher.text}],
+        "metadata": {
+            "id": sample.id,
+            "created_at": sample.created_at,
+            "tenant": sample.tenant,
+            "kind": sample.kind,
+            "reason": sample.reason,
+            "confidence": sample.confidence,
+            "threshold": sample.threshold,
+            "student_draft": sample.student.text if sample.student else None,
+            "student_version": sample.student.version if sample.student else None,
+            "teacher_model": sample.teacher.model,
+            **dict(sample.metadata),
+        },
+    }

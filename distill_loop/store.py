@@ -1,0 +1,320 @@
+"""Durable SQLite store for distillation signal: WAL mode, one writer thread, versioned schema.
+
+`submit()` never blocks the event loop: it puts the record on a bounded queue (full queue →
+the record is dropped and counted). The writer thread commits batches with synchronous=FULL.
+If the database fails (disk full, locked), batches are kept and retried with back-off; a row
+the database rejects on its own (a constraint) goes to the dead-letter table. `close()`
+drains the queue, and whatever still cannot be written is spilled to a JSONL file that the
+next `open()` replays, so a graceful shutdown loses nothing. Training reads happen elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from distill_loop.config import SignalConfig
+from distill_loop.errors import SignalStoreError, StoreClosed
+from distill_loop.sample import (
+    Sample,
+    generation_from_json,
+    generation_to_json,
+    messages_from_json,
+    messages_to_json,
+    to_chat_jsonl,
+)
+
+log = logging.getLogger(__name__)
+
+# Each entry moves the schema from version i to i+1 (PRAGMA user_version). Append only.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE signal (
+        id          TEXT PRIMARY KEY,
+        created_at  REAL NOT NULL,
+        tenant      TEXT NOT NULL,
+        kind        TEXT NOT NULL CHECK (kind IN ('escalation', 'audit')),
+        reason      TEXT NOT NULL,
+        messages    TEXT NOT NULL,
+        student     TEXT,
+        confidence  REAL,
+        features    TEXT NOT NULL,
+        teacher     TEXT NOT NULL,
+        threshold   REAL NOT NULL,
+        metadata    TEXT NOT NULL
+    );
+    CREATE INDEX signal_created_at ON signal (created_at);
+    CREATE TABLE dead_letter (
+        seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+        record_id   TEXT,
+        failed_at   REAL NOT NULL,
+        error       TEXT NOT NULL,
+        payload     TEXT NOT NULL
+    );
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+Listener = Callable[[str, int], None]  # (event, count): written | failed | dropped | dead_letter
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")  # a committed record survives power loss
+    conn.execute("PRAGMA busy_timeout=10000")
+    return conn
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring the schema to SCHEMA_VERSION; returns the version found before."""
+    found = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if found > SCHEMA_VERSION:
+        raise SignalStoreError(f"database schema {found} is newer than this code ({SCHEMA_VERSION})")
+    for version in range(found, SCHEMA_VERSION):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for stmt in MIGRATIONS[version].split(";"):
+                if stmt.strip():
+                    conn.execute(stmt)
+            conn.execute(f"PRAGMA user_version={version + 1}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    return found
+
+
+def _row(s: Sample) -> tuple[Any, ...]:
+    return (
+        s.id,
+        s.created_at,
+        s.tenant,
+        s.kind,
+        s.reason,
+        messages_to_json(s.messages),
+        json.dumps(generation_to_json(s.student), ensure_ascii=False) if s.student else None,
+        s.confidence,
+        json.dumps(dict(s.features)),
+        json.dumps(generation_to_json(s.teacher), ensure_ascii=False),
+        s.threshold,
+        json.dumps(dict(s.metadata), ensure_ascii=False),
+    )
+
+
+def _sample(r: sqlite3.Row | tuple[Any, ...]) -> Sample:
+    return Sample(
+        id=r[0],
+        created_at=r[1],
+        tenant=r[2],
+        kind=r[3],
+        reason=r[4],
+        messages=messages_from_json(r[5]),
+        student=generation_from_json(json.loads(r[6])) if r[6] else None,
+        confidence=r[7],
+        features=json.loads(r[8]),
+        teacher=generation_from_json(json.loads(r[9])),
+        threshold=r[10],
+        metadata=json.loads(r[11]),
+    )
+
+
+_INSERT = "INSERT INTO signal VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+_COLUMNS = "id, created_at, tenant, kind, reason, messages, student, confidence, features, teacher, threshold, metadata"
+
+
+class SignalStore:
+    """See the module docstring. Thread-safe `submit`; one writer thread owns the connection."""
+
+    def __init__(self, config: SignalConfig, listener: Listener | None = None) -> None:
+        self.config = config
+        self._listener = listener or (lambda _e, _n: None)
+        self._queue: queue.Queue[Sample | None] = queue.Queue(maxsize=config.queue_size)
+        self._thread: threading.Thread | None = None
+        self._closing = threading.Event()
+        self._closed = False
+        self._retry_s = 0.05
+        self.spill_path = config.spill_path or config.path.with_suffix(".spill.jsonl")
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def open(self) -> None:
+        conn = connect(self.config.path)
+        try:
+            migrate(conn)
+        finally:
+            conn.close()
+        self._thread = threading.Thread(target=self._writer, name="tiergate-signal-writer", daemon=True)
+        self._thread.start()
+        self._replay_spill()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Write everything queued, then stop. Records that still fail are spilled to JSONL."""
+        if self._closed:
+            return
+        self._closed = True
+        self._closing.set()
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout)
+
+    @property
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    # -- writing -----------------------------------------------------------------------------
+    def submit(self, sample: Sample) -> bool:
+        """Queue a record for writing. Returns False (and counts a drop) if the queue is full."""
+        if self._closed:
+            raise StoreClosed("signal store is closed")
+        try:
+            self._queue.put_nowait(sample)
+        except queue.Full:
+            self._listener("dropped", 1)
+            log.error("signal queue full (%d); dropped record %s", self.config.queue_size, sample.id)
+            return False
+        return True
+
+    def _writer(self) -> None:
+        conn = connect(self.config.path)
+        try:
+            stop = False
+            while not stop:
+                first = self._queue.get()
+                batch: list[Sample] = []
+                if first is None:
+                    stop = True
+                else:
+                    batch.append(first)
+                while len(batch) < self.config.batch_size:
+                    try:
+                        nxt = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if nxt is None:
+                        stop = True
+                        break
+                    batch.append(nxt)
+                if batch:
+                    self._write(conn, batch)
+            # Anything submitted between close() and the sentinel is still written.
+            rest: list[Sample] = []
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    rest.append(item)
+            if rest:
+                self._write(conn, rest)
+        finally:
+            conn.close()
+
+    def _write(self, conn: sqlite3.Connection, batch: list[Sample]) -> None:
+        delay = self._retry_s
+        while True:
+            try:
+                self._insert_batch(conn, batch)
+                return
+            except sqlite3.IntegrityError:
+                self._insert_one_by_one(conn, batch)
+                return
+            except sqlite3.Error as exc:
+                # The database itself is failing (disk full, locked, I/O): keep the batch.
+                log.warning("signal store write failed (%s); retrying %d records", exc, len(batch))
+                if self._closing.is_set():
+                    self._spill(batch, str(exc))
+                    return
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _insert_batch(self, conn: sqlite3.Connection, batch: list[Sample]) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany(_INSERT, [_row(s) for s in batch])
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        self._listener("written", len(batch))
+
+    def _insert_one_by_one(self, conn: sqlite3.Connection, batch: list[Sample]) -> None:
+        for s in batch:
+            try:
+                self._insert_batch(conn, [s])
+            except sqlite3.IntegrityError as exc:
+                conn.execute(
+                    "INSERT INTO dead_letter (record_id, failed_at, error, payload) VALUES (?,?,?,?)",
+                    (s.id, time.time(), str(exc), json.dumps(_row(s), ensure_ascii=False)),
+                )
+                self._listener("failed", 1)
+                log.error("signal record %s quarantined: %s", s.id, exc)
+
+    def _spill(self, batch: list[Sample], error: str) -> None:
+        try:
+            self.spill_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.spill_path, "a", encoding="utf-8") as fh:
+                for s in batch:
+                    fh.write(json.dumps(_row(s), ensure_ascii=False) + "\n")
+                fh.flush()
+            log.error("signal store unavailable at shutdown (%s); spilled %d records to %s",
+                      error, len(batch), self.spill_path)
+        except OSError as exc:
+            self._listener("failed", len(batch))
+            log.critical("could not spill %d signal records: %s", len(batch), exc)
+
+    def _replay_spill(self) -> None:
+        if not self.spill_path.exists():
+            return
+        replay = self.spill_path.with_suffix(".replaying")
+        self.spill_path.replace(replay)
+        with open(replay, encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    self._queue.put(_sample(json.loads(line)))
+        replay.unlink()
+
+    # -- reading -----------------------------------------------------------------------------
+    def count(self) -> int:
+        conn = connect(self.config.path)
+        try:
+            return int(conn.execute("SELECT count(*) FROM signal").fetchone()[0])
+        finally:
+            conn.close()
+
+    def samples(self, since: float = 0.0, kind: str | None = None) -> Iterator[Sample]:
+        yield from read_samples(self.config.path, since=since, kind=kind)
+
+
+def read_samples(path: Path, since: float = 0.0, kind: str | None = None) -> Iterator[Sample]:
+    if not path.exists():
+        raise SignalStoreError(f"no signal database at {path}")
+    conn = connect(path)
+    try:
+        sql = f"SELECT {_COLUMNS} FROM signal WHERE created_at >= ?"
+        args: list[Any] = [since]
+        if kind:
+            sql += " AND kind = ?"
+            args.append(kind)
+        for r in conn.execute(sql + " ORDER BY created_at, id", args):
+            yield _sample(r)
+    finally:
+        conn.close()
+
+
+def export_jsonl(path: Path, out: Path, since: float = 0.0, kind: str | None = None) -> int:
+    """Write records as chat-format JSONL (see `to_chat_jsonl`); returns how many."""
+    n = 0
+    with open(out, "w", encoding="utf-8") as fh:
+        for s in read_samples(path, since=since, kind=kind):
+            fh.write(json.dumps(to_chat_jsonl(s), ensure_ascii=False) + "\n")
+            n += 1
+    return n

@@ -1,0 +1,98 @@
+"""The composition root: `create_app(settings)` wires backends, router, store and metrics.
+
+Lifespan owns everything long-lived: it opens the signal store, starts the tiers in the
+background (so liveness answers while models load; readiness waits for both), and on
+shutdown waits for in-flight audits, closes the tiers, then flushes the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from distill_loop import SignalStore
+from gateway.errors import install_handlers
+from gateway.metrics import Metrics
+from gateway.routes import router as http_routes
+from gateway.service import TieredService
+from gateway.settings import Settings
+from models import Backend, BackendError, build_backend
+from router import ConfidenceRouter
+
+log = logging.getLogger(__name__)
+
+START_RETRY_S = 2.0
+
+
+async def _start_until_ready(name: str, backend: Backend, metrics: Metrics) -> None:
+    """Start a tier, retrying while it is unreachable (a remote server still booting)."""
+    while True:
+        try:
+            await backend.start()
+        except BackendError as exc:
+            log.warning("%s tier not ready yet: %s (retrying in %.0fs)", name, exc, START_RETRY_S)
+            await asyncio.sleep(START_RETRY_S)
+            continue
+        metrics.ready.labels(name).set(1)
+        log.info("%s tier ready: %s", name, backend.info.name)
+        return
+
+
+def create_app(
+    settings: Settings, *, student: Backend | None = None, teacher: Backend | None = None
+) -> FastAPI:
+    """Build the app. Tests may inject backends; otherwise they come from settings."""
+    metrics = Metrics()
+    store = SignalStore(settings.signal, listener=metrics.on_signal_event)
+    student = student or build_backend(settings.student, cache_dir=settings.runtime.cache_dir)
+    teacher = teacher or build_backend(settings.teacher, cache_dir=settings.runtime.cache_dir)
+    service = TieredService(settings, student, teacher, ConfidenceRouter.from_config(settings.router), store, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if "local" in (settings.student.kind, settings.teacher.kind):
+            import torch
+
+            torch.set_num_threads(settings.runtime.torch_threads)
+        await asyncio.to_thread(store.open)
+        metrics.threshold.set(service.router.threshold)
+        starters = [
+            asyncio.create_task(_start_until_ready(name, backend, metrics), name=f"start-{name}")
+            for name, backend in service.tiers.items()
+        ]
+
+        def on_started(_: asyncio.Task[None]) -> None:
+            info = student.info
+            metrics.set_student(info.version, info.name)
+
+        starters[0].add_done_callback(on_started)
+        try:
+            yield
+        finally:
+            app.state.shutting_down = True
+            for task in starters:
+                task.cancel()
+            await asyncio.gather(*starters, return_exceptions=True)
+            await service.drain(settings.server.shutdown_grace_s)
+            for backend in service.tiers.values():
+                try:
+                    await backend.aclose()
+                except Exception:  # noqa: BLE001 - closing one tier must not skip the store flush
+                    log.exception("closing a tier failed")
+            await asyncio.to_thread(store.close)
+            log.info("shutdown complete; signal queue flushed")
+
+    app = FastAPI(title="tiergate", version="0.1.0", lifespan=lifespan)
+    app.state.service = service
+    app.state.shutting_down = False
+    app.state.api_key_digests = [hashlib.sha256(k.get_secret_value().encode()).digest() for k in settings.server.api_keys]
+    admin = settings.server.admin_api_key
+    app.state.admin_key_digest = hashlib.sha256(admin.get_secret_value().encode()).digest() if admin else None
+    install_handlers(app)
+    app.include_router(http_routes)
+    return app

@@ -1,0 +1,277 @@
+"""HTTP endpoints: OpenAI chat completions and models, health, admin threshold, metrics.
+
+Handlers translate between the wire format (`protocol.py`) and `TieredService`; they hold
+no routing logic. Streams use sse-starlette (client-disconnect cancels generation, keep-alive
+pings); an error after the first byte is sent as one in-band error chunk, then [DONE].
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+from sse_starlette import EventSourceResponse
+
+from gateway.errors import Forbidden, InvalidRequest, ModelNotFound, Unauthorized, describe
+from gateway.protocol import (
+    MODEL_ALIASES,
+    ChatCompletionRequest,
+    chunk_json,
+    completion_json,
+    logprobs_json,
+    model_card,
+    model_list,
+    usage_json,
+)
+from gateway.service import AnswerStream, ChatCall, TieredService, new_request_id
+from models import ChatMessage, SamplingParams
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+STARTED = int(time.time())
+
+
+def key_id(secret: str) -> str:
+    """Stable, non-reversible id of an API key: what we log and store, never the key."""
+    return "key-" + hashlib.sha256(secret.encode()).hexdigest()[:12]
+
+
+def _bearer(request: Request) -> str | None:
+    auth = request.headers.get("authorization", "")
+    scheme, _, token = auth.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def _digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+def tenant_of(request: Request) -> str:
+    """Authenticate a data-plane call; returns the tenant (API-key id)."""
+    keys: list[bytes] = request.app.state.api_key_digests
+    token = _bearer(request)
+    if keys:
+        if token is None:
+            raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+        digest = _digest(token)
+        # compare_digest on every key: no early exit that leaks which key nearly matched
+        if not any([hmac.compare_digest(digest, k) for k in keys]):
+            raise Unauthorized("invalid API key")
+    return key_id(token) if token else "anonymous"
+
+
+def require_admin(request: Request) -> str:
+    admin: bytes | None = request.app.state.admin_key_digest
+    if admin is None:
+        raise Forbidden("admin API disabled: set server.admin_api_key (TIERGATE_SERVER__ADMIN_API_KEY)")
+    token = _bearer(request)
+    if token is None or not hmac.compare_digest(_digest(token), admin):
+        raise Unauthorized("admin API needs 'Authorization: Bearer <admin key>'")
+    return key_id(token)
+
+
+def _service(request: Request) -> TieredService:
+    service: TieredService = request.app.state.service
+    return service
+
+
+def _to_call(body: ChatCompletionRequest, request: Request, tenant: str, service: TieredService) -> ChatCall:
+    if body.model not in MODEL_ALIASES:
+        raise ModelNotFound(
+            f"model {body.model!r} does not exist; use one of {', '.join(MODEL_ALIASES)}", param="model"
+        )
+    server = service.settings.server
+    if len(body.messages) > server.max_messages:
+        raise InvalidRequest(f"at most {server.max_messages} messages", param="messages")
+    max_tokens = body.max_completion_tokens or body.max_tokens or server.default_max_tokens
+    if max_tokens > server.max_tokens_limit:
+        raise InvalidRequest(
+            f"max_tokens must be ≤ {server.max_tokens_limit}, got {max_tokens}",
+            param="max_completion_tokens" if body.max_completion_tokens else "max_tokens",
+        )
+    messages = tuple(ChatMessage(m.role, m.text()) for m in body.messages)
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=server.default_temperature if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        stop=tuple(body.stop or ()),  # type: ignore[arg-type]
+        seed=body.seed,
+        top_logprobs=(body.top_logprobs or 0) if body.logprobs else 0,
+    )
+    incoming = request.headers.get("x-request-id", "")
+    request_id = incoming if 0 < len(incoming) <= 128 and incoming.isprintable() else new_request_id()
+    request.state.request_id = request_id
+    return ChatCall(
+        request_id=request_id,
+        tenant=tenant,
+        alias=body.model,  # type: ignore[arg-type]
+        messages=messages,
+        params=params,
+        want_logprobs=bool(body.logprobs),
+        metadata=dict(body.metadata or {}),
+        started=time.perf_counter(),
+    )
+
+
+@router.post("/v1/chat/completions", response_model=None)
+@router.post("/chat/completions", response_model=None, include_in_schema=False)
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, tenant: str = Depends(tenant_of)
+) -> Response:
+    service = _service(request)
+    call = _to_call(body, request, tenant, service)
+    service.metrics.inflight.inc()
+    try:
+        if body.stream:
+            handle = await service.open_stream(call)
+        else:
+            route, gen = await service.complete(call)
+    except BaseException:
+        service.metrics.inflight.dec()
+        raise
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return EventSourceResponse(
+            _sse(service, call, handle, include_usage),
+            headers=handle.route.headers(call.request_id),
+            sep="\n",
+            ping=service.settings.server.sse_ping_s,
+        )
+    service.metrics.inflight.dec()
+    payload = completion_json(
+        request_id=call.request_id,
+        model=service.concrete_model(route.tier, gen.version),
+        text=gen.text,
+        finish_reason=gen.finish_reason,
+        usage=usage_json(gen.usage.prompt_tokens, gen.usage.completion_tokens),
+        logprobs=logprobs_json(gen.logprobs, call.params.top_logprobs) if call.want_logprobs else None,
+        tiergate=route.body(call.request_id),
+    )
+    return Response(json.dumps(payload), media_type="application/json", headers=route.headers(call.request_id))
+
+
+async def _sse(
+    service: TieredService, call: ChatCall, handle: AnswerStream, include_usage: bool
+) -> AsyncIterator[dict[str, str]]:
+    route = handle.route
+    created = int(time.time())
+    model = service.concrete_model(route.tier)
+    tier_body = route.body(call.request_id)
+
+    def chunk(**kw: Any) -> dict[str, str]:
+        return {"data": json.dumps(chunk_json(request_id=call.request_id, created=created, model=model, **kw))}
+
+    first_content = True
+    try:
+        yield chunk(delta={"role": "assistant", "content": ""}, tiergate=tier_body)
+        async for delta in handle.deltas:
+            if delta.text or delta.logprobs:
+                if first_content and delta.text:
+                    service.metrics.ttft.labels(route.tier).observe(time.perf_counter() - call.started)
+                    first_content = False
+                lp = logprobs_json(delta.logprobs, call.params.top_logprobs) if call.want_logprobs else None
+                yield chunk(delta={"content": delta.text}, logprobs=lp)
+            if delta.finish_reason is not None:
+                usage = delta.usage
+                final_body = route.body(call.request_id, handle.decision)
+                # tiergate again at the end: a forced-student stream is scored only now.
+                yield chunk(delta={}, finish_reason=delta.finish_reason, tiergate=final_body)
+                if include_usage and usage is not None:
+                    yield chunk(
+                        delta=None,
+                        usage=usage_json(usage.prompt_tokens, usage.completion_tokens),
+                        tiergate=final_body,
+                    )
+        yield {"data": "[DONE]"}
+    except Exception as exc:  # noqa: BLE001 - after the first byte, errors go in-band
+        status, err, _ = describe(exc)
+        log.warning("stream %s failed after start (%d): %s", call.request_id, status, exc)
+        yield {"data": json.dumps(err)}
+        yield {"data": "[DONE]"}
+    finally:
+        service.metrics.inflight.dec()
+
+
+@router.get("/v1/models")
+async def list_models(request: Request, _tenant: str = Depends(tenant_of)) -> dict[str, Any]:
+    return model_list(STARTED, _concrete(_service(request)))
+
+
+@router.get("/v1/models/{model_id}")
+async def get_model(model_id: str, request: Request, _tenant: str = Depends(tenant_of)) -> dict[str, Any]:
+    concrete = _concrete(_service(request))
+    if model_id not in concrete:
+        raise ModelNotFound(f"model {model_id!r} does not exist", param="model")
+    return model_card(model_id, STARTED, concrete[model_id])
+
+
+def _concrete(service: TieredService) -> dict[str, str]:
+    student, teacher = service.concrete_model("student"), service.concrete_model("teacher")
+    return {"tiered": f"{student} -> {teacher}", "student": student, "teacher": teacher}
+
+
+@router.get("/health/live")
+async def live() -> dict[str, str]:
+    return {"status": "alive"}
+
+
+@router.get("/health/ready")
+async def ready(request: Request) -> JSONResponse:
+    service = _service(request)
+    tiers = {name: backend.info.ready for name, backend in service.tiers.items()}
+    ok = all(tiers.values()) and not request.app.state.shutting_down
+    return JSONResponse(
+        {"status": "ready" if ok else "not_ready", "tiers": tiers},
+        status_code=200 if ok else 503,
+    )
+
+
+@router.get("/health")
+async def health(request: Request) -> dict[str, Any]:
+    service = _service(request)
+    return {
+        "tiers": {
+            name: {"name": i.name, "kind": i.kind, "version": i.version, "ready": i.ready, **i.detail}
+            for name, b in service.tiers.items()
+            for i in (b.info,)
+        },
+        "threshold": service.router.threshold,
+        "signal_queue_depth": service.store.pending,
+    }
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    service = _service(request)
+    service.metrics.signal_queue.set(service.store.pending)
+    return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+class ThresholdIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    threshold: float = Field(ge=0.0, le=1.0)
+
+
+@router.get("/admin/threshold")
+async def get_threshold(request: Request, _admin: str = Depends(require_admin)) -> dict[str, float]:
+    return {"threshold": _service(request).router.threshold}
+
+
+@router.put("/admin/threshold")
+async def put_threshold(
+    body: ThresholdIn, request: Request, admin: str = Depends(require_admin)
+) -> dict[str, float]:
+    service = _service(request)
+    old = service.router.set_threshold(body.threshold)
+    service.metrics.threshold.set(body.threshold)
+    log.info("threshold changed by %s: %.4f -> %.4f", admin, old, body.threshold)
+    return {"threshold": body.threshold, "previous": old}

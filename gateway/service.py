@@ -1,0 +1,377 @@
+"""The tiered request flow: draft with the student, score, escalate or keep, audit, record.
+
+Everything here is transport-free: it takes a parsed `ChatCall` and returns a `Route` plus a
+`Generation` or a stream of deltas; `routes.py` turns those into HTTP. A failing teacher
+degrades to the student's draft; a failing signal store never fails a request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from distill_loop import Sample, SignalStore, StoreClosed
+from gateway.metrics import Metrics
+from gateway.settings import Settings
+from models import (
+    Backend,
+    BackendError,
+    BackendTimeout,
+    BackendUnavailable,
+    ChatMessage,
+    Generation,
+    GenerationDelta,
+    InvalidGenerationRequest,
+    SamplingParams,
+    collect,
+)
+from router import Decision, Router
+
+log = logging.getLogger(__name__)
+
+Tier = Literal["student", "teacher"]
+Alias = Literal["tiered", "student", "teacher"]
+
+
+@dataclass(frozen=True, slots=True)
+class ChatCall:
+    request_id: str
+    tenant: str
+    alias: Alias
+    messages: tuple[ChatMessage, ...]
+    params: SamplingParams  # as the client asked; top_logprobs is the client's k
+    want_logprobs: bool
+    metadata: dict[str, str]
+    started: float  # time.perf_counter() at arrival
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Which tier answers and why. Fixed before the first byte goes out."""
+
+    tier: Tier
+    escalated: bool
+    reason: str  # confident | low_confidence | empty_answer | student_error | forced | teacher_unavailable
+    threshold: float
+    student_version: str
+    decision: Decision | None = None
+    degraded: bool = False
+
+    @property
+    def confidence(self) -> float | None:
+        return self.decision.confidence if self.decision else None
+
+    def headers(self, request_id: str) -> dict[str, str]:
+        conf = self.confidence
+        return {
+            "x-request-id": request_id,
+            "x-tiergate-tier": self.tier,
+            "x-tiergate-escalated": "true" if self.escalated else "false",
+            "x-tiergate-reason": self.reason,
+            "x-tiergate-confidence": f"{conf:.4f}" if conf is not None else "none",
+            "x-tiergate-threshold": f"{self.threshold:.4f}",
+            "x-tiergate-student-version": self.student_version,
+        }
+
+    def body(self, request_id: str, decision: Decision | None = None) -> dict[str, object]:
+        d = decision or self.decision
+        return {
+            "tier": self.tier,
+            "escalated": self.escalated,
+            "reason": self.reason,
+            "confidence": d.confidence if d else None,
+            "threshold": self.threshold,
+            "student_version": self.student_version,
+            "scorer": d.scorer if d else None,
+            "degraded": self.degraded,
+            "request_id": request_id,
+        }
+
+
+class AnswerStream:
+    """A route plus its deltas. `decision` is filled in at the end of a forced-student stream."""
+
+    def __init__(self, route: Route, deltas: AsyncIterator[GenerationDelta] | None = None) -> None:
+        self.route = route
+        self.deltas: AsyncIterator[GenerationDelta] = deltas if deltas is not None else _empty()
+        self.decision: Decision | None = route.decision
+
+
+async def _empty() -> AsyncIterator[GenerationDelta]:
+    return
+    yield  # pragma: no cover - makes this an async generator
+
+
+def error_class(exc: BaseException) -> str:
+    if isinstance(exc, BackendTimeout):
+        return "timeout"
+    if isinstance(exc, BackendUnavailable):
+        return "unavailable"
+    if isinstance(exc, InvalidGenerationRequest):
+        return "invalid"
+    if isinstance(exc, BackendError):
+        return "upstream"
+    return "internal"
+
+
+class TieredService:
+    def __init__(
+        self,
+        settings: Settings,
+        student: Backend,
+        teacher: Backend,
+        router: Router,
+        store: SignalStore,
+        metrics: Metrics,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.tiers: dict[Tier, Backend] = {"student": student, "teacher": teacher}
+        self.router = router
+        self.store = store
+        self.metrics = metrics
+        self._rng = rng or random.Random()
+        self._background: set[asyncio.Task[None]] = set()
+        self._spent = 0.0
+        self._teacher_only = 0.0
+
+    # -- public ------------------------------------------------------------------------------
+    def student_version(self) -> str:
+        return self.tiers["student"].info.version
+
+    def concrete_model(self, tier: Tier, version: str | None = None) -> str:
+        info = self.tiers[tier].info
+        return f"{info.name}@{version or info.version}" if tier == "student" else info.name
+
+    async def complete(self, call: ChatCall) -> tuple[Route, Generation]:
+        route, draft = await self._route(call)
+        if route.tier == "student":
+            assert draft is not None
+            self._finish(call, route, draft)
+            self._maybe_audit(call, route, draft)
+            return route, draft
+        try:
+            answer = await self._generate("teacher", call.messages, self._teacher_params(call))
+        except BackendError as exc:
+            return self._fallback(call, route, draft, exc)
+        self._finish(call, route, answer)
+        if route.escalated:
+            self._record(call, "escalation", route.reason, draft, route.decision, answer)
+        return route, answer
+
+    async def open_stream(self, call: ChatCall) -> AnswerStream:
+        """Do all the work that must precede the first byte; return the route and the deltas.
+
+        Errors before the first delta raise here, so they become proper HTTP statuses.
+        A forced-student stream is live (real time to first token); a routed one is drafted
+        and scored in full first, since headers name the tier before any byte is sent.
+        """
+        if call.alias == "student":
+            return await self._open_live("student", call, self._routeless(call, "student"))
+        route, draft = await self._route(call)
+        if route.tier == "student":
+            assert draft is not None
+            self._maybe_audit(call, route, draft)
+            return AnswerStream(route, self._replay(call, route, draft))
+        try:
+            return await self._open_live("teacher", call, route, draft)
+        except BackendError as exc:
+            route, answer = self._fallback(call, route, draft, exc)
+            return AnswerStream(route, self._replay(call, route, answer, already_finished=True))
+
+    async def drain(self, timeout: float) -> None:
+        """Wait for background audits so their records are written before shutdown."""
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=timeout)
+        for task in self._background:
+            task.cancel()
+
+    # -- routing -----------------------------------------------------------------------------
+    def _routeless(self, call: ChatCall, tier: Tier) -> Route:
+        return Route(tier, False, "forced", self.router.threshold, self.student_version())
+
+    async def _route(self, call: ChatCall) -> tuple[Route, Generation | None]:
+        threshold = self.router.threshold
+        if call.alias == "teacher":
+            return self._routeless(call, "teacher"), None
+        try:
+            draft = await self._generate("student", call.messages, call.params)
+        except BackendError as exc:
+            if call.alias == "student" or isinstance(exc, InvalidGenerationRequest):
+                raise
+            self.metrics.escalations.labels("student_error").inc()
+            return Route("teacher", True, "student_error", threshold, self.student_version()), None
+        decision = self.router.decide(draft)
+        self.metrics.confidence.observe(decision.confidence)
+        if call.alias == "student":
+            return Route("student", False, "forced", decision.threshold, draft.version, decision), draft
+        if decision.escalate:
+            self.metrics.escalations.labels(decision.reason).inc()
+            return Route("teacher", True, decision.reason, decision.threshold, draft.version, decision), draft
+        return Route("student", False, "confident", decision.threshold, draft.version, decision), draft
+
+    def _teacher_params(self, call: ChatCall) -> SamplingParams:
+        k = max(call.params.top_logprobs, self.settings.signal.teacher_top_logprobs)
+        return replace(call.params, top_logprobs=k)
+
+    def _fallback(
+        self, call: ChatCall, route: Route, draft: Generation | None, exc: BackendError
+    ) -> tuple[Route, Generation]:
+        if draft is None or not route.escalated or isinstance(exc, InvalidGenerationRequest):
+            raise exc
+        log.warning("teacher failed on %s (%s); answering with the student's draft", call.request_id, exc)
+        self.metrics.fallbacks.labels("teacher_unavailable").inc()
+        degraded = replace(route, tier="student", reason="teacher_unavailable", degraded=True)
+        self._finish(call, degraded, draft)
+        return degraded, draft
+
+    # -- backend calls with accounting -------------------------------------------------------
+    async def _generate(self, tier: Tier, messages: tuple[ChatMessage, ...], params: SamplingParams) -> Generation:
+        try:
+            gen = await self.tiers[tier].generate(messages, params)
+        except BackendError as exc:
+            self.metrics.errors.labels(tier, error_class(exc)).inc()
+            raise
+        self._account(tier, gen.usage.prompt_tokens, gen.usage.completion_tokens)
+        return gen
+
+    def _account(self, tier: Tier, prompt_tokens: int, completion_tokens: int) -> None:
+        price = getattr(self.settings.pricing, tier)
+        cost = price.cost(prompt_tokens, completion_tokens)
+        self.metrics.add_usage(tier, prompt_tokens, completion_tokens, cost)
+        self._spent += cost
+
+    def _finish(self, call: ChatCall, route: Route, served: Generation) -> None:
+        """Count one answered request: tier, latency and the teacher-only counterfactual."""
+        self.metrics.requests.labels(route.tier).inc()
+        self.metrics.latency.labels(route.tier).observe(time.perf_counter() - call.started)
+        counterfactual = self.settings.pricing.teacher.cost(
+            served.usage.prompt_tokens, served.usage.completion_tokens
+        )
+        self._teacher_only += counterfactual
+        self.metrics.teacher_only_cost.inc(counterfactual)
+        self.metrics.cost_saved.set(self._teacher_only - self._spent)
+
+    # -- streaming ---------------------------------------------------------------------------
+    async def _open_live(
+        self, tier: Tier, call: ChatCall, route: Route, draft: Generation | None = None
+    ) -> AnswerStream:
+        params = self._teacher_params(call) if tier == "teacher" else call.params
+        source = self.tiers[tier].stream(call.messages, params)
+        try:
+            first = await anext(source)
+        except StopAsyncIteration:
+            first = GenerationDelta(finish_reason="stop")
+        except BackendError as exc:
+            self.metrics.errors.labels(tier, error_class(exc)).inc()
+            await source.aclose()
+            raise
+        handle = AnswerStream(route)
+        handle.deltas = self._relay(tier, call, route, first, source, draft, handle)
+        return handle
+
+    async def _relay(
+        self,
+        tier: Tier,
+        call: ChatCall,
+        route: Route,
+        first: GenerationDelta,
+        source: AsyncIterator[GenerationDelta],
+        draft: Generation | None,
+        handle: AnswerStream,
+    ) -> AsyncIterator[GenerationDelta]:
+        deltas = [first]
+        try:
+            yield first
+            if first.finish_reason is None:
+                async for delta in source:
+                    deltas.append(delta)
+                    yield delta
+        except BackendError as exc:
+            self.metrics.errors.labels(tier, error_class(exc)).inc()
+            raise  # a partial answer is never recorded as signal
+        finally:
+            await source.aclose()  # type: ignore[attr-defined]
+        info = self.tiers[tier].info
+        gen = collect(deltas, model=info.name, version=info.version)
+        self._account(tier, gen.usage.prompt_tokens, gen.usage.completion_tokens)
+        self._finish(call, route, gen)
+        if tier == "student":
+            # A forced-student stream is scored after the fact, for metrics and the last chunk.
+            handle.decision = self.router.decide(gen)
+            self.metrics.confidence.observe(handle.decision.confidence)
+        elif route.escalated:
+            self._record(call, "escalation", route.reason, draft, route.decision, gen)
+
+    async def _replay(
+        self, call: ChatCall, route: Route, gen: Generation, *, already_finished: bool = False
+    ) -> AsyncIterator[GenerationDelta]:
+        """Stream an answer generated in full before the first byte, one token per chunk."""
+        if not already_finished:
+            self._finish(call, route, gen)
+        pieces = [t.token for t in gen.logprobs]
+        if gen.logprobs and "".join(pieces) == gen.text:
+            for i, lp in enumerate(gen.logprobs):
+                yield GenerationDelta(text=pieces[i], logprobs=(lp,))
+        elif gen.text or gen.logprobs:
+            yield GenerationDelta(text=gen.text, logprobs=gen.logprobs)
+        yield GenerationDelta(finish_reason=gen.finish_reason, usage=gen.usage)
+
+    # -- signal ------------------------------------------------------------------------------
+    def _maybe_audit(self, call: ChatCall, route: Route, draft: Generation) -> None:
+        fraction = self.settings.signal.audit_fraction
+        if call.alias != "tiered" or fraction <= 0 or self._rng.random() >= fraction:
+            return
+        task = asyncio.create_task(self._audit(call, route, draft), name=f"audit-{call.request_id}")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _audit(self, call: ChatCall, route: Route, draft: Generation) -> None:
+        try:
+            answer = await self._generate("teacher", call.messages, self._teacher_params(call))
+        except BackendError as exc:
+            self.metrics.audits.labels("failed").inc()
+            log.warning("audit of %s failed: %s", call.request_id, exc)
+            return
+        self.metrics.audits.labels("ok").inc()
+        self._record(call, "audit", "audit", draft, route.decision, answer)
+
+    def _record(
+        self,
+        call: ChatCall,
+        kind: Literal["escalation", "audit"],
+        reason: str,
+        draft: Generation | None,
+        decision: Decision | None,
+        answer: Generation,
+    ) -> None:
+        sample = Sample(
+            id=call.request_id if kind == "escalation" else f"{call.request_id}-audit",
+            created_at=time.time(),
+            tenant=call.tenant,
+            kind=kind,
+            reason=reason,
+            messages=call.messages,
+            student=draft,
+            confidence=decision.confidence if decision else None,
+            features=dict(decision.features) if decision else {},
+            teacher=answer,
+            threshold=decision.threshold if decision else self.router.threshold,
+            metadata=dict(call.metadata),
+        )
+        try:
+            self.store.submit(sample)
+        except StoreClosed:
+            self.metrics.signal_records.labels("failed").inc()
+            log.error("signal store closed; record %s lost", sample.id)
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex

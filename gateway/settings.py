@@ -1,0 +1,170 @@
+"""All gateway settings, from one YAML file, `TIERGATE_<SECTION>__<KEY>` variables and CLI flags.
+
+Precedence, highest first: CLI flags, environment, YAML file, defaults. This is the only
+module that reads the environment; every inner package gets its frozen config passed in.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from distill_loop import SignalConfig
+from models import BUNDLED, BackendConfig
+from router import RouterConfig
+
+DEFAULT_TEACHER_PROMPT = (
+    "The following is a conversation between a customer and a support agent. "
+    "The agent answers in one short, accurate, friendly sentence.\n\n"
+    "Customer: Can I change the delivery address of my order?\n"
+    "Agent: Yes, you can change it under Orders > Edit address until the order ships."
+)
+
+
+class ServerConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Interface and port `python -m gateway` listens on.
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    # Bearer keys accepted on /v1/*. Empty list: no authentication (development only).
+    api_keys: list[SecretStr] = Field(default_factory=list)
+    # Bearer key for /admin/*. Unset: the admin API answers 403.
+    admin_api_key: SecretStr | None = None
+    # Completion length when a request gives neither max_tokens nor max_completion_tokens.
+    default_max_tokens: int = Field(default=128, ge=1)
+    # Largest completion a request may ask for; larger asks get 400.
+    max_tokens_limit: int = Field(default=1024, ge=1)
+    # Temperature when a request gives none (OpenAI's default is 1.0).
+    default_temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    # Most messages in one request; more get 400.
+    max_messages: int = Field(default=256, ge=1)
+    # Seconds between SSE keep-alive comments on streams.
+    sse_ping_s: int = Field(default=15, ge=1)
+    # Seconds shutdown waits for background audit calls before giving up on them.
+    shutdown_grace_s: float = Field(default=20.0, ge=0.0)
+
+
+class TierPrice(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # US dollars per million prompt tokens.
+    input_per_mtok: float = Field(default=0.0, ge=0.0)
+    # US dollars per million completion tokens.
+    output_per_mtok: float = Field(default=0.0, ge=0.0)
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * self.input_per_mtok + completion_tokens * self.output_per_mtok) / 1e6
+
+
+class PricingConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Defaults are illustrative (a small self-hosted model vs a large hosted one); set yours.
+    student: TierPrice = TierPrice(input_per_mtok=0.02, output_per_mtok=0.06)
+    teacher: TierPrice = TierPrice(input_per_mtok=1.25, output_per_mtok=5.0)
+
+
+class RuntimeConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # torch intra-op threads for in-process models. 1 is fastest on a busy 2-core machine.
+    torch_threads: int = Field(default=1, ge=1)
+    # Where bundled GGUF models are converted to transformers folders, once.
+    cache_dir: Path = Path.home() / ".cache" / "tiergate" / "models"
+    # Python log level.
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+_yaml_file: ContextVar[Path | None] = ContextVar("tiergate_yaml_file", default=None)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="TIERGATE_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    server: ServerConfig = ServerConfig()
+    # The tier that answers first. Default: SmolLM2-135M-Instruct in-process.
+    student: BackendConfig = BackendConfig(model="smollm2-135m-instruct", prompt_format="chat_template")
+    # The tier low-confidence requests escalate to. Default: Gemma-3-270M in-process,
+    # prompted as a support agent (it is a base model, so a transcript prompt).
+    teacher: BackendConfig = BackendConfig(
+        model="gemma-3-270m", prompt_format="transcript", system_prompt=DEFAULT_TEACHER_PROMPT
+    )
+    router: RouterConfig = RouterConfig()
+    signal: SignalConfig = SignalConfig()
+    pricing: PricingConfig = PricingConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _yaml_file.get()
+        if path is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
+        return tuple(sources)
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build Settings from an optional YAML file, the environment and explicit overrides.
+
+    `overrides` are nested dicts by section, e.g. `router={"threshold": 0.4}`; they win.
+    """
+    if config_file is not None and not config_file.is_file():
+        raise FileNotFoundError(f"config file {config_file} does not exist")
+    token = _yaml_file.set(config_file)
+    try:
+        return Settings(**overrides)
+    finally:
+        _yaml_file.reset(token)
+
+
+def cli_overrides(
+    *,
+    base: Settings,
+    host: str | None = None,
+    port: int | None = None,
+    student_url: str | None = None,
+    teacher_url: str | None = None,
+    threshold: float | None = None,
+) -> dict[str, Any]:
+    """Turn the common-case CLI flags into `load_settings` overrides."""
+    out: dict[str, Any] = {}
+    server: dict[str, Any] = {}
+    if host is not None:
+        server["host"] = host
+    if port is not None:
+        server["port"] = port
+    if server:
+        out["server"] = server
+    for tier, url in (("student", student_url), ("teacher", teacher_url)):
+        if url is None:
+            continue
+        cfg: BackendConfig = getattr(base, tier)
+        tier_over: dict[str, Any] = {"kind": "remote", "url": url}
+        if cfg.model in BUNDLED:
+            tier_over["model"] = "auto"  # an in-process model name: ask the server what it serves
+        if cfg.kind != "remote":
+            # A remote server applies its own chat template; the in-process preamble stays.
+            tier_over["prompt_format"] = "chat_template"
+        out[tier] = tier_over
+    if threshold is not None:
+        out["router"] = {"threshold": threshold}
+    return out

@@ -1,0 +1,62 @@
+"""Configuration for one model backend (one tier).
+
+Pure data: nothing here reads the environment or touches a model. `gateway/settings.py`
+builds these from YAML and `TIERGATE_*` variables.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+
+class BackendConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Where the tier runs: "local" = transformers in this process, "remote" = any
+    # OpenAI-compatible server (vLLM, a hosted API) over HTTP, "fake" = scripted answers for demos/tests.
+    kind: Literal["local", "remote", "fake"] = "local"
+    # local: a bundled model name ("smollm2-135m-instruct", "gemma-3-270m") or a path to a
+    # transformers model folder. remote: the model name sent upstream (default: the server's first model).
+    model: str = "smollm2-135m-instruct"
+    # Name reported in the response `model` field and in metrics; defaults to `model`.
+    display_name: str | None = None
+    # How messages become a prompt: "chat_template" (the tokenizer's), or "transcript"
+    # ("Customer: …\nAgent:" lines, for base models with no chat template, stops at a new turn).
+    prompt_format: Literal["chat_template", "transcript"] = "chat_template"
+    # Text put before every conversation (a system message, or the transcript's preamble).
+    # The teacher's knowledge base goes here; the student normally has none.
+    system_prompt: str | None = None
+    # local: "cpu", "cuda", "cuda:1" or "auto" (CUDA when present).
+    device: str = "auto"
+    # local: weights dtype. bfloat16 is about 1.4x faster than float32 on AVX-512 CPUs.
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    # local: most requests decoded together in one batch (dynamic batching).
+    max_batch_size: int = Field(default=16, ge=1, le=512)
+    # local: how long the owner thread waits for more requests to fill a batch, in ms.
+    batch_wait_ms: float = Field(default=2.0, ge=0.0, le=1000.0)
+    # local: longest prompt + completion, in tokens; longer prompts are rejected with 400.
+    max_model_len: int = Field(default=2048, ge=16)
+    # remote: base URL including /v1, e.g. http://127.0.0.1:8000/v1.
+    url: str | None = None
+    # remote: bearer token sent upstream.
+    api_key: SecretStr | None = None
+    # remote: seconds to open a connection.
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    # remote: seconds between bytes from the server; local: whole-generation deadline.
+    read_timeout_s: float = Field(default=60.0, gt=0)
+    # remote: most simultaneous connections to the server.
+    max_connections: int = Field(default=256, ge=1)
+    # remote: HTTP transport under httpx. "aiohttp" (httpx-aiohttp) is 4-8x faster than
+    # httpx's own pool under concurrency on this machine class (see bench/README.md).
+    transport: Literal["aiohttp", "httpcore"] = "aiohttp"
+    # remote: ask the server for per-token logprobs (confidence needs them on the student tier).
+    request_logprobs: bool = True
+    # fake: the answer text every request gets, and the per-token logprob it reports.
+    fake_text: str = "Thank you for contacting us. How can I help?"
+    fake_logprob: float = -0.1
+
+    @property
+    def name(self) -> str:
+        return self.display_name or self.model

@@ -1,0 +1,256 @@
+"""Backend for any OpenAI-compatible server (vLLM, a hosted teacher) over httpx.
+
+One `httpx.AsyncClient` per backend, with explicit timeouts, running over the aiohttp
+transport by default (measured in bench/: httpx's own pool collapses under concurrency).
+httpx errors are translated into `models.errors` where they enter. It does not retry:
+retrying is the caller's policy, and a stream is never retried after its first byte.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+
+from models.base import (
+    BackendInfo,
+    ChatMessage,
+    FinishReason,
+    Generation,
+    GenerationDelta,
+    SamplingParams,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
+from models.config import BackendConfig
+from models.errors import (
+    BackendError,
+    BackendRateLimited,
+    BackendResponseError,
+    BackendTimeout,
+    BackendUnavailable,
+    InvalidGenerationRequest,
+)
+
+MAX_RESPONSE_BYTES = 8 * 1024 * 1024  # a completion larger than this is garbage, not an answer
+
+
+@contextlib.contextmanager
+def map_httpx_exceptions(name: str) -> Iterator[None]:
+    """Translate httpx exceptions, most specific first (cf. httpx's map_httpcore_exceptions)."""
+    try:
+        yield
+    except httpx.ConnectTimeout as exc:
+        raise BackendUnavailable(f"{name}: connect timed out") from exc
+    except httpx.TimeoutException as exc:
+        raise BackendTimeout(f"{name}: timed out ({type(exc).__name__})") from exc
+    except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+        raise BackendUnavailable(f"{name}: {type(exc).__name__}: {exc}") from exc
+    except httpx.HTTPError as exc:
+        raise BackendUnavailable(f"{name}: {type(exc).__name__}: {exc}") from exc
+
+
+def _status_error(name: str, status: int, body: bytes) -> BackendError:
+    try:
+        message = json.loads(body)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = body[:300].decode("utf-8", "replace")
+    text = f"{name} answered {status}: {message}"
+    if status == 429:
+        return BackendRateLimited(text, status_code=status)
+    if status in (400, 413, 422):
+        return InvalidGenerationRequest(text)
+    if status in (502, 503):
+        return BackendUnavailable(text)
+    if status == 504:
+        return BackendTimeout(text)
+    return BackendResponseError(text, status_code=status)
+
+
+def _parse_logprobs(raw: Any) -> tuple[TokenLogprob, ...]:
+    if not isinstance(raw, dict) or not isinstance(raw.get("content"), list):
+        return ()
+    out = []
+    for item in raw["content"]:
+        top = tuple(
+            TopLogprob(str(t["token"]), float(t["logprob"])) for t in item.get("top_logprobs") or ()
+        )
+        out.append(TokenLogprob(str(item["token"]), float(item["logprob"]), None, top))
+    return tuple(out)
+
+
+def _finish(value: Any) -> FinishReason:
+    return "length" if value == "length" else "stop"
+
+
+class RemoteBackend:
+    """A tier served by an OpenAI-compatible HTTP server."""
+
+    def __init__(self, config: BackendConfig, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        if not config.url:
+            raise ValueError(f"remote backend {config.name!r} needs a url")
+        self.config = config
+        self._model = config.model
+        self._ready = False
+        limits = httpx.Limits(max_connections=config.max_connections, max_keepalive_connections=config.max_connections)
+        if transport is None:
+            if config.transport == "aiohttp":
+                from httpx_aiohttp import AiohttpTransport
+
+                transport = AiohttpTransport(limits=limits)
+            else:
+                transport = httpx.AsyncHTTPTransport(limits=limits)
+        headers = {"user-agent": "tiergate"}
+        if config.api_key is not None:
+            headers["authorization"] = f"Bearer {config.api_key.get_secret_value()}"
+        self._client = httpx.AsyncClient(
+            base_url=config.url.rstrip("/"),
+            transport=transport,
+            headers=headers,
+            timeout=httpx.Timeout(
+                connect=config.connect_timeout_s,
+                read=config.read_timeout_s,
+                write=config.read_timeout_s,
+                pool=config.connect_timeout_s,
+            ),
+        )
+
+    @property
+    def info(self) -> BackendInfo:
+        return BackendInfo(
+            name=self.config.display_name or self._model,
+            kind="remote",
+            version=self._model,
+            ready=self._ready,
+            detail={"url": str(self.config.url)},
+        )
+
+    async def start(self) -> None:
+        """Check the server answers `/models`; resolve model "auto" to its first model."""
+        with map_httpx_exceptions(self.config.name):
+            resp = await self._client.get("/models")
+        if resp.status_code != 200:
+            raise _status_error(self.config.name, resp.status_code, resp.content)
+        if self._model == "auto":
+            try:
+                self._model = str(resp.json()["data"][0]["id"])
+            except (ValueError, KeyError, IndexError, TypeError) as exc:
+                raise BackendResponseError(f"{self.config.name}: /models listed no model") from exc
+        self._ready = True
+
+    async def aclose(self) -> None:
+        self._ready = False
+        await self._client.aclose()
+
+    def use_model(self, model: str) -> None:
+        """Send later requests to another served model name (a LoRA adapter, for instance)."""
+        self._model = model
+
+    def _body(self, messages: tuple[ChatMessage, ...], params: SamplingParams, stream: bool) -> dict[str, Any]:
+        msgs = [{"role": m.role, "content": m.content} for m in messages]
+        if self.config.system_prompt:
+            msgs.insert(0, {"role": "system", "content": self.config.system_prompt})
+        body: dict[str, Any] = {
+            "model": self._model,
+            "messages": msgs,
+            "max_tokens": params.max_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "stream": stream,
+        }
+        if params.stop:
+            body["stop"] = list(params.stop)
+        if params.seed is not None:
+            body["seed"] = params.seed
+        if self.config.request_logprobs or params.top_logprobs:
+            body["logprobs"] = True
+            if params.top_logprobs:
+                body["top_logprobs"] = params.top_logprobs
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+        return body
+
+    async def generate(self, messages: tuple[ChatMessage, ...], params: SamplingParams) -> Generation:
+        name = self.config.name
+        with map_httpx_exceptions(name):
+            resp = await self._client.post("/chat/completions", json=self._body(messages, params, False))
+            body = resp.content
+        if resp.status_code != 200:
+            raise _status_error(name, resp.status_code, body)
+        if len(body) > MAX_RESPONSE_BYTES:
+            raise BackendResponseError(f"{name}: response of {len(body)} bytes exceeds the cap")
+        try:
+            data = json.loads(body)
+            choice = data["choices"][0]
+            usage = data.get("usage") or {}
+            return Generation(
+                text=str(choice["message"].get("content") or ""),
+                finish_reason=_finish(choice.get("finish_reason")),
+                usage=Usage(int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))),
+                model=str(data.get("model") or self._model),
+                logprobs=_parse_logprobs(choice.get("logprobs")),
+                version=self._model,
+            )
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+            raise BackendResponseError(f"{name}: malformed completion: {exc!r}") from exc
+
+    async def stream(
+        self, messages: tuple[ChatMessage, ...], params: SamplingParams
+    ) -> AsyncIterator[GenerationDelta]:
+        name = self.config.name
+        finish: FinishReason | None = None
+        usage: Usage | None = None
+        received = 0
+        with map_httpx_exceptions(name):
+            async with self._client.stream(
+                "POST", "/chat/completions", json=self._body(messages, params, True)
+            ) as resp:
+                if resp.status_code != 200:
+                    raise _status_error(name, resp.status_code, await resp.aread())
+                async for line in resp.aiter_lines():
+                    received += len(line)
+                    if received > MAX_RESPONSE_BYTES:
+                        raise BackendResponseError(f"{name}: stream exceeds {MAX_RESPONSE_BYTES} bytes")
+                    if not line.startswith("data:"):
+                        continue
+                    payload = line[5:].strip()
+                    if payload == "[DONE]":
+                        break
+                    delta, f, u = self._parse_chunk(payload)
+                    finish = f or finish
+                    usage = u or usage
+                    if delta is not None:
+                        yield delta
+                else:
+                    raise BackendResponseError(f"{name}: stream ended without [DONE]")
+        if finish is None:
+            raise BackendResponseError(f"{name}: stream ended without a finish_reason")
+        yield GenerationDelta(finish_reason=finish, usage=usage or Usage(0, 0))
+
+    def _parse_chunk(self, payload: str) -> tuple[GenerationDelta | None, FinishReason | None, Usage | None]:
+        name = self.config.name
+        try:
+            data = json.loads(payload)
+            if "error" in data:
+                err = data["error"]
+                raise BackendResponseError(f"{name}: error mid-stream: {err.get('message', err)}")
+            usage = None
+            if data.get("usage"):
+                u = data["usage"]
+                usage = Usage(int(u.get("prompt_tokens", 0)), int(u.get("completion_tokens", 0)))
+            if not data.get("choices"):
+                return None, None, usage
+            choice = data["choices"][0]
+            text = (choice.get("delta") or {}).get("content") or ""
+            lps = _parse_logprobs(choice.get("logprobs"))
+            finish = _finish(choice["finish_reason"]) if choice.get("finish_reason") else None
+            delta = GenerationDelta(text=text, logprobs=lps) if (text or lps) else None
+            return delta, finish, usage
+        except BackendError:
+            raise
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+            raise BackendResponseError(f"{name}: malformed stream chunk: {exc!r}") from exc

@@ -1,0 +1,60 @@
+"""The confidence router: score the student's answer, compare with the live threshold.
+
+The threshold can change at runtime (admin API); a float assignment is atomic, so a request
+sees either the old or the new value, never a mix. Per-tenant policies are a later issue.
+"""
+
+from __future__ import annotations
+
+from models import Generation
+from router.base import ConfidenceScorer, Decision, should_escalate
+from router.config import RouterConfig
+from router.confidence import SCORERS
+from router.errors import UnknownScorer
+
+
+def check_threshold(value: float) -> float:
+    if not 0.0 <= value <= 1.0 or value != value:  # value != value catches NaN
+        raise ValueError(f"threshold must be in [0, 1], got {value}")
+    return float(value)
+
+
+class ConfidenceRouter:
+    def __init__(self, scorer: ConfidenceScorer, threshold: float) -> None:
+        self.scorer = scorer
+        self._threshold = check_threshold(threshold)
+
+    @classmethod
+    def from_config(cls, config: RouterConfig) -> ConfidenceRouter:
+        try:
+            factory = SCORERS[config.scorer]
+        except KeyError:
+            raise UnknownScorer(f"unknown scorer {config.scorer!r}; known: {', '.join(SCORERS)}") from None
+        return cls(factory(config), config.threshold)
+
+    @property
+    def threshold(self) -> float:
+        return self._threshold
+
+    def set_threshold(self, value: float) -> float:
+        old, self._threshold = self._threshold, check_threshold(value)
+        return old
+
+    def decide(self, generation: Generation) -> Decision:
+        threshold = self._threshold  # read once: one decision, one threshold
+        features = self.scorer.features(generation)
+        confidence = self.scorer.score(features)
+        if features.get("n_tokens", 0.0) == 0.0:
+            reason = "empty_answer"
+        elif should_escalate(confidence, threshold):
+            reason = "low_confidence"
+        else:
+            reason = "confident"
+        return Decision(
+            escalate=should_escalate(confidence, threshold),
+            confidence=confidence,
+            threshold=threshold,
+            reason=reason,  # type: ignore[arg-type]
+            scorer=self.scorer.name,
+            features=features,
+        )
