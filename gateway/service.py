@@ -22,6 +22,7 @@ from gateway.settings import Settings
 from models import (
     Backend,
     BackendError,
+    BackendResponseError,
     BackendTimeout,
     BackendUnavailable,
     ChatMessage,
@@ -287,18 +288,36 @@ class TieredService:
         draft: Generation | None,
         handle: AnswerStream,
     ) -> AsyncIterator[GenerationDelta]:
-        deltas = [first]
+        deltas: list[GenerationDelta] = []
+        delta = first
         try:
-            yield first
-            if first.finish_reason is None:
-                async for delta in source:
-                    deltas.append(delta)
+            while True:
+                deltas.append(delta)
+                if delta.finish_reason is not None:
+                    # Account and score before the last delta leaves, so the final chunk carries it.
+                    self._complete_live(tier, call, route, deltas, draft, handle)
                     yield delta
+                    return
+                yield delta
+                try:
+                    delta = await anext(source)
+                except StopAsyncIteration:
+                    raise BackendResponseError(f"{tier} stream ended without a finish_reason") from None
         except BackendError as exc:
             self.metrics.errors.labels(tier, error_class(exc)).inc()
             raise  # a partial answer is never recorded as signal
         finally:
             await source.aclose()  # type: ignore[attr-defined]
+
+    def _complete_live(
+        self,
+        tier: Tier,
+        call: ChatCall,
+        route: Route,
+        deltas: list[GenerationDelta],
+        draft: Generation | None,
+        handle: AnswerStream,
+    ) -> None:
         info = self.tiers[tier].info
         gen = collect(deltas, model=info.name, version=info.version)
         self._account(tier, gen.usage.prompt_tokens, gen.usage.completion_tokens)

@@ -10,7 +10,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -28,6 +28,10 @@ DEFAULT_TEACHER_PROMPT = (
     "Customer: Can I change the delivery address of my order?\n"
     "Agent: Yes, you can change it under Orders > Edit address until the order ships."
 )
+
+
+DEFAULT_STUDENT = BackendConfig(model="smollm2-135m-instruct", prompt_format="chat_template")
+DEFAULT_TEACHER = BackendConfig(model="gemma-3-270m", prompt_format="transcript", system_prompt=DEFAULT_TEACHER_PROMPT)
 
 
 class ServerConfig(BaseModel):
@@ -84,6 +88,11 @@ class RuntimeConfig(BaseModel):
     # Python log level.
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
+    @field_validator("cache_dir")
+    @classmethod
+    def _expand(cls, v: Path) -> Path:
+        return v.expanduser()
+
 
 _yaml_file: ContextVar[Path | None] = ContextVar("tiergate_yaml_file", default=None)
 
@@ -95,16 +104,23 @@ class Settings(BaseSettings):
 
     server: ServerConfig = ServerConfig()
     # The tier that answers first. Default: SmolLM2-135M-Instruct in-process.
-    student: BackendConfig = BackendConfig(model="smollm2-135m-instruct", prompt_format="chat_template")
+    student: BackendConfig = DEFAULT_STUDENT
     # The tier low-confidence requests escalate to. Default: Gemma-3-270M in-process,
     # prompted as a support agent (it is a base model, so a transcript prompt).
-    teacher: BackendConfig = BackendConfig(
-        model="gemma-3-270m", prompt_format="transcript", system_prompt=DEFAULT_TEACHER_PROMPT
-    )
+    teacher: BackendConfig = DEFAULT_TEACHER
     router: RouterConfig = RouterConfig()
     signal: SignalConfig = SignalConfig()
     pricing: PricingConfig = PricingConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+
+    @field_validator("student", "teacher", mode="before")
+    @classmethod
+    def _merge_tier_defaults(cls, v: Any, info: Any) -> Any:
+        # `teacher: {device: cuda}` changes the device only; it must not reset the model.
+        if isinstance(v, dict):
+            defaults = (DEFAULT_STUDENT if info.field_name == "student" else DEFAULT_TEACHER).model_dump()
+            return {**defaults, **v}
+        return v
 
     @classmethod
     def settings_customise_sources(

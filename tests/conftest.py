@@ -1,0 +1,54 @@
+"""Shared fixtures: a clean TIERGATE_* environment, the anyio backend, fake upstreams, a tiny model."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.fakes import UpstreamScript, build_tiny_model, fake_upstream
+from tests.servers import serve_in_thread
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in list(os.environ):
+        if key.startswith("TIERGATE_"):
+            monkeypatch.delenv(key)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture
+def student_script() -> UpstreamScript:
+    return UpstreamScript(name="student-upstream", text="Your refund will arrive in five business days.")
+
+
+@pytest.fixture
+def teacher_script() -> UpstreamScript:
+    return UpstreamScript(name="teacher-upstream", text="Refunds take five business days after we receive the item.")
+
+
+@pytest.fixture
+def student_url(student_script: UpstreamScript) -> Iterator[str]:
+    with serve_in_thread(fake_upstream(student_script)) as url:
+        yield url + "/v1"
+
+
+@pytest.fixture
+def teacher_url(teacher_script: UpstreamScript) -> Iterator[str]:
+    with serve_in_thread(fake_upstream(teacher_script)) as url:
+        yield url + "/v1"

@@ -1,0 +1,133 @@
+"""The SQLite signal store: schema migration, batched writes, durability on close, export."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from distill_loop import SCHEMA_VERSION, Sample, SignalConfig, SignalStore, StoreClosed, export_jsonl, read_samples
+from models import ChatMessage, Generation, TokenLogprob, TopLogprob, Usage
+
+
+def sample(i: int, kind: str = "escalation") -> Sample:
+    draft = Generation("draft", "stop", Usage(5, 1), "student", (7,), (TokenLogprob("draft", -2.5, 7),), "v1")
+    answer = Generation(
+        "teacher answer", "stop", Usage(5, 2), "teacher", (),
+        (TokenLogprob("teacher", -0.1, None, (TopLogprob("teacher", -0.1), TopLogprob("Teacher", -2.0))),), "t",
+    )
+    return Sample(
+        id=f"r{i}", created_at=1000.0 + i, tenant="key-abc", kind=kind,  # type: ignore[arg-type]
+        reason="low_confidence", messages=(ChatMessage("user", f"question {i}"),), student=draft,
+        confidence=0.2, features={"mean_logprob": -2.5}, teacher=answer, threshold=0.35,
+        metadata={"queue": "billing"},
+    )
+
+
+def open_store(tmp_path: Path, events: list[tuple[str, int]] | None = None, **kw: object) -> SignalStore:
+    cfg = SignalConfig(path=tmp_path / "db" / "signal.db", **kw)  # type: ignore[arg-type]
+    store = SignalStore(cfg, listener=(lambda e, n: events.append((e, n))) if events is not None else None)
+    store.open()
+    return store
+
+
+def test_records_round_trip_with_all_fields(tmp_path: Path) -> None:
+    events: list[tuple[str, int]] = []
+    store = open_store(tmp_path, events)
+    for i in range(3):
+        assert store.submit(sample(i))
+    store.close()
+    got = list(read_samples(store.config.path))
+    assert [s.id for s in got] == ["r0", "r1", "r2"]
+    assert got[0] == sample(0)
+    assert sum(n for e, n in events if e == "written") == 3
+
+
+def test_wal_mode_and_schema_version(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    store.close()
+    conn = sqlite3.connect(store.config.path)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    # Re-opening an up-to-date database migrates nothing and keeps the rows.
+    open_store(tmp_path).close()
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "db" / "signal.db"
+    path.parent.mkdir(parents=True)
+    sqlite3.connect(path).execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    with pytest.raises(Exception, match="newer than this code"):
+        open_store(tmp_path)
+
+
+def test_close_flushes_every_queued_record(tmp_path: Path) -> None:
+    store = open_store(tmp_path, batch_size=7)
+    for i in range(500):
+        store.submit(sample(i))
+    store.close()  # graceful shutdown: nothing queued may be lost
+    assert store.count() == 500
+    with pytest.raises(StoreClosed):
+        store.submit(sample(999))
+
+
+def test_full_queue_drops_and_counts(tmp_path: Path) -> None:
+    events: list[tuple[str, int]] = []
+    store = SignalStore(SignalConfig(path=tmp_path / "s.db", queue_size=2), listener=lambda e, n: events.append((e, n)))
+    # Not opened: nothing drains the queue, so the third record must be dropped, and counted.
+    assert store.submit(sample(1)) and store.submit(sample(2))
+    assert store.submit(sample(3)) is False
+    assert ("dropped", 1) in events
+
+
+def test_duplicate_goes_to_dead_letter_and_the_rest_commit(tmp_path: Path) -> None:
+    events: list[tuple[str, int]] = []
+    store = open_store(tmp_path, events)
+    store.submit(sample(1))
+    store.close()
+    store = open_store(tmp_path, events)
+    for s in (sample(1), sample(2), sample(3)):  # r1 already exists: a constraint violation
+        store.submit(s)
+    store.close()
+    assert store.count() == 3
+    conn = sqlite3.connect(store.config.path)
+    assert conn.execute("SELECT record_id FROM dead_letter").fetchall() == [("r1",)]
+    assert ("failed", 1) in events
+
+
+def test_unwritable_database_spills_at_shutdown_and_replays(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    blocker = sqlite3.connect(store.config.path, timeout=0)
+    blocker.execute("BEGIN EXCLUSIVE")  # the database is locked for writers
+    store._retry_s = 0.01
+    for i in range(5):
+        store.submit(sample(i))
+    time.sleep(0.3)
+    store.close(timeout=60)
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    assert store.spill_path.exists()
+    reopened = open_store(tmp_path)  # replays the spill file
+    reopened.close()
+    assert reopened.count() == 5
+    assert not store.spill_path.exists()
+
+
+def test_export_writes_chat_jsonl(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    store.submit(sample(1))
+    store.submit(sample(2, kind="audit"))
+    store.close()
+    out = tmp_path / "out.jsonl"
+    assert export_jsonl(store.config.path, out) == 2
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows[0]["messages"] == [
+        {"role": "user", "content": "question 1"},
+        {"role": "assistant", "content": "teacher answer"},
+    ]
+    assert rows[0]["metadata"]["student_draft"] == "draft"
+    assert rows[0]["metadata"]["queue"] == "billing"
+    assert export_jsonl(store.config.path, out, kind="audit") == 1

@@ -1,0 +1,182 @@
+"""The HTTP contract over scripted backends: errors in OpenAI shape, auth, admin, health."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from gateway import Settings, create_app
+from models import BackendConfig, FakeBackend, Scripted
+
+ADMIN = "admin-secret"
+KEY = "client-key"
+
+
+def make_client(tmp_path: Path, **server: Any) -> TestClient:
+    settings = Settings(
+        server={"admin_api_key": ADMIN, **server},
+        signal={"path": tmp_path / "signal.db", "audit_fraction": 0.0},
+        router={"threshold": 0.5},
+    )
+    student = FakeBackend(
+        BackendConfig(kind="fake", model="tiny-student"),
+        lambda m: Scripted("student says hi", -0.05 if "HARD" not in m[-1].content else -3.0),
+    )
+    teacher = FakeBackend(BackendConfig(kind="fake", model="big-teacher"), lambda m: Scripted("teacher says hi"))
+    return TestClient(create_app(settings, student=student, teacher=teacher))
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> Iterator[TestClient]:
+    with make_client(tmp_path) as c:
+        yield c
+
+
+def chat(client: TestClient, body: dict[str, Any], **headers: str) -> Any:
+    return client.post("/v1/chat/completions", json=body, headers=headers)
+
+
+def assert_openai_error(resp: Any, status: int, param: str | None = None) -> dict[str, Any]:
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["message"]
+    if param is not None:
+        assert err["param"] == param
+    return err
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"model": "tiered", "messages": []}, "messages"),
+        ({"model": "tiered"}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, None),
+        ({"messages": [{"role": "user", "content": "x"}], "temperature": 5}, "temperature"),
+        ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens"),
+        ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 100000}, "max_tokens"),
+        ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "n"),
+        ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 3}, None),
+        ({"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ],
+)
+def test_invalid_requests_get_400_in_openai_shape(client: TestClient, body: dict[str, Any], param: str | None) -> None:
+    err = assert_openai_error(chat(client, body), 400, param)
+    assert err["type"] == "invalid_request_error"
+
+
+def test_malformed_json_is_400(client: TestClient) -> None:
+    resp = client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert_openai_error(resp, 400)
+
+
+def test_unknown_model_is_404_model_not_found(client: TestClient) -> None:
+    err = assert_openai_error(chat(client, {"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}), 404)
+    assert err["code"] == "model_not_found" and err["param"] == "model"
+
+
+def test_unknown_fields_are_ignored(client: TestClient) -> None:
+    resp = chat(client, {"messages": [{"role": "user", "content": "x"}], "frobnicate": 1, "store": True})
+    assert resp.status_code == 200
+
+
+def test_content_parts_are_joined(client: TestClient) -> None:
+    body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]}
+    assert chat(client, body).status_code == 200
+
+
+def test_models_lists_the_three_aliases(client: TestClient) -> None:
+    data = client.get("/v1/models").json()["data"]
+    assert [m["id"] for m in data] == ["tiered", "student", "teacher"]
+    assert all(m["object"] == "model" and m["owned_by"] for m in data)
+    assert client.get("/v1/models/student").json()["root"] == "tiny-student@base"
+    assert_openai_error(client.get("/v1/models/nope"), 404)
+
+
+def test_forced_tiers_and_routing(client: TestClient) -> None:
+    msgs = [{"role": "user", "content": "HARD question"}]
+    teacher = chat(client, {"model": "teacher", "messages": msgs})
+    assert teacher.headers["x-tiergate-tier"] == "teacher" and teacher.headers["x-tiergate-reason"] == "forced"
+    assert teacher.headers["x-tiergate-confidence"] == "none"
+    student = chat(client, {"model": "student", "messages": msgs})
+    assert student.headers["x-tiergate-tier"] == "student" and student.headers["x-tiergate-escalated"] == "false"
+    routed = chat(client, {"model": "tiered", "messages": msgs})
+    assert routed.headers["x-tiergate-tier"] == "teacher" and routed.headers["x-tiergate-escalated"] == "true"
+    assert routed.json()["model"] == "big-teacher"
+    assert routed.json()["tiergate"]["reason"] == "low_confidence"
+
+
+def test_request_id_is_echoed(client: TestClient) -> None:
+    resp = chat(client, {"messages": [{"role": "user", "content": "x"}]}, **{"x-request-id": "abc-123"})
+    assert resp.headers["x-request-id"] == "abc-123"
+    assert resp.json()["id"] == "chatcmpl-abc-123"
+
+
+def test_api_keys_are_enforced(tmp_path: Path) -> None:
+    with make_client(tmp_path, api_keys=[KEY]) as c:
+        body = {"messages": [{"role": "user", "content": "x"}]}
+        err = assert_openai_error(chat(c, body), 401)
+        assert err["code"] == "invalid_api_key"
+        assert_openai_error(chat(c, body, authorization="Bearer wrong"), 401)
+        assert chat(c, body, authorization=f"Bearer {KEY}").status_code == 200
+        assert_openai_error(c.get("/v1/models"), 401)
+
+
+def test_admin_threshold_needs_the_admin_key(client: TestClient) -> None:
+    assert_openai_error(client.put("/admin/threshold", json={"threshold": 0.9}), 401)
+    assert_openai_error(client.put("/admin/threshold", json={"threshold": 0.9}, headers={"authorization": "Bearer x"}), 401)
+    auth = {"authorization": f"Bearer {ADMIN}"}
+    assert_openai_error(client.put("/admin/threshold", json={"threshold": 1.5}, headers=auth), 400, "threshold")
+    resp = client.put("/admin/threshold", json={"threshold": 0.99}, headers=auth)
+    assert resp.json() == {"threshold": 0.99, "previous": 0.5}
+    assert client.get("/admin/threshold", headers=auth).json() == {"threshold": 0.99}
+    # Even a confident answer (confidence about 0.95) now escalates: the live threshold changed.
+    routed = chat(client, {"messages": [{"role": "user", "content": "easy"}]})
+    assert routed.headers["x-tiergate-tier"] == "teacher"
+    assert routed.headers["x-tiergate-threshold"] == "0.9900"
+
+
+def test_admin_disabled_without_key(tmp_path: Path) -> None:
+    settings = Settings(signal={"path": tmp_path / "s.db"})
+    fake = BackendConfig(kind="fake", model="f")
+    with TestClient(create_app(settings, student=FakeBackend(fake), teacher=FakeBackend(fake))) as c:
+        assert_openai_error(c.get("/admin/threshold"), 403)
+
+
+def test_readiness_waits_for_both_tiers(tmp_path: Path) -> None:
+    class SlowStart(FakeBackend):
+        async def start(self) -> None:
+            import asyncio
+
+            await asyncio.sleep(3600)
+
+    settings = Settings(signal={"path": tmp_path / "s.db"})
+    fake = BackendConfig(kind="fake", model="f")
+    with TestClient(create_app(settings, student=FakeBackend(fake), teacher=SlowStart(fake))) as c:
+        assert c.get("/health/live").status_code == 200
+        ready = c.get("/health/ready")
+        assert ready.status_code == 503
+        assert ready.json()["tiers"] == {"student": True, "teacher": False}
+        # Requests that need the unloaded tier get 503 with Retry-After, in OpenAI shape.
+        resp = chat(c, {"model": "teacher", "messages": [{"role": "user", "content": "x"}]})
+        assert_openai_error(resp, 503)
+        assert resp.headers["retry-after"]
+
+
+def test_student_failure_escalates_and_both_failing_is_503(tmp_path: Path) -> None:
+    from models import BackendUnavailable
+
+    settings = Settings(signal={"path": tmp_path / "s.db", "audit_fraction": 0.0})
+    student = FakeBackend(BackendConfig(kind="fake", model="s"))
+    teacher = FakeBackend(BackendConfig(kind="fake", model="t"))
+    with TestClient(create_app(settings, student=student, teacher=teacher)) as c:
+        student.fail_with = BackendUnavailable("student down")
+        resp = chat(c, {"messages": [{"role": "user", "content": "x"}]})
+        assert resp.status_code == 200 and resp.headers["x-tiergate-reason"] == "student_error"
+        teacher.fail_with = BackendUnavailable("teacher down")
+        assert_openai_error(chat(c, {"messages": [{"role": "user", "content": "x"}]}), 503)

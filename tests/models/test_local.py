@@ -1,0 +1,124 @@
+"""The in-process backend on a tiny random Llama: logprobs, batching, stops, seeds, swaps."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from models import BackendConfig, BackendUnavailable, ChatMessage, InvalidGenerationRequest, SamplingParams
+from models.local import LocalBackend, load_model
+
+pytestmark = pytest.mark.anyio
+MSG = (ChatMessage("user", "Where is my refund?"),)
+
+
+@pytest.fixture
+async def backend(tiny_model_dir: Path) -> AsyncIterator[LocalBackend]:
+    b = LocalBackend(BackendConfig(kind="local", model=str(tiny_model_dir), dtype="float32", device="cpu",
+                                   batch_wait_ms=50.0))
+    await b.start()
+    try:
+        yield b
+    finally:
+        await b.aclose()
+
+
+async def test_greedy_logprobs_match_a_plain_forward_pass(backend: LocalBackend) -> None:
+    gen = await backend.generate(MSG, SamplingParams(max_tokens=8, temperature=0, top_logprobs=3))
+    assert gen.usage.completion_tokens == len(gen.token_ids) == len(gen.logprobs)
+    loaded = backend.loaded
+    assert loaded is not None
+    prompt = loaded.tokenizer.apply_chat_template(
+        [{"role": "user", "content": MSG[0].content}], add_generation_prompt=True, tokenize=False
+    )
+    ids = loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"] + list(gen.token_ids)
+    with torch.inference_mode():
+        logits = loaded.model(torch.tensor([ids])).logits[0].float()
+    expected = torch.log_softmax(logits, -1)
+    n = len(ids) - len(gen.token_ids)
+    for i, (tid, lp) in enumerate(zip(gen.token_ids, gen.logprobs, strict=True)):
+        row = expected[n - 1 + i]
+        assert int(row.argmax()) == tid  # greedy
+        assert lp.logprob == pytest.approx(float(row[tid]), abs=1e-4)
+        assert len(lp.top) == 3 and lp.top[0].logprob == pytest.approx(lp.logprob, abs=1e-4)
+
+
+async def test_concurrent_requests_are_batched_and_match_solo_results(backend: LocalBackend) -> None:
+    params = SamplingParams(max_tokens=6, temperature=0)
+    prompts = [(ChatMessage("user", f"question number {i} " * (i + 1)),) for i in range(6)]
+    solo = [await backend.generate(p, params) for p in prompts]
+    batches_before = backend.batches_run
+    together = await asyncio.gather(*[backend.generate(p, params) for p in prompts])
+    assert backend.batches_run - batches_before < len(prompts)
+    assert backend.max_batch_seen > 1
+    # Left padding and row removal must not change any row's greedy output.
+    assert [g.token_ids for g in together] == [g.token_ids for g in solo]
+
+
+async def test_seeded_sampling_is_reproducible(backend: LocalBackend) -> None:
+    params = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, seed=1234)
+    a = await backend.generate(MSG, params)
+    b = await backend.generate(MSG, params)
+    assert a.token_ids == b.token_ids
+
+
+async def test_max_tokens_gives_length_finish(backend: LocalBackend) -> None:
+    gen = await backend.generate(MSG, SamplingParams(max_tokens=3, temperature=0))
+    if gen.finish_reason == "length":
+        assert gen.usage.completion_tokens == 3
+    else:  # the random model may emit EOS first; then it stopped early
+        assert gen.usage.completion_tokens < 3
+
+
+async def test_stop_string_truncates_and_never_leaks(backend: LocalBackend) -> None:
+    free = await backend.generate(MSG, SamplingParams(max_tokens=20, temperature=0))
+    if len(free.text) < 4:
+        pytest.skip("tiny model produced too little text to cut")
+    stop = free.text[2:4]
+    deltas = [d async for d in backend.stream(MSG, SamplingParams(max_tokens=20, temperature=0, stop=(stop,)))]
+    text = "".join(d.text for d in deltas)
+    assert stop not in text
+    assert text == free.text[: free.text.find(stop)]
+    assert deltas[-1].finish_reason == "stop"
+
+
+async def test_prompt_too_long_is_rejected(tiny_model_dir: Path) -> None:
+    b = LocalBackend(BackendConfig(kind="local", model=str(tiny_model_dir), max_model_len=16, device="cpu"))
+    await b.start()
+    try:
+        with pytest.raises(InvalidGenerationRequest):
+            await b.generate((ChatMessage("user", "word " * 50),), SamplingParams(max_tokens=4))
+    finally:
+        await b.aclose()
+
+
+async def test_not_started_or_closed_backend_is_unavailable(tiny_model_dir: Path) -> None:
+    b = LocalBackend(BackendConfig(kind="local", model=str(tiny_model_dir), device="cpu"))
+    with pytest.raises(BackendUnavailable):
+        await b.generate(MSG, SamplingParams(max_tokens=2))
+    await b.start()
+    await b.aclose()
+    with pytest.raises(BackendUnavailable):
+        await b.generate(MSG, SamplingParams(max_tokens=2))
+
+
+async def test_swap_serves_the_new_model_on_the_next_request(backend: LocalBackend, tmp_path: Path) -> None:
+    from tests.fakes import build_tiny_model
+
+    other = build_tiny_model(tmp_path / "other", seed=7)
+    params = SamplingParams(max_tokens=8, temperature=0)
+    before = await backend.generate(MSG, params)
+    await backend.swap(load_model(other, torch.device("cpu"), torch.float32, version="v2"))
+    after = await backend.generate(MSG, params)
+    assert after.version == "v2" and backend.info.version == "v2"
+    assert after.logprobs != before.logprobs
+
+
+async def test_unknown_model_is_a_clear_error(tmp_path: Path) -> None:
+    b = LocalBackend(BackendConfig(kind="local", model=str(tmp_path / "nothing"), device="cpu"))
+    with pytest.raises(BackendUnavailable, match="neither a bundled model"):
+        await b.start()

@@ -1,0 +1,57 @@
+"""Run ASGI apps under real uvicorn on 127.0.0.1, in a thread, for end-to-end tests.
+
+Follows httpx's `serve_in_thread`, but binds port 0 first so tests never race for ports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import uvicorn
+
+
+class _Server(uvicorn.Server):
+    def install_signal_handlers(self) -> None:  # the main thread owns signals, not us
+        pass
+
+
+@contextlib.contextmanager
+def serve_in_thread(app: Any, *, ready_path: str | None = None, timeout: float = 120.0) -> Iterator[str]:
+    """Serve `app` on a free loopback port; yields its base URL ("http://127.0.0.1:PORT")."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
+    server = _Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("server did not start")
+        time.sleep(0.01)
+    if ready_path:
+        import httpx
+
+        while True:
+            try:
+                if httpx.get(url + ready_path, timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{url}{ready_path} never became ready")
+            time.sleep(0.05)
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+        sock.close()
