@@ -12,8 +12,10 @@ import argparse
 import asyncio
 import itertools
 import json
+import math
 import os
 import platform
+import shutil
 import signal
 import socket
 import subprocess
@@ -138,6 +140,19 @@ async def wait_ready(server: Server, path: str, timeout_s: float = 120.0) -> flo
     raise RuntimeError(f"{server.name} not ready after {timeout_s:.0f}s:\n{server.tail()}")
 
 
+def start_profiler(pid: int, out: Path, duration_s: float) -> subprocess.Popen[bytes]:
+    """py-spy on `pid` for the measured window, as collapsed stacks (one `frames count` a line).
+
+    --nonblocking samples without pausing the target, so the numbers move less; --idle is off,
+    so a stack is only counted where the thread was running. It runs on the load generator's core.
+    """
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [py_spy, "record", "--pid", str(pid), "--duration", str(max(1, math.ceil(duration_s))), "--rate", "250"]
+    cmd += ["--nonblocking", "--format", "raw", "--output", str(out)]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def stop(server: Server) -> None:
     if server.proc.poll() is None:
         server.proc.send_signal(signal.SIGINT)  # uvicorn shuts down gracefully (the store flushes)
@@ -220,6 +235,7 @@ async def drive(
     duration_s: float,
     watch: Sequence[int],
     on_tick: Callable[[float, int], None],
+    on_window: Callable[[], None] = lambda: None,
 ) -> tuple[_Tally, float, float, dict[int, float]]:
     """Closed loop: `concurrency` workers each send the next request as soon as one returns.
 
@@ -264,6 +280,7 @@ async def drive(
             now = time.perf_counter()
             if not cpu_start and now >= measure_from:
                 cpu_start.append(CpuSnapshot.take(watch))
+                on_window()
             on_tick(now - began, len(tally.latencies))
             await asyncio.sleep(0.2 if cpu_start else min(0.2, max(0.0, measure_from - now)))
 
@@ -295,6 +312,14 @@ async def measure(
         phase = "warm-up" if elapsed < args.warmup else f"{n:,} req"
         progress.update(task, completed=min(elapsed, total), description=f"  {system.name} c={concurrency}: {phase}")
 
+    profiler: list[subprocess.Popen[bytes]] = []
+
+    def on_window() -> None:
+        if args.profile is not None and system.pid is not None:
+            profiler.append(
+                start_profiler(system.pid, args.profile / f"{system.name}-c{concurrency}.txt", args.duration)
+            )
+
     tally, window, foreign, ours = await drive(
         system.url,
         concurrency=concurrency,
@@ -303,7 +328,10 @@ async def measure(
         duration_s=args.duration,
         watch=sorted(set(pids.values())),
         on_tick=on_tick,
+        on_window=on_window,
     )
+    for proc in profiler:
+        await asyncio.to_thread(proc.wait)
     progress.remove_task(task)
     lat = sorted(tally.latencies)
     n = len(lat)
@@ -434,7 +462,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=1, help="rounds over all cells; each cell reports its median run")
     p.add_argument("--client", choices=["aiohttp", "httpx"], default="aiohttp", help="pass-through's transport")
     p.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
-    p.add_argument("--hold", type=float, default=0.0, help="keep the servers up this many seconds (to profile)")
+    p.add_argument("--profile", type=Path, help="run py-spy on the proxy during each cell; stacks go to this folder")
     p.add_argument("--output", type=Path, default=RESULTS)
     return p.parse_args(argv)
 
@@ -519,9 +547,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                             progress.console.log(f"[red]  error: {sample}")
         cells = [median_cell(r) for r in runs.values()]
         memory = {s.name: round(rss_mib(s.proc.pid), 1) for s in servers if s.proc.poll() is None}
-        if args.hold > 0:  # e.g. to attach `py-spy record --pid` while driving load by hand
-            console.log(f"holding servers for {args.hold:.0f}s: gateway pid {gateway.proc.pid} at {gateway.base}")
-            await asyncio.sleep(args.hold)
     finally:
         for server in reversed(servers):
             stop(server)
