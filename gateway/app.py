@@ -90,7 +90,9 @@ def create_app(
     app = FastAPI(title="tiergate", version="0.1.0", lifespan=lifespan)
     app.state.service = service
     app.state.shutting_down = False
-    app.state.api_key_digests = [hashlib.sha256(k.get_secret_value().encode()).digest() for k in settings.server.api_keys]
+    app.state.api_key_digests = [
+        hashlib.sha256(k.get_secret_value().encode()).digest() for k in settings.server.api_keys
+    ]
     admin = settings.server.admin_api_key
     app.state.admin_key_digest = hashlib.sha256(admin.get_secret_value().encode()).digest() if admin else None
     install_handlers(app)

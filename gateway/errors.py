@@ -111,4 +111,4 @@ def install_handlers(app: FastAPI) -> None:
 
     # Our own and backend errors are expected outcomes; Exception is the last resort (500).
     for exc_type in (GatewayError, BackendError, Exception):
-        app.add_exception_handler(exc_type, _any)  # type: ignore[arg-type]
+        app.add_exception_handler(exc_type, _any)

@@ -103,7 +103,7 @@ def _to_call(body: ChatCompletionRequest, request: Request, tenant: str, service
         max_tokens=max_tokens,
         temperature=server.default_temperature if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
-        stop=tuple(body.stop or ()),  # type: ignore[arg-type]
+        stop=tuple(body.stop or ()),
         seed=body.seed,
         top_logprobs=(body.top_logprobs or 0) if body.logprobs else 0,
     )

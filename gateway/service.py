@@ -109,6 +109,13 @@ async def _empty() -> AsyncIterator[GenerationDelta]:
     yield  # pragma: no cover - makes this an async generator
 
 
+async def _aclose(source: AsyncIterator[GenerationDelta]) -> None:
+    """Close a backend stream early (cancels its generation); backends return async generators."""
+    aclose = getattr(source, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
 def error_class(exc: BaseException) -> str:
     if isinstance(exc, BackendTimeout):
         return "timeout"
@@ -272,7 +279,7 @@ class TieredService:
             first = GenerationDelta(finish_reason="stop")
         except BackendError as exc:
             self.metrics.errors.labels(tier, error_class(exc)).inc()
-            await source.aclose()
+            await _aclose(source)
             raise
         handle = AnswerStream(route)
         handle.deltas = self._relay(tier, call, route, first, source, draft, handle)
@@ -307,7 +314,7 @@ class TieredService:
             self.metrics.errors.labels(tier, error_class(exc)).inc()
             raise  # a partial answer is never recorded as signal
         finally:
-            await source.aclose()  # type: ignore[attr-defined]
+            await _aclose(source)
 
     def _complete_live(
         self,

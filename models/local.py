@@ -113,7 +113,7 @@ def load_model(path: Path, device: torch.device, dtype: torch.dtype, version: st
 
 def _load_model(path: Path, device: torch.device, dtype: torch.dtype, version: str) -> LoadedModel:
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)  # type: ignore[arg-type]
     model.eval()
     return LoadedModel(model, tokenizer, version)
 

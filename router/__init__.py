@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from router.base import ConfidenceScorer, Decision, Router, should_escalate
-from router.config import RouterConfig
 from router.confidence import SCORERS, LogprobScorer, logprob_features, quantile
+from router.config import RouterConfig
 from router.errors import RouterError, UnknownScorer
 from router.threshold import ConfidenceRouter, check_threshold
 

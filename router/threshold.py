@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from models import Generation
 from router.base import ConfidenceScorer, Decision, should_escalate
-from router.config import RouterConfig
 from router.confidence import SCORERS
+from router.config import RouterConfig
 from router.errors import UnknownScorer
 
 

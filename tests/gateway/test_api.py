@@ -129,7 +129,8 @@ def test_api_keys_are_enforced(tmp_path: Path) -> None:
 
 def test_admin_threshold_needs_the_admin_key(client: TestClient) -> None:
     assert_openai_error(client.put("/admin/threshold", json={"threshold": 0.9}), 401)
-    assert_openai_error(client.put("/admin/threshold", json={"threshold": 0.9}, headers={"authorization": "Bearer x"}), 401)
+    wrong = {"authorization": "Bearer x"}
+    assert_openai_error(client.put("/admin/threshold", json={"threshold": 0.9}, headers=wrong), 401)
     auth = {"authorization": f"Bearer {ADMIN}"}
     assert_openai_error(client.put("/admin/threshold", json={"threshold": 1.5}, headers=auth), 400, "threshold")
     resp = client.put("/admin/threshold", json={"threshold": 0.99}, headers=auth)
