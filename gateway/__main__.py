@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -50,6 +51,9 @@ def main(argv: list[str] | None = None) -> None:
         level=settings.runtime.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     app = create_app(settings)
+    # uvicorn drains on SIGTERM, then re-raises the signal under the handler it found. A no-op
+    # handler here makes a clean drain exit 0, as orchestrators expect of a graceful stop.
+    signal.signal(signal.SIGTERM, lambda *_: None)
     uvicorn.run(
         app,
         host=settings.server.host,
