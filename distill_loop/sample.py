@@ -35,14 +35,14 @@ class Sample:
 def logprobs_to_json(lps: tuple[TokenLogprob, ...]) -> list[dict[str, Any]]:
     return [
         {"token": t.token, "logprob": t.logprob, "id": t.token_id,
-         "top": [[x.token, x.logprob] for x in t.top]}
+         "top": [[x.token, x.logprob, x.token_id] for x in t.top]}
         for t in lps
     ]
 
 
 def logprobs_from_json(raw: list[dict[str, Any]]) -> tuple[TokenLogprob, ...]:
     return tuple(
-        TokenLogprob(d["token"], d["logprob"], d.get("id"), tuple(TopLogprob(a, b) for a, b in d.get("top", ())))
+        TokenLogprob(d["token"], d["logprob"], d.get("id"), tuple(TopLogprob(*x) for x in d.get("top", ())))
         for d in raw
     )
 

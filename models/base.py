@@ -37,6 +37,7 @@ class SamplingParams:
 class TopLogprob:
     token: str
     logprob: float
+    token_id: int | None = None  # known for in-process models and vLLM's token_id:N form
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +83,8 @@ class GenerationDelta:
     token_ids: tuple[int, ...] = ()
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+    # Set on the last delta: the model version that produced the whole stream.
+    version: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,5 +129,5 @@ def collect(deltas: list[GenerationDelta], *, model: str, version: str) -> Gener
         model=model,
         token_ids=tuple(t for d in deltas for t in d.token_ids),
         logprobs=tuple(lp for d in deltas for lp in d.logprobs),
-        version=version,
+        version=last.version or version,
     )

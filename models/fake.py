@@ -83,4 +83,8 @@ class FakeBackend:
                 await asyncio.sleep(self.delay_s / max(1, len(pieces)))
             top = tuple(TopLogprob(piece, script.logprob) for _ in range(min(params.top_logprobs, 1)))
             yield GenerationDelta(text=piece, logprobs=(TokenLogprob(piece, script.logprob, i, top),), token_ids=(i,))
-        yield GenerationDelta(finish_reason=finish, usage=Usage(prompt_tokens, len(pieces)))  # type: ignore[arg-type]
+        yield GenerationDelta(
+            finish_reason=finish,  # type: ignore[arg-type]
+            usage=Usage(prompt_tokens, len(pieces)),
+            version=self.version,
+        )

@@ -342,7 +342,7 @@ def _decode(loaded: LoadedModel, jobs: list[_Job], device: torch.device) -> None
             if row.job.params.top_logprobs and top_vals_B_K is not None and top_ids_B_K is not None:
                 k = row.job.params.top_logprobs
                 top = tuple(
-                    TopLogprob(tok.decode([i]), v)
+                    TopLogprob(tok.decode([i]), v, i)
                     for i, v in zip(top_ids_B_K[b, :k].tolist(), top_vals_B_K[b, :k].tolist(), strict=True)
                 )
             _advance(row, tid, chosen_lp[b], top, loaded, now)
@@ -431,16 +431,19 @@ def _advance(
             _flush(row, upto, None)
         return
     row.done = True
-    _flush(row, len(row.text), finish, Usage(len(job.prompt_ids), len(row.ids)))
+    _flush(row, len(row.text), finish, Usage(len(job.prompt_ids), len(row.ids)), loaded.version)
 
 
-def _flush(row: _Row, upto: int, finish: str | None, usage: Usage | None = None) -> None:
+def _flush(
+    row: _Row, upto: int, finish: str | None, usage: Usage | None = None, version: str | None = None
+) -> None:
     delta = GenerationDelta(
         text=row.text[row.sent : upto] if upto > row.sent else "",
         logprobs=tuple(row.pending_lp),
         token_ids=tuple(row.pending_ids),
         finish_reason=finish,  # type: ignore[arg-type]
         usage=usage,
+        version=version,
     )
     row.sent = max(row.sent, upto)
     row.pending_lp, row.pending_ids = [], []

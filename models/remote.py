@@ -71,15 +71,25 @@ def _status_error(name: str, status: int, body: bytes) -> BackendError:
     return BackendResponseError(text, status_code=status)
 
 
+def _token(raw: Any) -> tuple[str, int | None]:
+    """vLLM's `return_tokens_as_token_ids` renders tokens as "token_id:123"; keep the id."""
+    text = str(raw)
+    if text.startswith("token_id:") and text[9:].isdigit():
+        return text, int(text[9:])
+    return text, None
+
+
 def _parse_logprobs(raw: Any) -> tuple[TokenLogprob, ...]:
     if not isinstance(raw, dict) or not isinstance(raw.get("content"), list):
         return ()
     out = []
     for item in raw["content"]:
-        top = tuple(
-            TopLogprob(str(t["token"]), float(t["logprob"])) for t in item.get("top_logprobs") or ()
-        )
-        out.append(TokenLogprob(str(item["token"]), float(item["logprob"]), None, top))
+        top = []
+        for t in item.get("top_logprobs") or ():
+            alt, alt_id = _token(t["token"])
+            top.append(TopLogprob(alt, float(t["logprob"]), alt_id))
+        token, token_id = _token(item["token"])
+        out.append(TokenLogprob(token, float(item["logprob"]), token_id, tuple(top)))
     return tuple(out)
 
 
@@ -229,7 +239,7 @@ class RemoteBackend:
                     raise BackendResponseError(f"{name}: stream ended without [DONE]")
         if finish is None:
             raise BackendResponseError(f"{name}: stream ended without a finish_reason")
-        yield GenerationDelta(finish_reason=finish, usage=usage or Usage(0, 0))
+        yield GenerationDelta(finish_reason=finish, usage=usage or Usage(0, 0), version=self._model)
 
     def _parse_chunk(self, payload: str) -> tuple[GenerationDelta | None, FinishReason | None, Usage | None]:
         name = self.config.name
