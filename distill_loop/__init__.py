@@ -1,21 +1,56 @@
-"""Online distillation: the durable signal store now; the training loop in a later issue."""
+"""Online distillation: the signal store, and the loop that trains, gates and publishes students."""
 
 from __future__ import annotations
 
-from distill_loop.config import SignalConfig
+from typing import TYPE_CHECKING
+
+from distill_loop.config import DistillConfig, GateSettings, LoraSettings, LossSettings, SignalConfig
 from distill_loop.errors import DistillError, SignalStoreError, StoreClosed
+from distill_loop.metrics import METRICS
+from distill_loop.registry import BASE, Registry, UnknownVersion, VersionMeta
 from distill_loop.sample import Sample, to_chat_jsonl
 from distill_loop.store import SCHEMA_VERSION, SignalStore, export_jsonl, read_samples
 
+if TYPE_CHECKING:
+    from distill_loop.loop import DistillLoop, RunOutcome
+    from distill_loop.publish import LocalPublisher
+
 __all__ = [
+    "BASE",
+    "METRICS",
     "SCHEMA_VERSION",
+    "DistillConfig",
     "DistillError",
+    "DistillLoop",
+    "GateSettings",
+    "LocalPublisher",
+    "LoraSettings",
+    "LossSettings",
+    "Registry",
+    "RunOutcome",
     "Sample",
     "SignalConfig",
     "SignalStore",
     "SignalStoreError",
     "StoreClosed",
+    "UnknownVersion",
+    "VersionMeta",
     "export_jsonl",
     "read_samples",
     "to_chat_jsonl",
 ]
+
+_LAZY = {
+    "DistillLoop": "distill_loop.loop",
+    "RunOutcome": "distill_loop.loop",
+    "LocalPublisher": "distill_loop.publish",
+}
+
+
+def __getattr__(name: str) -> object:
+    """Training pieces import torch and peft; they load on first use."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'distill_loop' has no attribute {name!r}")

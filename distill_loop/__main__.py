@@ -1,24 +1,107 @@
-"""Command line for the signal store: `python -m distill_loop export --db data/signal.db out.jsonl`.
+"""Command line for distillation: run the loop as its own process, list versions, roll back, export.
 
-The background training loop (a later issue) will add its `run` command here.
+`python -m distill_loop run` trains against the same signal database and registry as the
+gateway (shared disk), so training can live on another machine; the gateway's watcher
+hot-swaps whatever CURRENT names. Settings come from the gateway's YAML and TIERGATE_* vars.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
+import signal
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from distill_loop.registry import Registry
 from distill_loop.store import export_jsonl
 
+if TYPE_CHECKING:
+    from gateway.settings import Settings
+
 app = typer.Typer(add_completion=False, help="tiergate distillation tools")
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="the gateway's YAML config")]
+
+
+def _settings(config: Path | None) -> Settings:
+    # An entry point composes like gateway/__main__.py: it reads the one settings loader, so the
+    # trainer process and the gateway agree on every path and default. Library code never does.
+    from gateway.settings import load_settings
+
+    return load_settings(config)
 
 
 @app.callback()
 def _main() -> None:
     """tiergate distillation tools."""
+
+
+@app.command()
+def run(config: ConfigOpt = None, once: Annotated[bool, typer.Option(help="one run now, then exit")] = False) -> None:
+    """Run the distillation loop in this process (same store and registry as the gateway)."""
+    from distill_loop.loop import DistillLoop
+
+    settings = _settings(config)
+    logging.basicConfig(level=settings.runtime.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def show(event: str, data: dict[str, object]) -> None:
+        if event != "step":
+            typer.echo(f"{event}: {json.dumps(data, default=str)}")
+
+    loop = DistillLoop(
+        settings.distill, settings.signal.path, settings.student, cache_dir=settings.runtime.cache_dir, listener=show
+    )
+    if once:
+        outcome = loop.run_once()
+        typer.echo(f"{outcome.result}: {outcome.reason} {outcome.version or ''}")
+        return
+    stop = asyncio.Event()
+
+    async def main() -> None:
+        aio = asyncio.get_running_loop()
+
+        def shutdown() -> None:
+            stop.set()
+            loop.cancel()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            aio.add_signal_handler(sig, shutdown)
+        await loop.run_forever(stop)
+
+    asyncio.run(main())
+
+
+@app.command()
+def versions(
+    config: ConfigOpt = None,
+    registry: Annotated[Path | None, typer.Option(help="registry folder (default: from config)")] = None,
+) -> None:
+    """List kept student versions and the pointer history."""
+    reg = Registry(registry or _settings(config).distill.registry_dir)
+    current = reg.current()
+    typer.echo(f"current: {current}")
+    for name in reg.versions():
+        meta = reg.meta(name)
+        gate = meta.gate.get("heldout_candidate", {})
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(meta.created_at))
+        mark = "*" if name == current else " "
+        typer.echo(f"{mark} {name}  parent={meta.parent}  created={created}  heldout={gate}")
+
+
+@app.command()
+def rollback(
+    version: Annotated[str, typer.Argument(help="a kept version, or 'base'")],
+    config: ConfigOpt = None,
+    registry: Annotated[Path | None, typer.Option(help="registry folder (default: from config)")] = None,
+) -> None:
+    """Point the serving student at a kept version; running gateways swap within a second."""
+    reg = Registry(registry or _settings(config).distill.registry_dir)
+    old = reg.set_current(version, "rollback by cli")
+    typer.echo(f"rolled back: {old} -> {version}")
 
 
 @app.command()

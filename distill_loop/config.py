@@ -1,8 +1,9 @@
-"""Configuration of the signal store (and, in a later issue, the distillation loop)."""
+"""Configuration of the signal store and the distillation loop. Pure data; nothing reads env here."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -22,3 +23,94 @@ class SignalConfig(BaseModel):
     teacher_top_logprobs: int = Field(default=5, ge=0, le=20)
     # Where records go if the database still fails at shutdown (JSONL, replayed at next start).
     spill_path: Path | None = None
+
+
+class LoraSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # LoRA rank and scaling; all linear layers are adapted.
+    r: int = Field(default=16, ge=1)
+    alpha: int = Field(default=32, ge=1)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    # AdamW learning rate, passes over the run's data, and examples per optimiser step.
+    lr: float = Field(default=2e-4, gt=0)
+    epochs: int = Field(default=2, ge=1)
+    batch_size: int = Field(default=8, ge=1)
+    # Cap on optimiser steps per run (keeps a CPU run bounded).
+    max_steps: int = Field(default=200, ge=1)
+    seed: int = 0
+
+
+class LossSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # (a) cross-entropy on the teacher's answer.
+    answer: bool = True
+    # (b) reasoning chain and final answer as separate weighted terms, when the answer has a chain.
+    reasoning: bool = True
+    # (c) KL to the teacher's logged top-k logprobs plus a tail bucket (same tokenizer only).
+    token_kd: bool = True
+    # (d) learn from the student's own rejected draft, paired with the teacher's answer.
+    error_correction: bool = True
+    # (d) also ask the teacher, in the background, for a critique of the draft (costs teacher calls).
+    critique: bool = False
+    # (e) weights move from answer-first to reasoning/correction as measured agreement rises.
+    dynamic_weights: bool = True
+    # Agreement at which the weights start to move, and at which they reach their late values.
+    agreement_low: float = Field(default=0.4, ge=0, le=1)
+    agreement_high: float = Field(default=0.8, ge=0, le=1)
+    # Early (low agreement) and late weights: answer, chain, kd, correction.
+    early: tuple[float, float, float, float] = (1.0, 0.1, 1.0, 0.1)
+    late: tuple[float, float, float, float] = (0.6, 0.5, 0.5, 0.3)
+
+
+class GateSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # How a student answer is compared with the teacher's: token_f1, exact, or contains.
+    metric: Literal["token_f1", "exact", "contains"] = "token_f1"
+    # An answer "agrees" when the metric is at least this.
+    agree_at: float = Field(default=0.5, ge=0, le=1)
+    # Held-out NLL must fall by at least this (nats/token) and agreement must not fall.
+    min_nll_gain: float = Field(default=0.01, ge=0)
+    # Anchor set: the largest allowed drop in agreement and rise in NLL.
+    anchor_max_agreement_drop: float = Field(default=0.05, ge=0)
+    anchor_max_nll_rise: float = Field(default=0.1, ge=0)
+    # Tokens generated per item when measuring agreement.
+    max_new_tokens: int = Field(default=48, ge=1)
+    # Most held-out items evaluated per run (keeps CPU gates bounded).
+    max_items: int = Field(default=64, ge=1)
+
+
+class DistillConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Run the loop in the background inside the gateway.
+    enabled: bool = True
+    # Version registry: adapters, metadata and the CURRENT pointer.
+    registry_dir: Path = Path("data/registry")
+    # Start a run after this many new records...
+    trigger_records: int = Field(default=64, ge=1)
+    # ...or when records have waited this long (seconds), whichever comes first.
+    max_staleness_s: float = Field(default=3600.0, gt=0)
+    # How often the loop checks its triggers and the rollback rule (seconds).
+    poll_s: float = Field(default=5.0, gt=0)
+    # Share of records (by id hash) kept out of training for the gate.
+    holdout_fraction: float = Field(default=0.2, gt=0, lt=1)
+    # Older records replayed per run (a reservoir sample), against forgetting.
+    replay_size: int = Field(default=64, ge=0)
+    # JSONL of {"messages": [...], "answer": "..."} guarding general behaviour; None = the shipped set.
+    anchor_path: Path | None = None
+    # Versions kept on disk (the current and previous are always kept).
+    keep_versions: int = Field(default=5, ge=2)
+    # Auto-rollback when the new version's live audit agreement is this much below the previous one's...
+    rollback_margin: float = Field(default=0.1, ge=0, le=1)
+    # ...measured over at least this many audit samples of each.
+    rollback_min_samples: int = Field(default=20, ge=1)
+    # torch threads for training (serving keeps its own).
+    torch_threads: int = Field(default=1, ge=1)
+    # "cpu", "cuda" or "auto" for training.
+    device: str = "auto"
+    lora: LoraSettings = LoraSettings()
+    losses: LossSettings = LossSettings()
+    gate: GateSettings = GateSettings()

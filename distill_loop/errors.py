@@ -1,8 +1,8 @@
 """Errors of the distillation package.
 
-    DistillError
-    └── SignalStoreError
-        └── StoreClosed (RuntimeError)   a record was submitted after close()
+DistillError
+└── SignalStoreError
+    └── StoreClosed (RuntimeError)   a record was submitted after close()
 """
 
 from __future__ import annotations

@@ -30,12 +30,18 @@ class Sample:
     teacher: Generation
     threshold: float
     metadata: Mapping[str, str] = field(default_factory=dict)
+    # The teacher's critique of the draft (what was wrong, why, the correction), added later.
+    critique: str | None = None
 
 
 def logprobs_to_json(lps: tuple[TokenLogprob, ...]) -> list[dict[str, Any]]:
     return [
-        {"token": t.token, "logprob": t.logprob, "id": t.token_id,
-         "top": [[x.token, x.logprob, x.token_id] for x in t.top]}
+        {
+            "token": t.token,
+            "logprob": t.logprob,
+            "id": t.token_id,
+            "top": [[x.token, x.logprob, x.token_id] for x in t.top],
+        }
         for t in lps
     ]
 

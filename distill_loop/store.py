@@ -59,6 +59,8 @@ MIGRATIONS: tuple[str, ...] = (
         payload     TEXT NOT NULL
     );
     """,
+    # v2: the teacher's critique of a rejected draft, filled in by the distillation loop.
+    "ALTER TABLE signal ADD COLUMN critique TEXT",
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -107,6 +109,7 @@ def _row(s: Sample) -> tuple[Any, ...]:
         json.dumps(generation_to_json(s.teacher), ensure_ascii=False),
         s.threshold,
         json.dumps(dict(s.metadata), ensure_ascii=False),
+        s.critique,
     )
 
 
@@ -124,11 +127,15 @@ def _sample(r: sqlite3.Row | tuple[Any, ...]) -> Sample:
         teacher=generation_from_json(json.loads(r[9])),
         threshold=r[10],
         metadata=json.loads(r[11]),
+        critique=r[12] if len(r) > 12 else None,
     )
 
 
-_INSERT = "INSERT INTO signal VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
-_COLUMNS = "id, created_at, tenant, kind, reason, messages, student, confidence, features, teacher, threshold, metadata"
+_COLUMNS = (
+    "id, created_at, tenant, kind, reason, messages, student, confidence, features, teacher, threshold, metadata, "
+    "critique"
+)
+_INSERT = f"INSERT INTO signal ({_COLUMNS}) VALUES ({', '.join('?' * 13)})"
 
 
 class SignalStore:
@@ -265,8 +272,12 @@ class SignalStore:
                 for s in batch:
                     fh.write(json.dumps(_row(s), ensure_ascii=False) + "\n")
                 fh.flush()
-            log.error("signal store unavailable at shutdown (%s); spilled %d records to %s",
-                      error, len(batch), self.spill_path)
+            log.error(
+                "signal store unavailable at shutdown (%s); spilled %d records to %s",
+                error,
+                len(batch),
+                self.spill_path,
+            )
         except OSError as exc:
             self._listener("failed", len(batch))
             log.critical("could not spill %d signal records: %s", len(batch), exc)
@@ -306,6 +317,26 @@ def read_samples(path: Path, since: float = 0.0, kind: str | None = None) -> Ite
             args.append(kind)
         for r in conn.execute(sql + " ORDER BY created_at, id", args):
             yield _sample(r)
+    finally:
+        conn.close()
+
+
+def pending_since(path: Path, since: float) -> tuple[int, float | None]:
+    """How many records were created after `since`, and when the oldest of them was (the loop's triggers)."""
+    conn = connect(path)
+    try:
+        n, oldest = conn.execute(
+            "SELECT count(*), min(created_at) FROM signal WHERE created_at > ?", (since,)
+        ).fetchone()
+        return int(n), oldest
+    finally:
+        conn.close()
+
+
+def set_critique(path: Path, record_id: str, critique: str) -> None:
+    conn = connect(path)
+    try:
+        conn.execute("UPDATE signal SET critique = ? WHERE id = ?", (critique, record_id))
     finally:
         conn.close()
 

@@ -47,9 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     except (FileNotFoundError, ValueError) as exc:
         print(f"tiergate: invalid configuration: {exc}", file=sys.stderr)  # noqa: T201
         raise SystemExit(2) from exc
-    logging.basicConfig(
-        level=settings.runtime.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=settings.runtime.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
     # uvicorn drains on SIGTERM, then re-raises the signal under the handler it found. A no-op
     # handler here makes a clean drain exit 0, as orchestrators expect of a graceful stop.

@@ -21,6 +21,7 @@ from gateway.metrics import Metrics
 from gateway.routes import router as http_routes
 from gateway.service import TieredService
 from gateway.settings import Settings
+from gateway.student import StudentManager
 from models import Backend, BackendError, build_backend
 from router import ConfidenceRouter
 
@@ -43,15 +44,14 @@ async def _start_until_ready(name: str, backend: Backend, metrics: Metrics) -> N
         return
 
 
-def create_app(
-    settings: Settings, *, student: Backend | None = None, teacher: Backend | None = None
-) -> FastAPI:
+def create_app(settings: Settings, *, student: Backend | None = None, teacher: Backend | None = None) -> FastAPI:
     """Build the app. Tests may inject backends; otherwise they come from settings."""
     metrics = Metrics()
     store = SignalStore(settings.signal, listener=metrics.on_signal_event)
     student = student or build_backend(settings.student, cache_dir=settings.runtime.cache_dir)
     teacher = teacher or build_backend(settings.teacher, cache_dir=settings.runtime.cache_dir)
     service = TieredService(settings, student, teacher, ConfidenceRouter.from_config(settings.router), store, metrics)
+    manager = StudentManager(settings, student, teacher, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -71,10 +71,12 @@ def create_app(
             metrics.set_student(info.version, info.name)
 
         starters[0].add_done_callback(on_started)
+        await manager.start(starters[0])
         try:
             yield
         finally:
             app.state.shutting_down = True
+            await manager.stop(settings.server.shutdown_grace_s)
             for task in starters:
                 task.cancel()
             await asyncio.gather(*starters, return_exceptions=True)
@@ -89,6 +91,7 @@ def create_app(
 
     app = FastAPI(title="tiergate", version="0.1.0", lifespan=lifespan)
     app.state.service = service
+    app.state.students = manager
     app.state.shutting_down = False
     app.state.api_key_digests = [
         hashlib.sha256(k.get_secret_value().encode()).digest() for k in settings.server.api_keys

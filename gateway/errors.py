@@ -65,6 +65,8 @@ def describe(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]:
     """Status, OpenAI error body and extra headers for any exception."""
     if isinstance(exc, GatewayError):
         return exc.status_code, error_body(str(exc), exc.error_type, exc.param, exc.code), {}
+    if isinstance(exc, LookupError):  # e.g. distill_loop.UnknownVersion
+        return 404, error_body(str(exc), "invalid_request_error", code="not_found"), {}
     if isinstance(exc, InvalidGenerationRequest):
         return 400, error_body(str(exc), "invalid_request_error"), {}
     if isinstance(exc, BackendUnavailable):
@@ -96,9 +98,7 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         etype = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return JSONResponse(
-            error_body(str(exc.detail), etype), status_code=exc.status_code, headers=exc.headers
-        )
+        return JSONResponse(error_body(str(exc.detail), etype), status_code=exc.status_code, headers=exc.headers)
 
     async def _any(request: Request, exc: Exception) -> JSONResponse:
         status, body, headers = describe(exc)
@@ -110,5 +110,5 @@ def install_handlers(app: FastAPI) -> None:
         return JSONResponse(body, status_code=status, headers=headers)
 
     # Our own and backend errors are expected outcomes; Exception is the last resort (500).
-    for exc_type in (GatewayError, BackendError, Exception):
+    for exc_type in (GatewayError, BackendError, LookupError, Exception):
         app.add_exception_handler(exc_type, _any)

@@ -6,6 +6,8 @@ Labels are bounded: tier, reason, result, error. Never prompts, users or request
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 TIERS = ("student", "teacher")
@@ -43,8 +45,10 @@ class Metrics:
             registry=r,
         )
         self.prompt_tokens = Counter(
-            "tiergate_prompt_tokens_total", "Prompt tokens processed by each tier (drafts and audits included).",
-            ["tier"], registry=r,
+            "tiergate_prompt_tokens_total",
+            "Prompt tokens processed by each tier (drafts and audits included).",
+            ["tier"],
+            registry=r,
         )
         self.completion_tokens = Counter(
             "tiergate_completion_tokens_total",
@@ -78,8 +82,10 @@ class Metrics:
             registry=r,
         )
         self.cost = Counter(
-            "tiergate_cost_usd_total", "Estimated spend in US dollars, by tier (drafts and audits included).",
-            ["tier"], registry=r,
+            "tiergate_cost_usd_total",
+            "Estimated spend in US dollars, by tier (drafts and audits included).",
+            ["tier"],
+            registry=r,
         )
         self.teacher_only_cost = Counter(
             "tiergate_teacher_only_cost_usd_total",
@@ -103,6 +109,37 @@ class Metrics:
         self.student_info = Gauge(
             "tiergate_student_info", "The serving student version (value 1).", ["version", "model"], registry=r
         )
+        self.distill_runs = Counter(
+            "tiergate_distill_runs_total",
+            "Distillation runs, by result (promoted, rejected, skipped, failed).",
+            ["result"],
+            registry=r,
+        )
+        self.distill_samples = Counter(
+            "tiergate_distill_samples_trained_total", "Training examples used by distillation runs.", registry=r
+        )
+        self.distill_loss = Gauge(
+            "tiergate_distill_train_loss", "Training loss of the latest distillation step.", registry=r
+        )
+        self.gate_results = Counter(
+            "tiergate_distill_gate_total",
+            "Gate decisions on candidates, by result and reason.",
+            ["result", "reason"],
+            registry=r,
+        )
+        self.swaps = Counter("tiergate_student_swaps_total", "Student hot-swaps (rollbacks included).", registry=r)
+        self.rollbacks = Counter(
+            "tiergate_student_rollbacks_total", "Student rollbacks, by trigger (manual, auto).", ["trigger"], registry=r
+        )
+        self.distill_pending = Gauge(
+            "tiergate_distill_pending_records", "Signal records not yet offered to a distillation run.", registry=r
+        )
+        self.last_swap = Gauge(
+            "tiergate_student_last_swap_timestamp_seconds", "Unix time of the last student swap.", registry=r
+        )
+        self.since_swap = Gauge(
+            "tiergate_seconds_since_last_swap", "Seconds since the serving student last changed.", registry=r
+        )
         self.inflight = Gauge("tiergate_inflight_requests", "Requests being served now.", registry=r)
         self.ready = Gauge("tiergate_tier_ready", "1 when the tier is loaded and serving.", ["tier"], registry=r)
         for tier in TIERS:
@@ -115,10 +152,37 @@ class Metrics:
             self.signal_records.labels(result)
         for result in ("ok", "failed"):
             self.audits.labels(result)
+        for result in ("promoted", "rejected", "skipped", "failed"):
+            self.distill_runs.labels(result)
+        for trigger in ("manual", "auto"):
+            self.rollbacks.labels(trigger)
+        self._swapped_at = time.time()
+        self.since_swap.set_function(lambda: time.time() - self._swapped_at)
+
+    def on_swap(self, version: str, model: str, reason: str) -> None:
+        self.swaps.inc()
+        if "rollback" in reason:
+            self.rollbacks.labels("auto" if reason.startswith("auto") else "manual").inc()
+        self._swapped_at = time.time()
+        self.last_swap.set(self._swapped_at)
+        self.set_student(version, model)
 
     def on_signal_event(self, event: str, n: int) -> None:
         """Listener for distill_loop.SignalStore (called from its writer thread)."""
         self.signal_records.labels("failed" if event == "dead_letter" else event).inc(n)
+
+    def on_distill_event(self, event: str, data: dict[str, object]) -> None:
+        """Listener for distill_loop.DistillLoop (called from its worker thread)."""
+        if event == "run":
+            self.distill_runs.labels(str(data["result"])).inc()
+            if data["result"] in ("promoted", "rejected"):
+                self.gate_results.labels("pass" if data["result"] == "promoted" else "fail", str(data["reason"])).inc()
+        elif event == "trained":
+            self.distill_samples.inc(float(data["examples"]))  # type: ignore[arg-type]
+        elif event == "step":
+            self.distill_loss.set(float(data["loss"]))  # type: ignore[arg-type]
+        elif event == "pending":
+            self.distill_pending.set(float(data["records"]))  # type: ignore[arg-type]
 
     def set_student(self, version: str, model: str) -> None:
         self.student_info.clear()

@@ -7,6 +7,7 @@ pings); an error after the first byte is sent as one in-band error chunk, then [
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -124,9 +125,7 @@ def _to_call(body: ChatCompletionRequest, request: Request, tenant: str, service
 
 @router.post("/v1/chat/completions", response_model=None)
 @router.post("/chat/completions", response_model=None, include_in_schema=False)
-async def chat_completions(
-    body: ChatCompletionRequest, request: Request, tenant: str = Depends(tenant_of)
-) -> Response:
+async def chat_completions(body: ChatCompletionRequest, request: Request, tenant: str = Depends(tenant_of)) -> Response:
     service = _service(request)
     call = _to_call(body, request, tenant, service)
     service.metrics.inflight.inc()
@@ -256,6 +255,29 @@ async def metrics(request: Request) -> Response:
     return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
+class RollbackIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
+
+
+@router.get("/admin/student/versions")
+async def student_versions(request: Request, _admin: str = Depends(require_admin)) -> dict[str, Any]:
+    registry = request.app.state.students.require_registry()
+    return {
+        "current": registry.current(),
+        "serving": _service(request).student_version(),
+        "versions": [dataclasses.asdict(registry.meta(v)) for v in registry.versions()],
+        "history": registry.history()[-50:],
+    }
+
+
+@router.post("/admin/student/rollback")
+async def student_rollback(body: RollbackIn, request: Request, admin: str = Depends(require_admin)) -> dict[str, str]:
+    old, new = await request.app.state.students.rollback(body.version, admin)
+    log.info("student rolled back by %s: %s -> %s", admin, old, new)
+    return {"previous": old, "current": new, "serving": _service(request).student_version()}
+
+
 class ThresholdIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     threshold: float = Field(ge=0.0, le=1.0)
@@ -267,9 +289,7 @@ async def get_threshold(request: Request, _admin: str = Depends(require_admin)) 
 
 
 @router.put("/admin/threshold")
-async def put_threshold(
-    body: ThresholdIn, request: Request, admin: str = Depends(require_admin)
-) -> dict[str, float]:
+async def put_threshold(body: ThresholdIn, request: Request, admin: str = Depends(require_admin)) -> dict[str, float]:
     service = _service(request)
     old = service.router.set_threshold(body.threshold)
     service.metrics.threshold.set(body.threshold)

@@ -260,9 +260,7 @@ class TieredService:
         """Count one answered request: tier, latency and the teacher-only counterfactual."""
         self.metrics.requests.labels(route.tier).inc()
         self.metrics.latency.labels(route.tier).observe(time.perf_counter() - call.started)
-        counterfactual = self.settings.pricing.teacher.cost(
-            served.usage.prompt_tokens, served.usage.completion_tokens
-        )
+        counterfactual = self.settings.pricing.teacher.cost(served.usage.prompt_tokens, served.usage.completion_tokens)
         self._teacher_only += counterfactual
         self.metrics.teacher_only_cost.inc(counterfactual)
         self.metrics.cost_saved.set(self._teacher_only - self._spent)

@@ -18,7 +18,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from distill_loop import SignalConfig
+from distill_loop import DistillConfig, SignalConfig
 from models import BUNDLED, BackendConfig
 from router import RouterConfig
 
@@ -98,9 +98,7 @@ _yaml_file: ContextVar[Path | None] = ContextVar("tiergate_yaml_file", default=N
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="TIERGATE_", env_nested_delimiter="__", extra="forbid", frozen=True
-    )
+    model_config = SettingsConfigDict(env_prefix="TIERGATE_", env_nested_delimiter="__", extra="forbid", frozen=True)
 
     server: ServerConfig = ServerConfig()
     # The tier that answers first. Default: SmolLM2-135M-Instruct in-process.
@@ -110,6 +108,7 @@ class Settings(BaseSettings):
     teacher: BackendConfig = DEFAULT_TEACHER
     router: RouterConfig = RouterConfig()
     signal: SignalConfig = SignalConfig()
+    distill: DistillConfig = DistillConfig()
     pricing: PricingConfig = PricingConfig()
     runtime: RuntimeConfig = RuntimeConfig()
 

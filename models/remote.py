@@ -208,9 +208,7 @@ class RemoteBackend:
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
             raise BackendResponseError(f"{name}: malformed completion: {exc!r}") from exc
 
-    async def stream(
-        self, messages: tuple[ChatMessage, ...], params: SamplingParams
-    ) -> AsyncIterator[GenerationDelta]:
+    async def stream(self, messages: tuple[ChatMessage, ...], params: SamplingParams) -> AsyncIterator[GenerationDelta]:
         name = self.config.name
         finish: FinishReason | None = None
         usage: Usage | None = None

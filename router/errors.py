@@ -1,7 +1,7 @@
 """Router errors.
 
-    RouterError
-    └── UnknownScorer (ValueError)   the config names a scorer that is not registered
+RouterError
+└── UnknownScorer (ValueError)   the config names a scorer that is not registered
 """
 
 from __future__ import annotations

@@ -163,3 +163,66 @@ def fake_upstream(script: UpstreamScript) -> FastAPI:
         return StreamingResponse(events(), media_type="text/event-stream")
 
     return app
+
+
+INTENTS = {
+    "refund": "Refunds take five business days.",
+    "password": "Reset your password from the account page.",
+    "shipping": "Shipping is free over fifty dollars.",
+    "cancel": "You can cancel from the orders page.",
+}
+TEMPLATES = [
+    "please help with {w}",
+    "question about {w} today",
+    "i need {w} info",
+    "{w} how does it work",
+    "tell me about {w}",
+    "my {w} problem",
+    "{w} help needed now",
+    "what about {w}",
+]
+
+
+def intent_samples(n_per_intent: int = 8, *, start: float = 1000.0, student_version: str = "base") -> list[Any]:
+    """Escalation records for a learnable task: each intent word maps to one teacher answer."""
+    from distill_loop import Sample
+    from models import ChatMessage, Generation, TokenLogprob, Usage
+
+    out = []
+    t = start
+    for word, answer in INTENTS.items():
+        for i, template in enumerate(TEMPLATES[:n_per_intent]):
+            t += 1
+            draft = Generation(
+                "no idea sorry", "stop", Usage(5, 3), "tiny", (), (TokenLogprob("no", -3.0),), student_version
+            )
+            teacher = Generation(answer, "stop", Usage(5, 6), "teacher", (), (), "t")
+            out.append(
+                Sample(
+                    id=f"{word}-{i}",
+                    created_at=t,
+                    tenant="key-x",
+                    kind="escalation",
+                    reason="low_confidence",
+                    messages=(ChatMessage("user", template.format(w=word)),),
+                    student=draft,
+                    confidence=0.1,
+                    features={},
+                    teacher=teacher,
+                    threshold=0.5,
+                )
+            )
+    return out
+
+
+def make_adapter(model_dir: Path, out: Path, seed: int) -> Path:
+    """A random (non-zero) LoRA adapter for the tiny model: a distinct, loadable student version."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    peft.save_pretrained(out)
+    return out

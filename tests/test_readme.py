@@ -44,7 +44,11 @@ def test_first_command_starts_the_gateway_from_a_clean_checkout(tmp_path: Path) 
     env["TIERGATE_SERVER__PORT"] = str(port)  # the documented override; everything else as shipped
     log = open(tmp_path / "run.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
-        readme_commands()[0].split(), cwd=checkout, env=env, stdout=log, stderr=subprocess.STDOUT,
+        readme_commands()[0].split(),
+        cwd=checkout,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     try:

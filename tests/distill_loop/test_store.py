@@ -16,13 +16,26 @@ from models import ChatMessage, Generation, TokenLogprob, TopLogprob, Usage
 def sample(i: int, kind: str = "escalation") -> Sample:
     draft = Generation("draft", "stop", Usage(5, 1), "student", (7,), (TokenLogprob("draft", -2.5, 7),), "v1")
     answer = Generation(
-        "teacher answer", "stop", Usage(5, 2), "teacher", (),
-        (TokenLogprob("teacher", -0.1, None, (TopLogprob("teacher", -0.1), TopLogprob("Teacher", -2.0))),), "t",
+        "teacher answer",
+        "stop",
+        Usage(5, 2),
+        "teacher",
+        (),
+        (TokenLogprob("teacher", -0.1, None, (TopLogprob("teacher", -0.1), TopLogprob("Teacher", -2.0))),),
+        "t",
     )
     return Sample(
-        id=f"r{i}", created_at=1000.0 + i, tenant="key-abc", kind=kind,  # type: ignore[arg-type]
-        reason="low_confidence", messages=(ChatMessage("user", f"question {i}"),), student=draft,
-        confidence=0.2, features={"mean_logprob": -2.5}, teacher=answer, threshold=0.35,
+        id=f"r{i}",
+        created_at=1000.0 + i,
+        tenant="key-abc",
+        kind=kind,  # type: ignore[arg-type]
+        reason="low_confidence",
+        messages=(ChatMessage("user", f"question {i}"),),
+        student=draft,
+        confidence=0.2,
+        features={"mean_logprob": -2.5},
+        teacher=answer,
+        threshold=0.35,
         metadata={"queue": "billing"},
     )
 
@@ -131,3 +144,22 @@ def test_export_writes_chat_jsonl(tmp_path: Path) -> None:
     assert rows[0]["metadata"]["student_draft"] == "draft"
     assert rows[0]["metadata"]["queue"] == "billing"
     assert export_jsonl(store.config.path, out, kind="audit") == 1
+
+
+def test_v1_database_migrates_and_keeps_its_rows(tmp_path: Path) -> None:
+    from distill_loop.store import MIGRATIONS
+
+    path = tmp_path / "db" / "signal.db"
+    path.parent.mkdir()
+    conn = sqlite3.connect(path)
+    conn.executescript(MIGRATIONS[0] + "; PRAGMA user_version=1;")
+    from distill_loop.store import _row
+
+    conn.execute("INSERT INTO signal VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", _row(sample(7))[:12])
+    conn.commit()
+    conn.close()
+    store = open_store(tmp_path)
+    store.close()
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    (got,) = list(read_samples(path))
+    assert got == sample(7) and got.critique is None

@@ -31,8 +31,10 @@ def settings_for(student_url: str, teacher_url: str, db: Path, audit: float = 0.
         teacher={"kind": "remote", "url": teacher_url, "model": "auto", "system_prompt": None},
         router={"threshold": THRESHOLD},
         signal={"path": db, "audit_fraction": audit, "teacher_top_logprobs": 5},
-        pricing={"student": {"input_per_mtok": 1, "output_per_mtok": 2},
-                 "teacher": {"input_per_mtok": 10, "output_per_mtok": 20}},
+        pricing={
+            "student": {"input_per_mtok": 1, "output_per_mtok": 2},
+            "teacher": {"input_per_mtok": 10, "output_per_mtok": 20},
+        },
     )
 
 
@@ -200,9 +202,7 @@ def test_sdk_sees_openai_errors(gateway_url: str) -> None:
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
 
 
-def test_audit_slice_is_answered_by_the_teacher_in_the_background(
-    student_url: str, teacher_url: str, db: Path
-) -> None:
+def test_audit_slice_is_answered_by_the_teacher_in_the_background(student_url: str, teacher_url: str, db: Path) -> None:
     app = create_app(settings_for(student_url, teacher_url, db, audit=1.0))
     with serve_in_thread(app, ready_path="/health/ready") as url:
         raw = ask(sdk(url), "easy question", max_tokens=50)

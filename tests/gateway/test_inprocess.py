@@ -19,6 +19,7 @@ def test_tiny_local_student_escalates_to_remote_teacher(tiny_model_dir: Path, te
         teacher={"kind": "remote", "url": teacher_url, "model": "auto"},
         router={"threshold": 0.99},  # a random model is never this sure
         signal={"path": tmp_path / "s.db", "audit_fraction": 0.0},
+        distill={"registry_dir": tmp_path / "registry"},
     )
     with serve_in_thread(create_app(settings), ready_path="/health/ready") as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
@@ -27,7 +28,10 @@ def test_tiny_local_student_escalates_to_remote_teacher(tiny_model_dir: Path, te
         )
         assert raw.headers["x-tiergate-tier"] == "teacher"
         student = client.chat.completions.create(
-            model="student", messages=[{"role": "user", "content": "refund?"}], max_tokens=5, temperature=0,
+            model="student",
+            messages=[{"role": "user", "content": "refund?"}],
+            max_tokens=5,
+            temperature=0,
             logprobs=True,
         )
         assert student.model.startswith(str(tiny_model_dir)) or student.model.endswith("@base")
@@ -39,7 +43,11 @@ def test_tiny_local_student_escalates_to_remote_teacher(tiny_model_dir: Path, te
 
 @pytest.mark.slow
 def test_real_models_keep_one_and_escalate_one(tmp_path: Path) -> None:
-    settings = Settings(router={"threshold": 0.35}, signal={"path": tmp_path / "s.db", "audit_fraction": 0.0})
+    settings = Settings(
+        router={"threshold": 0.35},
+        signal={"path": tmp_path / "s.db", "audit_fraction": 0.0},
+        distill={"registry_dir": tmp_path / "registry", "enabled": False},
+    )
     with serve_in_thread(create_app(settings), ready_path="/health/ready", timeout=900) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0, timeout=300)
 

@@ -40,9 +40,23 @@ def test_sigterm_drains_requests_and_flushes_the_signal_log(
     }
     log = (tmp_path / "gateway.log").open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "--port", str(port), "--threshold", "0.5",
-         "--student-url", student_url, "--teacher-url", teacher_url],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "--port",
+            str(port),
+            "--threshold",
+            "0.5",
+            "--student-url",
+            student_url,
+            "--teacher-url",
+            teacher_url,
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
     try:

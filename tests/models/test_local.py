@@ -18,8 +18,9 @@ MSG = (ChatMessage("user", "Where is my refund?"),)
 
 @pytest.fixture
 async def backend(tiny_model_dir: Path) -> AsyncIterator[LocalBackend]:
-    b = LocalBackend(BackendConfig(kind="local", model=str(tiny_model_dir), dtype="float32", device="cpu",
-                                   batch_wait_ms=50.0))
+    b = LocalBackend(
+        BackendConfig(kind="local", model=str(tiny_model_dir), dtype="float32", device="cpu", batch_wait_ms=50.0)
+    )
     await b.start()
     try:
         yield b

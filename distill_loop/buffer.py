@@ -1,0 +1,159 @@
+"""Data for one distillation run: new records, a replay reservoir, the anchor set, and the split.
+
+Records are de-duplicated on (prompt, teacher answer), then split by a hash of the prompt, so
+a held-out prompt (and its near-copies) never reaches training. Each kept record becomes
+`Example`s: the teacher's answer (a), its reasoning chain (b) and top-k logprobs (c) where
+present, and a correction example (d) when the student's draft disagreed. No training here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+from distill_loop.config import DistillConfig
+from distill_loop.metrics import METRICS, normalise
+from distill_loop.sample import Sample
+from distill_loop.store import read_samples
+from models import ChatMessage, TokenLogprob
+
+Kind = Literal["answer", "correction", "anchor"]
+CORRECTION_PROMPT = "That answer may be wrong. Explain what was wrong, then give the correct answer."
+
+
+@dataclass(frozen=True, slots=True)
+class Example:
+    record_id: str
+    kind: Kind
+    messages: tuple[ChatMessage, ...]  # the prompt the student sees
+    target: str  # what the student learns to say
+    reference: str  # the teacher's answer, for agreement
+    # Teacher token ids and top-k logprobs over `target`, when the teacher logged them.
+    teacher_ids: tuple[int, ...] = ()
+    teacher_logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RunData:
+    train: tuple[Example, ...]
+    heldout: tuple[Example, ...]
+    anchor: tuple[Example, ...]
+    window: dict[str, float | int] = field(default_factory=dict)
+
+
+def prompt_key(messages: Sequence[ChatMessage]) -> str:
+    return " ".join(" ".join(normalise(m.content)) for m in messages if m.role != "system")
+
+
+def is_heldout(messages: Sequence[ChatMessage], fraction: float) -> bool:
+    digest = hashlib.sha256(prompt_key(messages).encode()).digest()
+    return int.from_bytes(digest[:4], "big") / 2**32 < fraction
+
+
+def dedupe(samples: Iterable[Sample]) -> list[Sample]:
+    """Keep the newest record per (prompt, teacher answer)."""
+    latest: dict[tuple[str, str], Sample] = {}
+    for s in samples:
+        key = (prompt_key(s.messages), " ".join(normalise(s.teacher.text)))
+        if key not in latest or s.created_at >= latest[key].created_at:
+            latest[key] = s
+    return sorted(latest.values(), key=lambda s: (s.created_at, s.id))
+
+
+def examples_for(sample: Sample, config: DistillConfig) -> list[Example]:
+    teacher = sample.teacher
+    ids = teacher.token_ids or tuple(lp.token_id for lp in teacher.logprobs if lp.token_id is not None)
+    out = [
+        Example(
+            record_id=sample.id,
+            kind="answer",
+            messages=sample.messages,
+            target=teacher.text,
+            reference=teacher.text,
+            teacher_ids=ids if len(ids) == len(teacher.logprobs) else (),
+            teacher_logprobs=teacher.logprobs,
+        )
+    ]
+    draft = sample.student
+    metric = METRICS[config.gate.metric]
+    if (
+        config.losses.error_correction
+        and draft is not None
+        and draft.text.strip()
+        and metric(draft.text, teacher.text) < config.gate.agree_at
+    ):
+        critique = f"{sample.critique.strip()}\n" if sample.critique else ""
+        out.append(
+            Example(
+                record_id=sample.id,
+                kind="correction",
+                messages=(
+                    *sample.messages,
+                    ChatMessage("assistant", draft.text),
+                    ChatMessage("user", CORRECTION_PROMPT),
+                ),
+                target=f"{critique}{teacher.text}",
+                reference=teacher.text,
+            )
+        )
+    return out
+
+
+def load_anchor(path: Path | None) -> list[Example]:
+    """The fixed anchor set: {"messages": [...], "answer": "..."} per line."""
+    text = path.read_text() if path else resources.files("distill_loop").joinpath("anchor.jsonl").read_text()
+    out = []
+    for i, line in enumerate(text.splitlines()):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        messages = tuple(ChatMessage(m["role"], m["content"]) for m in row["messages"])
+        out.append(Example(f"anchor-{i}", "anchor", messages, row["answer"], row["answer"]))
+    return out
+
+
+def build_run_data(signal_path: Path, config: DistillConfig, since: float, until: float, seed: int = 0) -> RunData:
+    """Assemble train/held-out/anchor examples from records up to `until`; new means after `since`."""
+    everything = dedupe(s for s in read_samples(signal_path) if s.created_at <= until)
+    new = [s for s in everything if s.created_at > since]
+    old = [s for s in everything if s.created_at <= since]
+    holdout = [s for s in everything if is_heldout(s.messages, config.holdout_fraction)]
+    new_train = [s for s in new if not is_heldout(s.messages, config.holdout_fraction)]
+    old_train = [s for s in old if not is_heldout(s.messages, config.holdout_fraction)]
+    rng = random.Random(seed)
+    replay = reservoir(old_train, config.replay_size, rng)
+    train = [e for s in new_train + replay for e in examples_for(s, config)]
+    heldout = [e for s in holdout for e in examples_for(s, config) if e.kind == "answer"]
+    anchor = load_anchor(config.anchor_path)
+    return RunData(
+        train=tuple(train),
+        heldout=tuple(heldout[-config.gate.max_items :]),
+        anchor=tuple(anchor),
+        window={
+            "since": since,
+            "until": until,
+            "new_records": len(new),
+            "replayed": len(replay),
+            "train_examples": len(train),
+            "heldout_examples": len(heldout),
+        },
+    )
+
+
+def reservoir(items: Sequence[Sample], k: int, rng: random.Random) -> list[Sample]:
+    """Vitter's algorithm R: a uniform sample of k items in one pass."""
+    out: list[Sample] = []
+    for i, item in enumerate(items):
+        if i < k:
+            out.append(item)
+        else:
+            j = rng.randint(0, i)
+            if j < k:
+                out[j] = item
+    return out

@@ -1,0 +1,297 @@
+"""The background distillation loop: trigger, assemble data, train, gate, register, roll back.
+
+A run starts after `trigger_records` new records or once records have waited
+`max_staleness_s`; runs never overlap. A passing candidate becomes a new immutable registry
+version and CURRENT moves to it (the gateway's publisher then hot-swaps). The loop also
+watches live audits and rolls back when the new version's agreement with the teacher falls
+below the previous version's by `rollback_margin`. It runs inside the gateway or alone
+(`python -m distill_loop run`); the same code either way. It never serves requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from distill_loop.buffer import Example, build_run_data
+from distill_loop.config import DistillConfig
+from distill_loop.gate import GateReport, Measured, decide
+from distill_loop.loss import LossWeights, dynamic_weights
+from distill_loop.metrics import METRICS
+from distill_loop.registry import Registry, VersionMeta
+from distill_loop.store import pending_since, read_samples, set_critique
+from models import Backend, BackendConfig, BackendError, ChatMessage, SamplingParams, resolve_model_dir
+
+log = logging.getLogger(__name__)
+
+Listener = Callable[[str, dict[str, Any]], None]
+Transform = Callable[[Sequence[Example]], Sequence[Example]]
+CRITIQUE_PROMPT = (
+    "A customer asked: {question}\nA junior agent answered: {draft}\nThe correct answer is: {answer}\n"
+    "In one or two sentences, say what was wrong in the junior agent's answer and why."
+)
+
+
+class RunCancelled(Exception):
+    """The run was abandoned because the process is shutting down."""
+
+
+@dataclass
+class LoopState:
+    last_cut: float = 0.0  # records up to here have been offered to a run
+    last_run_at: float = 0.0
+    runs: int = 0
+
+    @classmethod
+    def load(cls, path: Path) -> LoopState:
+        return cls(**json.loads(path.read_text())) if path.exists() else cls()
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.__dict__))
+        tmp.replace(path)
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    result: str  # promoted | rejected | skipped
+    reason: str
+    version: str | None = None
+    gate: GateReport | None = None
+    train: dict[str, Any] = field(default_factory=dict)
+
+
+class DistillLoop:
+    def __init__(
+        self,
+        config: DistillConfig,
+        signal_path: Path,
+        student: BackendConfig,
+        *,
+        cache_dir: Path | None = None,
+        listener: Listener | None = None,
+        critic: Backend | None = None,
+    ) -> None:
+        self.config = config
+        self.signal_path = signal_path
+        self.student = student
+        self.cache_dir = cache_dir
+        self.registry = Registry(config.registry_dir, keep=config.keep_versions)
+        self._state_path = config.registry_dir / "loop_state.json"
+        self.state = LoopState.load(self._state_path)
+        self._emit = listener or (lambda _e, _d: None)
+        self.critic = critic
+        self._running = asyncio.Lock()
+        self._cancel = threading.Event()
+
+    def cancel(self) -> None:
+        """Abandon a run in progress at its next training step (shutdown)."""
+        self._cancel.set()
+
+    # -- triggers ----------------------------------------------------------------------------
+    def pending(self) -> int:
+        return self._pending()[0]
+
+    def _pending(self) -> tuple[int, float | None]:
+        if not self.signal_path.exists():
+            return 0, None
+        return pending_since(self.signal_path, self.state.last_cut)
+
+    def due(self, now: float | None = None) -> bool:
+        """Enough new records, or the oldest new record has waited `max_staleness_s`."""
+        now = time.time() if now is None else now
+        pending, oldest = self._pending()
+        if pending >= self.config.trigger_records:
+            return True
+        return oldest is not None and now - oldest >= self.config.max_staleness_s
+
+    async def run_forever(self, stop: asyncio.Event) -> None:
+        """Check triggers and the rollback rule every `poll_s` until `stop` is set."""
+        while not stop.is_set():
+            try:
+                self._emit("pending", {"records": self.pending()})
+                await asyncio.to_thread(self.check_rollback)
+                if self.due():
+                    await self.arun_once()
+            except RunCancelled:
+                return
+            except Exception:  # noqa: BLE001 - a failed run must not end the loop or the gateway
+                log.exception("distillation run failed")
+                self._emit("run", {"result": "failed", "reason": "error"})
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self.config.poll_s)
+
+    async def arun_once(self, transform: Transform | None = None) -> RunOutcome:
+        """One run, never overlapping another: critiques first (async), then training in a thread."""
+        async with self._running:
+            if self.config.losses.critique and self.critic is not None:
+                await self.enrich_critiques()
+            return await asyncio.to_thread(self.run_once, transform)
+
+    # -- one run -----------------------------------------------------------------------------
+    def run_once(self, transform: Transform | None = None) -> RunOutcome:
+        """Train, gate and maybe promote one candidate. `transform` rewrites the training
+        examples (ablations, fault injection in tests); production runs pass None."""
+        import torch
+
+        from distill_loop.trainer import StudentTrainer
+
+        torch.set_num_threads(self.config.torch_threads)
+        until = time.time()
+        data = build_run_data(self.signal_path, self.config, self.state.last_cut, until, seed=self.state.runs)
+        self.state.last_run_at = until
+        if not data.train:
+            self.state.last_cut = until
+            self.state.save(self._state_path)
+            return self._done(RunOutcome("skipped", "no_training_data"))
+        serving = self.registry.current()
+        trainer = StudentTrainer(
+            resolve_model_dir(self.student.model, self.cache_dir),
+            self.registry.adapter_dir(serving),
+            self.student,
+            self.config,
+        )
+        log.info("distillation run on %d examples (%s), serving %s", len(data.train), data.window, serving)
+        h_serving = trainer.evaluate("serving", data.heldout)
+        weights = self._weights(h_serving.agreement if data.heldout else None)
+        examples = transform(data.train) if transform else data.train
+
+        def progress(step: int, total: int, loss: float) -> None:
+            if self._cancel.is_set():
+                raise RunCancelled("distillation run abandoned at shutdown")
+            if step == 1 or step == total or step % 10 == 0:
+                log.info("distill step %d/%d loss %.4f", step, total, loss)
+            self._emit("step", {"step": step, "total": total, "loss": loss})
+
+        report = trainer.train(examples, weights, progress)
+        h_cand = trainer.evaluate("candidate", data.heldout)
+        a_serving = trainer.evaluate("serving", data.anchor)
+        a_cand = trainer.evaluate("candidate", data.anchor)
+        gate = decide(
+            self.config.gate,
+            (Measured(h_serving.nll, h_serving.agreement), Measured(h_cand.nll, h_cand.agreement)),
+            (Measured(a_serving.nll, a_serving.agreement), Measured(a_cand.nll, a_cand.agreement)),
+            len(data.heldout),
+            len(data.anchor),
+        )
+        train_info = {
+            "steps": report.steps,
+            "examples": report.examples,
+            "kd_examples": report.kd_examples,
+            "first_loss": report.first_loss,
+            "last_loss": report.last_loss,
+            "seconds": round(report.seconds, 2),
+            "weights": dataclasses.asdict(report.weights),
+        }
+        self._emit("trained", {"examples": report.examples, "loss": report.last_loss})
+        self.state.last_cut = until
+        self.state.runs += 1
+        self.state.save(self._state_path)
+        if not gate.passed:
+            log.warning("candidate rejected by the gate: %s", gate.reason)
+            return self._done(RunOutcome("rejected", gate.reason, gate=gate, train=train_info))
+        name = self.registry.new_name()
+        with tempfile.TemporaryDirectory() as tmp:
+            adapter = trainer.save_candidate(Path(tmp))
+            self.registry.add(
+                name,
+                adapter,
+                VersionMeta(
+                    name=name,
+                    parent=serving,
+                    created_at=time.time(),
+                    data_window=dict(data.window),
+                    gate=gate.to_json(),
+                    base_model=self.student.model,
+                ),
+            )
+        self.registry.set_current(name, "promoted")
+        log.info("promoted %s (held-out NLL %.3f -> %.3f)", name, h_serving.nll, h_cand.nll)
+        return self._done(RunOutcome("promoted", "passed", version=name, gate=gate, train=train_info))
+
+    def _weights(self, agreement: float | None) -> LossWeights:
+        ls = self.config.losses
+        early, late = LossWeights(*ls.early), LossWeights(*ls.late)
+        if not ls.dynamic_weights:
+            return early
+        return dynamic_weights(agreement, low=ls.agreement_low, high=ls.agreement_high, base=early, late=late)
+
+    def _done(self, outcome: RunOutcome) -> RunOutcome:
+        self._emit(
+            "run",
+            {
+                "result": outcome.result,
+                "reason": outcome.reason,
+                "version": outcome.version,
+                "examples": outcome.train.get("examples", 0),
+                "loss": outcome.train.get("last_loss"),
+            },
+        )
+        return outcome
+
+    # -- critiques (d) -----------------------------------------------------------------------
+    async def enrich_critiques(self, limit: int = 16) -> int:
+        """Ask the teacher, in the background, why rejected drafts were wrong; store the answer."""
+        assert self.critic is not None
+        metric = METRICS[self.config.gate.metric]
+        todo = [
+            s
+            for s in read_samples(self.signal_path, since=self.state.last_cut, kind="escalation")
+            if s.critique is None
+            and s.student is not None
+            and metric(s.student.text, s.teacher.text) < self.config.gate.agree_at
+        ][:limit]
+        done = 0
+        for s in todo:
+            assert s.student is not None
+            question = next((m.content for m in reversed(s.messages) if m.role == "user"), "")
+            prompt = CRITIQUE_PROMPT.format(question=question, draft=s.student.text, answer=s.teacher.text)
+            try:
+                gen = await self.critic.generate(
+                    (ChatMessage("user", prompt),), SamplingParams(max_tokens=64, temperature=0)
+                )
+            except BackendError as exc:
+                log.warning("critique for %s failed: %s", s.id, exc)
+                continue
+            if gen.text.strip():
+                await asyncio.to_thread(set_critique, self.signal_path, s.id, gen.text.strip())
+                done += 1
+        return done
+
+    # -- rollback ----------------------------------------------------------------------------
+    def audit_agreement(self, version: str) -> tuple[float, int]:
+        """Live agreement of a version's served drafts with the teacher, from audit records."""
+        metric = METRICS[self.config.gate.metric]
+        scores = [
+            metric(s.student.text, s.teacher.text)
+            for s in read_samples(self.signal_path, kind="audit")
+            if s.student is not None and s.student.version == version
+        ]
+        return (sum(scores) / len(scores), len(scores)) if scores else (float("nan"), 0)
+
+    def check_rollback(self) -> str | None:
+        """Roll back when the current version's live agreement fell below the previous one's."""
+        if not self.signal_path.exists():
+            return None
+        current, previous = self.registry.current(), self.registry.previous()
+        if previous is None or previous == current:
+            return None
+        cur, n_cur = self.audit_agreement(current)
+        prev, n_prev = self.audit_agreement(previous)
+        need = self.config.rollback_min_samples
+        if n_cur < need or n_prev < need or cur >= prev - self.config.rollback_margin:
+            return None
+        self.registry.set_current(previous, f"auto_rollback: audit agreement {cur:.3f} < {prev:.3f}")
+        log.warning("auto-rollback %s -> %s (agreement %.3f vs %.3f)", current, previous, cur, prev)
+        self._emit("rollback", {"from": current, "to": previous, "trigger": "auto"})
+        return previous

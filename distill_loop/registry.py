@@ -1,0 +1,151 @@
+"""Student version registry on disk: immutable versions and an atomic CURRENT pointer.
+
+    <root>/versions/<name>/adapter/    peft adapter weights and config
+    <root>/versions/<name>/meta.json   parent, data window, gate report, creation time
+    <root>/CURRENT                     the serving version's name ("base" = no adapter)
+    <root>/history.jsonl               every pointer change: time, from, to, reason
+    <root>/COUNTER                     last version number handed out; names are never reused
+
+Writers are the loop (promote) and rollback (admin endpoint, CLI, auto-rollback); readers are
+the gateway's publisher, which hot-swaps when CURRENT changes. A version is written to a
+temporary folder and renamed into place, so a reader never sees half a version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from distill_loop.errors import DistillError
+
+BASE = "base"
+
+
+class UnknownVersion(DistillError, LookupError):
+    """No such version in the registry (or it was pruned)."""
+
+
+@dataclass(frozen=True, slots=True)
+class VersionMeta:
+    name: str
+    parent: str
+    created_at: float
+    data_window: dict[str, Any] = field(default_factory=dict)
+    gate: dict[str, Any] = field(default_factory=dict)
+    base_model: str = ""
+
+
+class Registry:
+    def __init__(self, root: Path, keep: int = 5) -> None:
+        self.root = root
+        self.keep = keep
+        (root / "versions").mkdir(parents=True, exist_ok=True)
+
+    @contextmanager
+    def _lock(self) -> Iterator[None]:
+        with open(self.root / ".lock", "w") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)  # gateway and a separate trainer process may share it
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    # -- reading -----------------------------------------------------------------------------
+    def current(self) -> str:
+        try:
+            return (self.root / "CURRENT").read_text().strip() or BASE
+        except FileNotFoundError:
+            return BASE
+
+    def adapter_dir(self, name: str) -> Path | None:
+        if name == BASE:
+            return None
+        path = self.root / "versions" / name / "adapter"
+        if not path.is_dir():
+            raise UnknownVersion(f"version {name!r} is not in the registry")
+        return path
+
+    def meta(self, name: str) -> VersionMeta:
+        path = self.root / "versions" / name / "meta.json"
+        if not path.is_file():
+            raise UnknownVersion(f"version {name!r} is not in the registry")
+        return VersionMeta(**json.loads(path.read_text()))
+
+    def versions(self) -> list[str]:
+        """Kept versions, oldest first (by version number)."""
+        names = [p.name for p in (self.root / "versions").iterdir() if (p / "meta.json").is_file()]
+        return sorted(names)
+
+    def history(self) -> list[dict[str, Any]]:
+        path = self.root / "history.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def previous(self) -> str | None:
+        """The version served before the current one, if any."""
+        hist = self.history()
+        return str(hist[-1]["from"]) if hist else None
+
+    # -- writing -----------------------------------------------------------------------------
+    def new_name(self) -> str:
+        with self._lock():
+            counter = self.root / "COUNTER"
+            n = int(counter.read_text()) + 1 if counter.exists() else 1
+            _atomic_write(counter, str(n))
+        return f"v{n:04d}"
+
+    def add(self, name: str, adapter_src: Path, meta: VersionMeta) -> None:
+        """Move a trained adapter folder into the registry as an immutable version."""
+        target = self.root / "versions" / name
+        if target.exists():
+            raise DistillError(f"version {name!r} exists; names are never reused")
+        staging = self.root / "versions" / f".{name}.tmp"
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir()
+        shutil.copytree(adapter_src, staging / "adapter")
+        (staging / "meta.json").write_text(json.dumps(_asdict(meta), indent=2))
+        os.replace(staging, target)
+
+    def set_current(self, name: str, reason: str) -> str:
+        """Point CURRENT at `name` (which must exist); returns the old pointer."""
+        if name != BASE:
+            self.meta(name)
+        with self._lock():
+            old = self.current()
+            _atomic_write(self.root / "CURRENT", name)
+            with open(self.root / "history.jsonl", "a") as fh:
+                fh.write(json.dumps({"time": time.time(), "from": old, "to": name, "reason": reason}) + "\n")
+        self.prune()
+        return old
+
+    def prune(self) -> list[str]:
+        """Delete the oldest versions beyond `keep`, never the current or previous one."""
+        protected = {self.current(), self.previous() or BASE}
+        names = self.versions()
+        removed = []
+        for name in names[: max(0, len(names) - self.keep)]:
+            if name not in protected:
+                shutil.rmtree(self.root / "versions" / name)
+                removed.append(name)
+        return removed
+
+
+def _asdict(meta: VersionMeta) -> dict[str, Any]:
+    return dataclasses.asdict(meta)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

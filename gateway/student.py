@@ -1,0 +1,99 @@
+"""Owns which student version serves: follows the registry's CURRENT, runs the loop, rolls back.
+
+The same registry is written by the in-gateway loop, by `python -m distill_loop run` on
+another machine, and by rollbacks (admin endpoint, CLI, auto). A watcher polls CURRENT and
+hot-swaps the in-process student when it changes, so every writer takes effect the same way.
+vLLM students swap through their LoRA endpoints instead (a later issue).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from distill_loop import DistillLoop, LocalPublisher, Registry, UnknownVersion
+from gateway.metrics import Metrics
+from gateway.settings import Settings
+from models import Backend, LocalBackend
+
+log = logging.getLogger(__name__)
+WATCH_S = 1.0
+
+
+class StudentManager:
+    def __init__(self, settings: Settings, student: Backend, teacher: Backend, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.student = student
+        cfg = settings.distill
+        self.registry: Registry | None = None
+        self.publisher: LocalPublisher | None = None
+        if isinstance(student, LocalBackend):
+            self.registry = Registry(cfg.registry_dir, keep=cfg.keep_versions)
+            self.publisher = LocalPublisher(self.registry, student, settings.runtime.cache_dir)
+        self.loop: DistillLoop | None = None
+        if cfg.enabled and self.publisher is not None:
+            self.loop = DistillLoop(
+                cfg,
+                settings.signal.path,
+                settings.student,
+                cache_dir=settings.runtime.cache_dir,
+                listener=metrics.on_distill_event,
+                critic=teacher if cfg.losses.critique else None,
+            )
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self, student_started: asyncio.Task[None]) -> None:
+        """Once the student is loaded: serve CURRENT, then watch it and run the loop."""
+        if self.publisher is None:
+            return
+
+        async def begin() -> None:
+            await student_started
+            await self.sync()
+            self._tasks.append(asyncio.create_task(self._watch(), name="student-watch"))
+            if self.loop is not None:
+                self._tasks.append(asyncio.create_task(self.loop.run_forever(self._stop), name="distill-loop"))
+
+        self._tasks.append(asyncio.create_task(begin(), name="student-begin"))
+
+    async def sync(self) -> str | None:
+        if self.publisher is None:
+            return None
+        name = await self.publisher.sync()
+        if name is not None:
+            hist = self.publisher.registry.history()
+            reason = str(hist[-1]["reason"]) if hist else "start"
+            self.metrics.on_swap(name, self.student.info.name, reason)
+        return name
+
+    async def _watch(self) -> None:
+        while not self._stop.is_set():
+            try:
+                await self.sync()
+            except Exception:  # noqa: BLE001 - a bad version must not stop the watcher or serving
+                log.exception("student swap failed; still serving %s", self.student.info.version)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=WATCH_S)
+
+    def require_registry(self) -> Registry:
+        if self.registry is None:
+            raise UnknownVersion("this student is not served in-process; it has no version registry here")
+        return self.registry
+
+    async def rollback(self, version: str, actor: str) -> tuple[str, str]:
+        """Point CURRENT at a kept version and swap to it now. Returns (old, new)."""
+        old = await asyncio.to_thread(self.require_registry().set_current, version, f"rollback by {actor}")
+        await self.sync()
+        return old, version
+
+    async def stop(self, timeout: float) -> None:
+        self._stop.set()
+        if self.loop is not None:
+            self.loop.cancel()
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=timeout)
+            for task in pending:
+                task.cancel()

@@ -1,0 +1,195 @@
+"""The distillation loop on a tiny model: train, gate, register, hot-swap, reject, roll back."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill_loop import BASE, DistillConfig, LossSettings, Registry, SignalConfig, SignalStore, VersionMeta
+from distill_loop.buffer import Example, build_run_data, is_heldout
+from distill_loop.loop import DistillLoop
+from distill_loop.loss import LossWeights
+from distill_loop.publish import LocalPublisher
+from distill_loop.trainer import StudentTrainer
+from models import BackendConfig, ChatMessage, Generation, SamplingParams, TokenLogprob, TopLogprob, Usage
+from models.local import LocalBackend
+from tests.fakes import intent_samples
+
+PROMPT = (ChatMessage("user", "please help with refund"),)
+
+
+def loop_config(tmp_path: Path, **kw: object) -> DistillConfig:
+    base: dict[str, object] = {
+        "registry_dir": tmp_path / "registry",
+        "trigger_records": 4,
+        "holdout_fraction": 0.25,
+        "losses": {"error_correction": False},
+        "lora": {"r": 8, "alpha": 16, "lr": 2e-2, "epochs": 50, "batch_size": 8, "max_steps": 200},
+        "gate": {"max_new_tokens": 12},
+    }
+    return DistillConfig(**{**base, **kw})  # type: ignore[arg-type]
+
+
+def write(db: Path, samples: Sequence[object]) -> None:
+    store = SignalStore(SignalConfig(path=db))
+    store.open()
+    for s in samples:
+        store.submit(s)  # type: ignore[arg-type]
+    store.close()
+
+
+def student_cfg(model_dir: Path) -> BackendConfig:
+    return BackendConfig(kind="local", model=str(model_dir), device="cpu", dtype="float32")
+
+
+def shuffled_answers(examples: Sequence[Example]) -> list[Example]:
+    answers = [e.target for e in examples]
+    random.Random(1).shuffle(answers)
+    return [dataclasses.replace(e, target=a) for e, a in zip(examples, answers, strict=True)]
+
+
+@pytest.mark.anyio
+async def test_loop_trains_promotes_swaps_rejects_and_rolls_back(tiny_model_dir: Path, tmp_path: Path) -> None:
+    db = tmp_path / "signal.db"
+    write(db, intent_samples())
+    loop = DistillLoop(loop_config(tmp_path), db, student_cfg(tiny_model_dir))
+    assert loop.due()
+
+    backend = LocalBackend(student_cfg(tiny_model_dir))
+    await backend.start()
+    publisher = LocalPublisher(loop.registry, backend)
+    greedy = SamplingParams(max_tokens=8, temperature=0)
+    try:
+        before = await backend.generate(PROMPT, greedy)
+        assert before.version == BASE
+
+        first = await loop.arun_once()
+        assert (first.result, first.version) == ("promoted", "v0001"), first
+        assert first.gate is not None
+        assert first.gate.heldout_candidate.nll < first.gate.heldout_serving.nll
+        assert first.gate.heldout_candidate.agreement > first.gate.heldout_serving.agreement
+        assert loop.registry.current() == "v0001"
+        meta = loop.registry.meta("v0001")
+        assert meta.parent == BASE and meta.gate["passed"] and meta.data_window["new_records"] == 32
+        assert not loop.due()  # everything was offered to that run
+
+        assert await publisher.sync() == "v0001"
+        after = await backend.generate(PROMPT, greedy)
+        assert after.version == "v0001"
+        assert after.logprobs != before.logprobs  # served responses come from the new version
+
+        # A candidate trained on shuffled answers must not pass the gate.
+        write(db, [dataclasses.replace(s, id=s.id + "-b", created_at=time.time()) for s in intent_samples()])
+        corrupt = await loop.arun_once(transform=shuffled_answers)
+        assert corrupt.result == "rejected" and corrupt.version is None, corrupt
+        assert loop.registry.current() == "v0001" and loop.registry.versions() == ["v0001"]
+        assert await publisher.sync() is None
+
+        # Rollback restores the previous outputs exactly.
+        loop.registry.set_current(BASE, "rollback by test")
+        assert await publisher.sync() == BASE
+        back = await backend.generate(PROMPT, greedy)
+        assert back.token_ids == before.token_ids
+        assert [t.logprob for t in back.logprobs] == [t.logprob for t in before.logprobs]
+    finally:
+        await backend.aclose()
+
+
+def test_split_is_by_prompt_and_deduplicates(tmp_path: Path) -> None:
+    db = tmp_path / "s.db"
+    samples = intent_samples()
+    write(db, samples + [dataclasses.replace(samples[0], id="dup", created_at=samples[0].created_at + 0.5)])
+    data = build_run_data(db, loop_config(tmp_path), since=0.0, until=time.time())
+    train_prompts = {e.messages[0].content for e in data.train}
+    held_prompts = {e.messages[0].content for e in data.heldout}
+    assert train_prompts and held_prompts and not train_prompts & held_prompts
+    assert all(is_heldout(e.messages, 0.25) for e in data.heldout)
+    assert data.window["new_records"] == len(samples)  # the duplicate collapsed
+    assert len(data.anchor) >= 8
+
+
+def test_trigger_by_count_and_staleness(tiny_model_dir: Path, tmp_path: Path) -> None:
+    db = tmp_path / "s.db"
+    write(db, intent_samples(start=time.time())[:2])
+    loop = DistillLoop(loop_config(tmp_path, trigger_records=10, max_staleness_s=60), db, student_cfg(tiny_model_dir))
+    assert loop.pending() == 2
+    assert not loop.due(now=time.time())
+    assert loop.due(now=time.time() + 3600)  # waited past max staleness
+
+
+def make_version(registry: Registry, tmp_path: Path, name: str, parent: str) -> None:
+    adapter = tmp_path / f"adapter-{name}"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    registry.add(name, adapter, VersionMeta(name=name, parent=parent, created_at=time.time()))
+
+
+def test_registry_names_pointer_history_and_pruning(tmp_path: Path) -> None:
+    reg = Registry(tmp_path / "reg", keep=2)
+    assert reg.current() == BASE
+    names = [reg.new_name() for _ in range(4)]
+    assert names == ["v0001", "v0002", "v0003", "v0004"]
+    for n, parent in zip(names, [BASE, *names[:-1]], strict=True):
+        make_version(reg, tmp_path, n, parent)
+        reg.set_current(n, "promoted")
+    assert reg.current() == "v0004" and reg.previous() == "v0003"
+    assert reg.versions() == ["v0003", "v0004"]  # oldest pruned, current and previous kept
+    (tmp_path / "again").mkdir()
+    with pytest.raises(Exception, match="never reused"):
+        make_version(reg, tmp_path / "again", "v0004", "v0003")
+    with pytest.raises(LookupError):
+        reg.set_current("v0001", "rollback")  # pruned
+    assert Registry(tmp_path / "reg").new_name() == "v0005"  # the counter survives restarts
+    assert [h["to"] for h in reg.history()] == names
+
+
+def audit(i: int, version: str, agrees: bool) -> object:
+    s = intent_samples()[i % 32]
+    draft = Generation(s.teacher.text if agrees else "no idea", "stop", Usage(1, 1), "tiny", (), (), version)
+    return dataclasses.replace(s, id=f"a{version}{i}", kind="audit", reason="audit", student=draft)
+
+
+def test_auto_rollback_when_live_audit_agreement_drops(tiny_model_dir: Path, tmp_path: Path) -> None:
+    cfg = loop_config(tmp_path, rollback_min_samples=5, rollback_margin=0.1)
+    reg = Registry(cfg.registry_dir)
+    for name, parent in (("v0001", BASE), ("v0002", "v0001")):
+        make_version(reg, tmp_path, name, parent)
+        reg.set_current(name, "promoted")
+    db = tmp_path / "s.db"
+    write(db, [audit(i, "v0001", True) for i in range(6)] + [audit(i, "v0002", i == 0) for i in range(4)])
+    events: list[tuple[str, dict[str, object]]] = []
+    loop = DistillLoop(cfg, db, student_cfg(tiny_model_dir), listener=lambda e, d: events.append((e, d)))
+    assert loop.check_rollback() is None  # only 4 samples of v0002: not enough evidence yet
+    write(db, [audit(i + 10, "v0002", False) for i in range(3)])
+    assert loop.check_rollback() == "v0001"
+    assert reg.current() == "v0001" and reg.history()[-1]["reason"].startswith("auto_rollback")
+    assert ("rollback", {"from": "v0002", "to": "v0001", "trigger": "auto"}) in events
+
+
+def test_token_kd_and_reasoning_segments_are_encoded(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    answer = "Refunds take five business days."
+    ids = tok(answer, add_special_tokens=False)["input_ids"]
+    lps = tuple(
+        TokenLogprob(tok.decode([i]), -0.1, i, (TopLogprob(tok.decode([i]), -0.1, i), TopLogprob("x", -2.5, 5)))
+        for i in ids
+    )
+    trainer = StudentTrainer(tiny_model_dir, None, student_cfg(tiny_model_dir), loop_config(tmp_path))
+    kd = trainer.encode(Example("r", "answer", PROMPT, answer, answer, tuple(ids), lps))
+    assert kd.kd_ids is not None and kd.kd_ids[0] == [ids[0], 5] and kd.kd_logprobs is not None
+    assert kd.ids[kd.target_start :] == [*ids, tok.eos_token_id]
+    chain = trainer.encode(Example("r", "answer", PROMPT, "<think>check policy</think> Five days.", "Five days."))
+    assert chain.kd_ids is None and 2 in chain.segments and 1 in chain.segments
+    assert chain.segments.index(1) > chain.segments.index(2)  # chain first, then the answer
+    weights = LossWeights(*LossSettings().early)
+    report = trainer.train([Example("r", "answer", PROMPT, answer, answer, tuple(ids), lps)] * 4, weights)
+    assert report.kd_examples == 4 and report.last_loss < report.first_loss
+    assert torch.isfinite(torch.tensor(report.last_loss))
