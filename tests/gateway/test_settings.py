@@ -16,10 +16,11 @@ def test_example_config_documents_every_key_and_loads() -> None:
     s = load_settings(ROOT / "config.example.yaml")
     assert s.teacher.model == "gemma-3-270m" and s.teacher.system_prompt  # partial tier keeps defaults
     text = (ROOT / "config.example.yaml").read_text()
-    for section in ("server", "student", "router", "signal", "pricing", "runtime"):
-        model = getattr(s, section)
+    models = [getattr(s, section) for section in ("server", "student", "router", "signal", "pricing", "runtime")]
+    models += [s.distill, s.distill.lora, s.distill.losses, s.distill.gate]
+    for model in models:
         for key in type(model).model_fields:
-            assert f"{key}:" in text, f"{section}.{key} is not documented in config.example.yaml"
+            assert f"{key}:" in text, f"{type(model).__name__}.{key} is not documented in config.example.yaml"
 
 
 def test_precedence_cli_over_env_over_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
