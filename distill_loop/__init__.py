@@ -13,7 +13,7 @@ from distill_loop.store import SCHEMA_VERSION, SignalStore, export_jsonl, read_s
 
 if TYPE_CHECKING:
     from distill_loop.loop import DistillLoop, RunOutcome
-    from distill_loop.publish import LocalPublisher
+    from distill_loop.publish import LocalPublisher, VllmPublisher
 
 __all__ = [
     "BASE",
@@ -35,6 +35,7 @@ __all__ = [
     "StoreClosed",
     "UnknownVersion",
     "VersionMeta",
+    "VllmPublisher",
     "export_jsonl",
     "read_samples",
     "to_chat_jsonl",
@@ -44,6 +45,7 @@ _LAZY = {
     "DistillLoop": "distill_loop.loop",
     "RunOutcome": "distill_loop.loop",
     "LocalPublisher": "distill_loop.publish",
+    "VllmPublisher": "distill_loop.publish",
 }
 
 

@@ -21,6 +21,9 @@ class SignalConfig(BaseModel):
     batch_size: int = Field(default=64, ge=1)
     # Alternatives per token requested from the teacher for the signal (0-20).
     teacher_top_logprobs: int = Field(default=5, ge=0, le=20)
+    # Ask a teacher that supports it (vLLM prompt_logprobs) to score each escalated draft, in the
+    # background; the per-token scores are stored with the record. Costs one extra prefill pair.
+    score_drafts: bool = False
     # Where records go if the database still fails at shutdown (JSONL, replayed at next start).
     spill_path: Path | None = None
 
@@ -111,6 +114,9 @@ class DistillConfig(BaseModel):
     torch_threads: int = Field(default=1, ge=1)
     # "cpu", "cuda" or "auto" for training.
     device: str = "auto"
+    # Local weights of a remote (vLLM) student, for training: a bundled name or a folder. It must
+    # be the model the server serves. None: the loop runs only for in-process students.
+    student_base: str | None = None
     lora: LoraSettings = LoraSettings()
     losses: LossSettings = LossSettings()
     gate: GateSettings = GateSettings()

@@ -1,9 +1,10 @@
-"""Student hot-swap for in-process students: serve whatever the registry's CURRENT names.
+"""Student hot-swap: serve whatever the registry's CURRENT names, in-process or on vLLM.
 
-`sync()` builds the named version (base weights + its LoRA adapter, merged) off the event loop
-and hands it to the backend's owner thread between batches: in-flight batches finish on the
-old model, the next batch uses the new one, and no request fails. The object that served
-traffic is never mutated; a new one replaces it.
+`LocalPublisher.sync()` builds the named version (base weights + its LoRA adapter, merged) off
+the event loop and hands it to the backend's owner thread between batches: in-flight batches
+finish on the old model, the next batch uses the new one, and no request fails. The object
+that served traffic is never mutated; a new one replaces it. `VllmPublisher` does the same
+through vLLM's runtime LoRA endpoints.
 """
 
 from __future__ import annotations
@@ -75,4 +76,84 @@ class LocalPublisher:
             return target
 
 
-__all__ = ["BASE", "LocalPublisher", "build_version"]
+class RuntimeLoraStudent(Protocol):
+    """A student on a vLLM server with runtime LoRA (models.remote.RemoteBackend)."""
+
+    @property
+    def served_model(self) -> str: ...
+
+    def use_model(self, model: str, version: str | None = None) -> None: ...
+
+    def inflight(self, model: str) -> int: ...
+
+    async def wait_idle(self, model: str, timeout: float = 120.0) -> bool: ...
+
+    async def load_adapter(self, name: str, path: str) -> None: ...
+
+    async def unload_adapter(self, name: str) -> None: ...
+
+
+class VllmPublisher:
+    """Hot-swap for a student on a vLLM server, through its runtime LoRA endpoints.
+
+    Each load uses a name that is never reused (`student-<version>-<n>`): reloading a name in
+    place risks serving stale prefix-cache entries (vllm #42125). The gateway switches to the
+    new name in one assignment; an adapter is unloaded only after the requests using it have
+    finished. The current and the previous version stay loaded, so a rollback to the previous
+    version is a pure pointer switch.
+    """
+
+    def __init__(self, registry: Registry, student: RuntimeLoraStudent, *, keep_loaded: int = 2) -> None:
+        self.registry = registry
+        self.student = student
+        self.base_name = student.served_model
+        self.keep_loaded = keep_loaded
+        self._loaded: dict[str, str] = {}  # version -> adapter name on the server, oldest first
+        self._serving = BASE
+        self._loads = 0
+        self._lock = asyncio.Lock()
+        self._unloads: set[asyncio.Task[None]] = set()
+        student.use_model(self.base_name, BASE)  # the base model is version "base", as in-process
+
+    @property
+    def serving(self) -> str:
+        return self._serving
+
+    async def sync(self) -> str | None:
+        async with self._lock:
+            target = self.registry.current()
+            if target == self._serving:
+                return None
+            if target == BASE:
+                name = self.base_name
+            elif target in self._loaded:
+                name = self._loaded.pop(target)  # re-inserted below as the newest
+            else:
+                adapter = self.registry.adapter_dir(target)
+                assert adapter is not None
+                self._loads += 1
+                name = f"student-{target}-{self._loads}"
+                await self.student.load_adapter(name, str(adapter.resolve()))
+            if target != BASE:
+                self._loaded[target] = name
+            self.student.use_model(name, target)
+            log.info("vLLM student switched %s -> %s (%s)", self._serving, target, name)
+            self._serving = target
+            for version in list(self._loaded)[: max(0, len(self._loaded) - self.keep_loaded)]:
+                old = self._loaded.pop(version)
+                task = asyncio.create_task(self._unload_when_idle(old), name=f"unload-{old}")
+                self._unloads.add(task)
+                task.add_done_callback(self._unloads.discard)
+            return target
+
+    async def _unload_when_idle(self, name: str) -> None:
+        if not await self.student.wait_idle(name):
+            log.warning("adapter %s still busy after the drain timeout; unloading anyway", name)
+        try:
+            await self.student.unload_adapter(name)
+        except Exception:  # noqa: BLE001 - a failed unload leaks server memory, never a request
+            log.exception("could not unload adapter %s", name)
+
+    async def drain(self) -> None:
+        if self._unloads:
+            await asyncio.gather(*self._unloads, return_exceptions=True)

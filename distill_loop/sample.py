@@ -32,6 +32,9 @@ class Sample:
     metadata: Mapping[str, str] = field(default_factory=dict)
     # The teacher's critique of the draft (what was wrong, why, the correction), added later.
     critique: str | None = None
+    # The teacher's logprobs of each student-draft token (vLLM prompt_logprobs), where enabled:
+    # where the teacher finds the draft unlikely is where the student went wrong.
+    draft_scores: tuple[TokenLogprob, ...] = ()
 
 
 def logprobs_to_json(lps: tuple[TokenLogprob, ...]) -> list[dict[str, Any]]:

@@ -26,6 +26,8 @@ from distill_loop.sample import (
     Sample,
     generation_from_json,
     generation_to_json,
+    logprobs_from_json,
+    logprobs_to_json,
     messages_from_json,
     messages_to_json,
     to_chat_jsonl,
@@ -61,6 +63,8 @@ MIGRATIONS: tuple[str, ...] = (
     """,
     # v2: the teacher's critique of a rejected draft, filled in by the distillation loop.
     "ALTER TABLE signal ADD COLUMN critique TEXT",
+    # v3: the teacher's per-token logprobs of the student's draft (JSON), where enabled.
+    "ALTER TABLE signal ADD COLUMN draft_scores TEXT",
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -110,6 +114,7 @@ def _row(s: Sample) -> tuple[Any, ...]:
         s.threshold,
         json.dumps(dict(s.metadata), ensure_ascii=False),
         s.critique,
+        json.dumps(logprobs_to_json(s.draft_scores)) if s.draft_scores else None,
     )
 
 
@@ -128,14 +133,15 @@ def _sample(r: sqlite3.Row | tuple[Any, ...]) -> Sample:
         threshold=r[10],
         metadata=json.loads(r[11]),
         critique=r[12] if len(r) > 12 else None,
+        draft_scores=logprobs_from_json(json.loads(r[13])) if len(r) > 13 and r[13] else (),
     )
 
 
 _COLUMNS = (
     "id, created_at, tenant, kind, reason, messages, student, confidence, features, teacher, threshold, metadata, "
-    "critique"
+    "critique, draft_scores"
 )
-_INSERT = f"INSERT INTO signal ({_COLUMNS}) VALUES ({', '.join('?' * 13)})"
+_INSERT = f"INSERT INTO signal ({_COLUMNS}) VALUES ({', '.join('?' * 14)})"
 
 
 class SignalStore:

@@ -12,9 +12,9 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Any, Literal
 
 from distill_loop import Sample, SignalStore, StoreClosed
 from gateway.metrics import Metrics
@@ -353,9 +353,7 @@ class TieredService:
         fraction = self.settings.signal.audit_fraction
         if call.alias != "tiered" or fraction <= 0 or self._rng.random() >= fraction:
             return
-        task = asyncio.create_task(self._audit(call, route, draft), name=f"audit-{call.request_id}")
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._spawn(self._audit(call, route, draft), call.request_id)
 
     async def _audit(self, call: ChatCall, route: Route, draft: Generation) -> None:
         try:
@@ -376,7 +374,47 @@ class TieredService:
         decision: Decision | None,
         answer: Generation,
     ) -> None:
-        sample = Sample(
+        scorer = getattr(self.tiers["teacher"], "score", None)
+        if self.settings.signal.score_drafts and draft is not None and draft.text and scorer is not None:
+            # Off the client's path: the record is written once the teacher has scored the draft.
+            self._spawn(self._score_then_record(call, kind, reason, draft, decision, answer), call.request_id)
+            return
+        self._submit(self._sample(call, kind, reason, draft, decision, answer))
+
+    async def _score_then_record(
+        self,
+        call: ChatCall,
+        kind: Literal["escalation", "audit"],
+        reason: str,
+        draft: Generation,
+        decision: Decision | None,
+        answer: Generation,
+    ) -> None:
+        sample = self._sample(call, kind, reason, draft, decision, answer)
+        try:
+            scores = await self.tiers["teacher"].score(  # type: ignore[attr-defined]
+                call.messages, draft.text, top_k=self.settings.signal.teacher_top_logprobs or 1
+            )
+            sample = replace(sample, draft_scores=tuple(scores))
+        except BackendError as exc:  # the record matters more than its scores
+            log.warning("teacher could not score draft %s: %s", call.request_id, exc)
+        self._submit(sample)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], request_id: str) -> None:
+        task = asyncio.create_task(coro, name=f"signal-{request_id}")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _sample(
+        self,
+        call: ChatCall,
+        kind: Literal["escalation", "audit"],
+        reason: str,
+        draft: Generation | None,
+        decision: Decision | None,
+        answer: Generation,
+    ) -> Sample:
+        return Sample(
             id=call.request_id if kind == "escalation" else f"{call.request_id}-audit",
             created_at=time.time(),
             tenant=call.tenant,
@@ -390,6 +428,8 @@ class TieredService:
             threshold=decision.threshold if decision else self.router.threshold,
             metadata=dict(call.metadata),
         )
+
+    def _submit(self, sample: Sample) -> None:
         try:
             self.store.submit(sample)
         except StoreClosed:

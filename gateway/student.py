@@ -2,8 +2,8 @@
 
 The same registry is written by the in-gateway loop, by `python -m distill_loop run` on
 another machine, and by rollbacks (admin endpoint, CLI, auto). A watcher polls CURRENT and
-hot-swaps the in-process student when it changes, so every writer takes effect the same way.
-vLLM students swap through their LoRA endpoints instead (a later issue).
+hot-swaps the student when it changes, so every writer takes effect the same way: an
+in-process student swaps models between batches, a vLLM student swaps runtime LoRA adapters.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import asyncio
 import contextlib
 import logging
 
-from distill_loop import DistillLoop, LocalPublisher, Registry, UnknownVersion
+from distill_loop import DistillLoop, LocalPublisher, Registry, UnknownVersion, VllmPublisher
 from gateway.metrics import Metrics
 from gateway.settings import Settings
-from models import Backend, LocalBackend
+from models import Backend, BackendConfig, LocalBackend, RemoteBackend
 
 log = logging.getLogger(__name__)
 WATCH_S = 1.0
@@ -28,16 +28,25 @@ class StudentManager:
         self.student = student
         cfg = settings.distill
         self.registry: Registry | None = None
-        self.publisher: LocalPublisher | None = None
+        self.publisher: LocalPublisher | VllmPublisher | None = None
+        train_as: BackendConfig | None = None
         if isinstance(student, LocalBackend):
             self.registry = Registry(cfg.registry_dir, keep=cfg.keep_versions)
             self.publisher = LocalPublisher(self.registry, student, settings.runtime.cache_dir)
+            train_as = settings.student
+        elif isinstance(student, RemoteBackend) and cfg.student_base:
+            # The server's weights, held locally for training; the publisher is made once the
+            # server has told us its model name (start()).
+            self.registry = Registry(cfg.registry_dir, keep=cfg.keep_versions)
+            train_as = settings.student.model_copy(
+                update={"kind": "local", "model": cfg.student_base, "prompt_format": "chat_template"}
+            )
         self.loop: DistillLoop | None = None
-        if cfg.enabled and self.publisher is not None:
+        if cfg.enabled and train_as is not None:
             self.loop = DistillLoop(
                 cfg,
                 settings.signal.path,
-                settings.student,
+                train_as,
                 cache_dir=settings.runtime.cache_dir,
                 listener=metrics.on_distill_event,
                 critic=teacher if cfg.losses.critique else None,
@@ -47,11 +56,13 @@ class StudentManager:
 
     async def start(self, student_started: asyncio.Task[None]) -> None:
         """Once the student is loaded: serve CURRENT, then watch it and run the loop."""
-        if self.publisher is None:
+        if self.registry is None:
             return
 
         async def begin() -> None:
             await student_started
+            if self.publisher is None and isinstance(self.student, RemoteBackend):
+                self.publisher = VllmPublisher(self.registry, self.student)  # type: ignore[arg-type]
             await self.sync()
             self._tasks.append(asyncio.create_task(self._watch(), name="student-watch"))
             if self.loop is not None:
@@ -91,6 +102,8 @@ class StudentManager:
 
     async def stop(self, timeout: float) -> None:
         self._stop.set()
+        if isinstance(self.publisher, VllmPublisher):
+            await self.publisher.drain()
         if self.loop is not None:
             self.loop.cancel()
         if self._tasks:

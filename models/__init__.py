@@ -28,6 +28,7 @@ from models.errors import (
     InvalidGenerationRequest,
 )
 from models.fake import FakeBackend, Scripted
+from models.remote import RemoteBackend
 
 if TYPE_CHECKING:
     from models.local import LoadedModel, LocalBackend, load_model, pick_device
@@ -48,6 +49,7 @@ __all__ = [
     "Generation",
     "GenerationDelta",
     "InvalidGenerationRequest",
+    "RemoteBackend",
     "LoadedModel",
     "LocalBackend",
     "SamplingParams",
@@ -67,11 +69,13 @@ __all__ = [
 def build_backend(config: BackendConfig, *, cache_dir: Path | None = None) -> Backend:
     """The backend a config names. Torch is imported only for the local kind."""
     if config.kind == "remote":
-        from models.remote import RemoteBackend
-
         return RemoteBackend(config)
     if config.kind == "fake":
         return FakeBackend(config)
+    if config.kind == "vllm":
+        from models.vllm_engine import VllmEngineBackend
+
+        return VllmEngineBackend(config, cache_dir=cache_dir)
     from models.local import LocalBackend
 
     return LocalBackend(config, cache_dir=cache_dir)

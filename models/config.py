@@ -6,7 +6,7 @@ builds these from YAML and `TIERGATE_*` variables.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
@@ -15,8 +15,9 @@ class BackendConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     # Where the tier runs: "local" = transformers in this process, "remote" = any
-    # OpenAI-compatible server (vLLM, a hosted API) over HTTP, "fake" = scripted answers for demos/tests.
-    kind: Literal["local", "remote", "fake"] = "local"
+    # OpenAI-compatible server (vLLM, a hosted API) over HTTP, "vllm" = a vLLM engine in this
+    # process (needs the vllm package), "fake" = scripted answers for demos/tests.
+    kind: Literal["local", "remote", "vllm", "fake"] = "local"
     # local: a bundled model name ("smollm2-135m-instruct", "gemma-3-270m") or a path to a
     # transformers model folder. remote: the model name sent upstream (default: the server's first model).
     model: str = "smollm2-135m-instruct"
@@ -53,6 +54,9 @@ class BackendConfig(BaseModel):
     transport: Literal["aiohttp", "httpcore"] = "aiohttp"
     # remote: ask the server for per-token logprobs (confidence needs them on the student tier).
     request_logprobs: bool = True
+    # vllm: extra AsyncEngineArgs, e.g. {"enable_lora": true, "max_lora_rank": 16,
+    # "kv_cache_memory_bytes": 134217728, "enforce_eager": true}.
+    engine_args: dict[str, Any] = Field(default_factory=dict)
     # fake: the answer text every request gets, and the per-token logprob it reports.
     fake_text: str = "Thank you for contacting us. How can I help?"
     fake_logprob: float = -0.1

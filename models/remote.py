@@ -8,8 +8,12 @@ retrying is the caller's policy, and a stream is never retried after its first b
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import contextlib
+import dataclasses
 import json
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -105,6 +109,9 @@ class RemoteBackend:
             raise ValueError(f"remote backend {config.name!r} needs a url")
         self.config = config
         self._model = config.model
+        self._base_model = config.model  # the served base model's name, fixed once known
+        self._version: str | None = None  # a student's registry version; None: the model name
+        self._inflight: collections.Counter[str] = collections.Counter()
         self._ready = False
         limits = httpx.Limits(max_connections=config.max_connections, max_keepalive_connections=config.max_connections)
         if transport is None:
@@ -132,9 +139,9 @@ class RemoteBackend:
     @property
     def info(self) -> BackendInfo:
         return BackendInfo(
-            name=self.config.display_name or self._model,
+            name=self.config.display_name or self._base_model,
             kind="remote",
-            version=self._model,
+            version=self._version or self._model,
             ready=self._ready,
             detail={"url": str(self.config.url)},
         )
@@ -147,7 +154,7 @@ class RemoteBackend:
             raise _status_error(self.config.name, resp.status_code, resp.content)
         if self._model == "auto":
             try:
-                self._model = str(resp.json()["data"][0]["id"])
+                self._model = self._base_model = str(resp.json()["data"][0]["id"])
             except (ValueError, KeyError, IndexError, TypeError) as exc:
                 raise BackendResponseError(f"{self.config.name}: /models listed no model") from exc
         self._ready = True
@@ -156,24 +163,114 @@ class RemoteBackend:
         self._ready = False
         await self._client.aclose()
 
-    def use_model(self, model: str) -> None:
-        """Send later requests to another served model name (a LoRA adapter, for instance)."""
-        self._model = model
+    @property
+    def served_model(self) -> str:
+        return self._model
 
-    def _body(self, messages: tuple[ChatMessage, ...], params: SamplingParams, stream: bool) -> dict[str, Any]:
+    def use_model(self, model: str, version: str | None = None) -> None:
+        """Send later requests to another served model name (a LoRA adapter, for instance).
+
+        One assignment, so a request sees the old or the new name, never a mix. Requests
+        already sent finish on the name they started with.
+        """
+        self._model, self._version = model, version
+
+    def inflight(self, model: str) -> int:
+        """Requests now running against a served model name."""
+        return self._inflight[model]
+
+    async def wait_idle(self, model: str, timeout: float = 120.0) -> bool:
+        """Wait until no request uses `model`; False if that took longer than `timeout`."""
+        deadline = time.monotonic() + timeout
+        while self._inflight[model] > 0:
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return True
+
+    @contextlib.contextmanager
+    def _using(self) -> Iterator[tuple[str, str]]:
+        model, version = self._model, self._version or self._model
+        self._inflight[model] += 1
+        try:
+            yield model, version
+        finally:
+            self._inflight[model] -= 1
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        """vLLM runtime LoRA: register an adapter folder (readable by the server) under `name`."""
+        await self._admin("/load_lora_adapter", {"lora_name": name, "lora_path": path})
+
+    async def unload_adapter(self, name: str) -> None:
+        await self._admin("/unload_lora_adapter", {"lora_name": name})
+
+    async def _admin(self, path: str, body: dict[str, Any]) -> None:
+        with map_httpx_exceptions(self.config.name):
+            resp = await self._client.post(path, json=body)
+        if resp.status_code != 200:
+            raise _status_error(self.config.name, resp.status_code, resp.content)
+
+    async def score(self, messages: tuple[ChatMessage, ...], draft: str, top_k: int = 1) -> tuple[TokenLogprob, ...]:
+        """The server's logprobs of `draft` as the assistant reply (vLLM `prompt_logprobs`).
+
+        Two prefills: the prompt alone (to find where the draft starts) and prompt + draft.
+        Returns one entry per draft token, with up to `top_k` alternatives.
+        """
+        base = self._body(messages, SamplingParams(max_tokens=1, temperature=0), False)
+        base.pop("logprobs", None)
+        with map_httpx_exceptions(self.config.name):
+            head = await self._client.post("/chat/completions", json={**base, "return_token_ids": True})
+            full = await self._client.post(
+                "/chat/completions",
+                json={
+                    **base,
+                    "messages": [*base["messages"], {"role": "assistant", "content": draft}],
+                    "add_generation_prompt": False,
+                    "continue_final_message": True,
+                    "prompt_logprobs": top_k,
+                    "return_token_ids": True,
+                },
+            )
+        for resp in (head, full):
+            if resp.status_code != 200:
+                raise _status_error(self.config.name, resp.status_code, resp.content)
+        try:
+            start = len(head.json()["prompt_token_ids"])
+            data = full.json()
+            ids = data["prompt_token_ids"]
+            rows = data["prompt_logprobs"]
+            out = []
+            for pos in range(start, len(ids)):
+                entries = rows[pos] or {}
+                own = entries.get(str(ids[pos])) or {}
+                ranked = sorted(entries.items(), key=lambda kv: kv[1].get("rank", 1 << 30))[:top_k]
+                top = tuple(TopLogprob(str(v.get("decoded_token", "")), float(v["logprob"]), int(k)) for k, v in ranked)
+                out.append(
+                    TokenLogprob(str(own.get("decoded_token", "")), float(own.get("logprob", -9999.0)), ids[pos], top)
+                )
+            return tuple(out)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+            raise BackendResponseError(f"{self.config.name}: malformed prompt_logprobs: {exc!r}") from exc
+
+    def _body(
+        self, messages: tuple[ChatMessage, ...], params: SamplingParams, stream: bool, model: str | None = None
+    ) -> dict[str, Any]:
         msgs = [{"role": m.role, "content": m.content} for m in messages]
         if self.config.system_prompt:
             msgs.insert(0, {"role": "system", "content": self.config.system_prompt})
         body: dict[str, Any] = {
-            "model": self._model,
+            "model": model or self._model,
             "messages": msgs,
             "max_tokens": params.max_tokens,
             "temperature": params.temperature,
             "top_p": params.top_p,
             "stream": stream,
         }
-        if params.stop:
-            body["stop"] = list(params.stop)
+        stops = list(params.stop)
+        if self.config.prompt_format == "transcript":
+            stops.append("\n")  # one agent turn (see deploy/transcript.jinja)
+        if stops:
+            body["stop"] = stops
         if params.seed is not None:
             body["seed"] = params.seed
         if self.config.request_logprobs or params.top_logprobs:
@@ -186,8 +283,8 @@ class RemoteBackend:
 
     async def generate(self, messages: tuple[ChatMessage, ...], params: SamplingParams) -> Generation:
         name = self.config.name
-        with map_httpx_exceptions(name):
-            resp = await self._client.post("/chat/completions", json=self._body(messages, params, False))
+        with self._using() as (model, version), map_httpx_exceptions(name):
+            resp = await self._client.post("/chat/completions", json=self._body(messages, params, False, model))
             body = resp.content
         if resp.status_code != 200:
             raise _status_error(name, resp.status_code, body)
@@ -197,13 +294,14 @@ class RemoteBackend:
             data = json.loads(body)
             choice = data["choices"][0]
             usage = data.get("usage") or {}
+            text = str(choice["message"].get("content") or "")
             return Generation(
-                text=str(choice["message"].get("content") or ""),
+                text=text.lstrip() if self.config.prompt_format == "transcript" else text,
                 finish_reason=_finish(choice.get("finish_reason")),
                 usage=Usage(int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))),
-                model=str(data.get("model") or self._model),
+                model=str(data.get("model") or model),
                 logprobs=_parse_logprobs(choice.get("logprobs")),
-                version=self._model,
+                version=version,
             )
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
             raise BackendResponseError(f"{name}: malformed completion: {exc!r}") from exc
@@ -213,9 +311,10 @@ class RemoteBackend:
         finish: FinishReason | None = None
         usage: Usage | None = None
         received = 0
-        with map_httpx_exceptions(name):
+        started = False  # a transcript answer's first text loses its leading space
+        with self._using() as (model, version), map_httpx_exceptions(name):
             async with self._client.stream(
-                "POST", "/chat/completions", json=self._body(messages, params, True)
+                "POST", "/chat/completions", json=self._body(messages, params, True, model)
             ) as resp:
                 if resp.status_code != 200:
                     raise _status_error(name, resp.status_code, await resp.aread())
@@ -231,13 +330,16 @@ class RemoteBackend:
                     delta, f, u = self._parse_chunk(payload)
                     finish = f or finish
                     usage = u or usage
+                    if delta is not None and not started and self.config.prompt_format == "transcript":
+                        delta = dataclasses.replace(delta, text=delta.text.lstrip())
                     if delta is not None:
+                        started = started or bool(delta.text)
                         yield delta
                 else:
                     raise BackendResponseError(f"{name}: stream ended without [DONE]")
         if finish is None:
             raise BackendResponseError(f"{name}: stream ended without a finish_reason")
-        yield GenerationDelta(finish_reason=finish, usage=usage or Usage(0, 0), version=self._model)
+        yield GenerationDelta(finish_reason=finish, usage=usage or Usage(0, 0), version=version)
 
     def _parse_chunk(self, payload: str) -> tuple[GenerationDelta | None, FinishReason | None, Usage | None]:
         name = self.config.name

@@ -160,6 +160,6 @@ def test_v1_database_migrates_and_keeps_its_rows(tmp_path: Path) -> None:
     conn.close()
     store = open_store(tmp_path)
     store.close()
-    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     (got,) = list(read_samples(path))
     assert got == sample(7) and got.critique is None

@@ -1,0 +1,61 @@
+"""Run by the vLLM venv's python (tests/vllm/test_vllm.py): the in-process AsyncLLM backend on the
+real SmolLM2, with logprobs, streaming and a runtime LoRA swap. Prints one JSON object."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from models import BackendConfig, ChatMessage, SamplingParams  # noqa: E402
+from models.vllm_engine import VllmEngineBackend  # noqa: E402
+
+
+async def main(adapter: str) -> dict[str, object]:
+    backend = VllmEngineBackend(
+        BackendConfig(
+            kind="vllm",
+            model="smollm2-135m-instruct",
+            engine_args={
+                "enable_lora": True,
+                "max_lora_rank": 16,
+                "max_loras": 2,
+                "enforce_eager": True,
+                "kv_cache_memory_bytes": 128 * 2**20,
+            },
+        )
+    )
+    await backend.start()
+    msgs = (ChatMessage("user", "Hi"),)
+    greedy = SamplingParams(max_tokens=12, temperature=0, top_logprobs=2)
+    try:
+        base = await backend.generate(msgs, greedy)
+        streamed = [d async for d in backend.stream(msgs, greedy)]
+        await backend.load_adapter("student-v1-1", adapter)
+        backend.use_model("student-v1-1", "v1")
+        tuned = await backend.generate(msgs, greedy)
+        backend.use_model("base", None)
+        await backend.unload_adapter("student-v1-1")
+        again = await backend.generate(msgs, greedy)
+    finally:
+        await backend.aclose()
+    return {
+        "base_text": base.text,
+        "base_version": base.version,
+        "n_logprobs": len(base.logprobs),
+        "completion_tokens": base.usage.completion_tokens,
+        "top_k": len(base.logprobs[0].top) if base.logprobs else 0,
+        "first_logprob": base.logprobs[0].logprob if base.logprobs else None,
+        "stream_text": "".join(d.text for d in streamed),
+        "stream_finish": streamed[-1].finish_reason,
+        "tuned_text": tuned.text,
+        "tuned_version": tuned.version,
+        "after_unload_text": again.text,
+    }
+
+
+if __name__ == "__main__":  # vLLM spawns processes on CPU: the guard is required
+    print(json.dumps(asyncio.run(main(sys.argv[1]))))  # noqa: T201
