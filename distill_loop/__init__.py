@@ -12,7 +12,7 @@ from distill_loop.sample import Sample, to_chat_jsonl
 from distill_loop.store import SCHEMA_VERSION, SignalStore, export_jsonl, read_samples
 
 if TYPE_CHECKING:
-    from distill_loop.loop import DistillLoop, RunOutcome
+    from distill_loop.loop import DistillLoop, RunOutcome, training_student
     from distill_loop.publish import LocalPublisher, VllmPublisher
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "export_jsonl",
     "read_samples",
     "to_chat_jsonl",
+    "training_student",
 ]
 
 _LAZY = {
@@ -46,6 +47,7 @@ _LAZY = {
     "RunOutcome": "distill_loop.loop",
     "LocalPublisher": "distill_loop.publish",
     "VllmPublisher": "distill_loop.publish",
+    "training_student": "distill_loop.loop",
 }
 
 

@@ -43,9 +43,12 @@ def _main() -> None:
 @app.command()
 def run(config: ConfigOpt = None, once: Annotated[bool, typer.Option(help="one run now, then exit")] = False) -> None:
     """Run the distillation loop in this process (same store and registry as the gateway)."""
-    from distill_loop.loop import DistillLoop
+    from distill_loop.loop import DistillLoop, training_student
 
     settings = _settings(config)
+    student = training_student(settings.student, settings.distill)
+    if student is None:
+        raise typer.BadParameter("a remote student needs distill.student_base (its weights, held locally)")
     logging.basicConfig(level=settings.runtime.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def show(event: str, data: dict[str, object]) -> None:
@@ -53,7 +56,7 @@ def run(config: ConfigOpt = None, once: Annotated[bool, typer.Option(help="one r
             typer.echo(f"{event}: {json.dumps(data, default=str)}")
 
     loop = DistillLoop(
-        settings.distill, settings.signal.path, settings.student, cache_dir=settings.runtime.cache_dir, listener=show
+        settings.distill, settings.signal.path, student, cache_dir=settings.runtime.cache_dir, listener=show
     )
     if once:
         outcome = loop.run_once()

@@ -42,6 +42,21 @@ CRITIQUE_PROMPT = (
 )
 
 
+def training_student(student: BackendConfig, config: DistillConfig) -> BackendConfig | None:
+    """The local model the loop trains for this student, or None when it cannot train one.
+
+    An in-process student trains as itself. A remote (vLLM) student trains from
+    `distill.student_base`, the same weights held locally, rendered with its chat template.
+    """
+    if student.kind == "local":
+        return student
+    if config.student_base:
+        return student.model_copy(
+            update={"kind": "local", "model": config.student_base, "prompt_format": "chat_template"}
+        )
+    return None
+
+
 class RunCancelled(Exception):
     """The run was abandoned because the process is shutting down."""
 

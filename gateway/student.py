@@ -12,10 +12,10 @@ import asyncio
 import contextlib
 import logging
 
-from distill_loop import DistillLoop, LocalPublisher, Registry, UnknownVersion, VllmPublisher
+from distill_loop import DistillLoop, LocalPublisher, Registry, UnknownVersion, VllmPublisher, training_student
 from gateway.metrics import Metrics
 from gateway.settings import Settings
-from models import Backend, BackendConfig, LocalBackend, RemoteBackend
+from models import Backend, LocalBackend, RemoteBackend
 
 log = logging.getLogger(__name__)
 WATCH_S = 1.0
@@ -29,18 +29,15 @@ class StudentManager:
         cfg = settings.distill
         self.registry: Registry | None = None
         self.publisher: LocalPublisher | VllmPublisher | None = None
-        train_as: BackendConfig | None = None
+        train_as = training_student(settings.student, cfg)
         if isinstance(student, LocalBackend):
             self.registry = Registry(cfg.registry_dir, keep=cfg.keep_versions)
             self.publisher = LocalPublisher(self.registry, student, settings.runtime.cache_dir)
-            train_as = settings.student
-        elif isinstance(student, RemoteBackend) and cfg.student_base:
-            # The server's weights, held locally for training; the publisher is made once the
-            # server has told us its model name (start()).
+        elif isinstance(student, RemoteBackend) and train_as is not None:
+            # The publisher is made once the server has told us its model name (start()).
             self.registry = Registry(cfg.registry_dir, keep=cfg.keep_versions)
-            train_as = settings.student.model_copy(
-                update={"kind": "local", "model": cfg.student_base, "prompt_format": "chat_template"}
-            )
+        else:
+            train_as = None
         self.loop: DistillLoop | None = None
         if cfg.enabled and train_as is not None:
             self.loop = DistillLoop(
