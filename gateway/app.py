@@ -22,6 +22,7 @@ from gateway.routes import router as http_routes
 from gateway.service import TieredService
 from gateway.settings import Settings
 from gateway.student import StudentManager
+from gateway.tuning import PolicyBook, Tuning
 from models import Backend, BackendError, build_backend
 from router import ConfidenceRouter
 
@@ -50,8 +51,11 @@ def create_app(settings: Settings, *, student: Backend | None = None, teacher: B
     store = SignalStore(settings.signal, listener=metrics.on_signal_event)
     student = student or build_backend(settings.student, cache_dir=settings.runtime.cache_dir)
     teacher = teacher or build_backend(settings.teacher, cache_dir=settings.runtime.cache_dir)
-    service = TieredService(settings, student, teacher, ConfidenceRouter.from_config(settings.router), store, metrics)
-    manager = StudentManager(settings, student, teacher, metrics)
+    router = ConfidenceRouter.from_config(settings.router)
+    policies = PolicyBook(settings.policy_db, settings.router.threshold)
+    service = TieredService(settings, student, teacher, router, store, metrics, policies=policies)
+    tuning = Tuning(settings, router, policies)
+    manager = StudentManager(settings, student, teacher, metrics, on_swap=tuning.on_swap)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -60,7 +64,8 @@ def create_app(settings: Settings, *, student: Backend | None = None, teacher: B
 
             torch.set_num_threads(settings.runtime.torch_threads)
         await asyncio.to_thread(store.open)
-        metrics.threshold.set(service.router.threshold)
+        await asyncio.to_thread(policies.open)
+        metrics.threshold.set(policies.threshold("*"))
         starters = [
             asyncio.create_task(_start_until_ready(name, backend, metrics), name=f"start-{name}")
             for name, backend in service.tiers.items()
@@ -72,10 +77,12 @@ def create_app(settings: Settings, *, student: Backend | None = None, teacher: B
 
         starters[0].add_done_callback(on_started)
         await manager.start(starters[0])
+        tuning.start(service.student_version)
         try:
             yield
         finally:
             app.state.shutting_down = True
+            await tuning.stop()
             await manager.stop(settings.server.shutdown_grace_s)
             for task in starters:
                 task.cancel()
@@ -92,6 +99,7 @@ def create_app(settings: Settings, *, student: Backend | None = None, teacher: B
     app = FastAPI(title="tiergate", version="0.1.0", lifespan=lifespan)
     app.state.service = service
     app.state.students = manager
+    app.state.tuning = tuning
     app.state.shutting_down = False
     app.state.api_key_digests = [
         hashlib.sha256(k.get_secret_value().encode()).digest() for k in settings.server.api_keys

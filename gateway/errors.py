@@ -63,6 +63,9 @@ def error_body(message: str, error_type: str, param: str | None = None, code: st
 
 def describe(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]:
     """Status, OpenAI error body and extra headers for any exception."""
+    if isinstance(exc, Unauthorized):  # lets a browser ask for the admin key (dashboard)
+        body = error_body(str(exc), exc.error_type, exc.param, exc.code)
+        return 401, body, {"www-authenticate": 'Basic realm="tiergate"'}
     if isinstance(exc, GatewayError):
         return exc.status_code, error_body(str(exc), exc.error_type, exc.param, exc.code), {}
     if isinstance(exc, LookupError):  # e.g. distill_loop.UnknownVersion

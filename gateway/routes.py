@@ -7,6 +7,8 @@ pings); an error after the first byte is sent as one in-band error chunk, then [
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import dataclasses
 import hashlib
 import hmac
@@ -14,10 +16,11 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse
@@ -34,10 +37,13 @@ from gateway.protocol import (
     usage_json,
 )
 from gateway.service import AnswerStream, ChatCall, TieredService, new_request_id
+from gateway.tuning import DEFAULT_TENANT, Tuning
 from models import ChatMessage, SamplingParams
+from router import FixedThreshold, Policy
 
 log = logging.getLogger(__name__)
 router = APIRouter()
+DASHBOARD = Path(__file__).with_name("dashboard.html")
 STARTED = int(time.time())
 
 
@@ -70,13 +76,24 @@ def tenant_of(request: Request) -> str:
     return key_id(token) if token else "anonymous"
 
 
+def _basic_password(request: Request) -> str | None:
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        return base64.b64decode(value.strip()).decode().partition(":")[2] or None
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
 def require_admin(request: Request) -> str:
+    """Admin key as a Bearer token, or as the password of HTTP Basic auth (for the dashboard)."""
     admin: bytes | None = request.app.state.admin_key_digest
     if admin is None:
         raise Forbidden("admin API disabled: set server.admin_api_key (TIERGATE_SERVER__ADMIN_API_KEY)")
-    token = _bearer(request)
+    token = _bearer(request) or _basic_password(request)
     if token is None or not hmac.compare_digest(_digest(token), admin):
-        raise Unauthorized("admin API needs 'Authorization: Bearer <admin key>'")
+        raise Unauthorized("admin API needs 'Authorization: Bearer <admin key>' (or Basic auth, key as password)")
     return key_id(token)
 
 
@@ -243,7 +260,7 @@ async def health(request: Request) -> dict[str, Any]:
             for name, b in service.tiers.items()
             for i in (b.info,)
         },
-        "threshold": service.router.threshold,
+        "threshold": service.policies.threshold(DEFAULT_TENANT),
         "signal_queue_depth": service.store.pending,
     }
 
@@ -285,13 +302,92 @@ class ThresholdIn(BaseModel):
 
 @router.get("/admin/threshold")
 async def get_threshold(request: Request, _admin: str = Depends(require_admin)) -> dict[str, float]:
-    return {"threshold": _service(request).router.threshold}
+    return {"threshold": _service(request).policies.threshold(DEFAULT_TENANT)}
 
 
 @router.put("/admin/threshold")
 async def put_threshold(body: ThresholdIn, request: Request, admin: str = Depends(require_admin)) -> dict[str, float]:
+    """Set the default policy to a fixed threshold (the common case of PUT /admin/policy)."""
     service = _service(request)
-    old = service.router.set_threshold(body.threshold)
+    old = service.policies.threshold(DEFAULT_TENANT)
+    service.policies.set(DEFAULT_TENANT, FixedThreshold(body.threshold), admin)
     service.metrics.threshold.set(body.threshold)
     log.info("threshold changed by %s: %.4f -> %.4f", admin, old, body.threshold)
     return {"threshold": body.threshold, "previous": old}
+
+
+class PolicyIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tenant: str = Field(default=DEFAULT_TENANT, min_length=1, max_length=64)
+    kind: Literal["fixed", "target_rate", "target_quality"]
+    threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    rate: float | None = Field(default=None, ge=0.0, le=1.0)
+    quality: float | None = Field(default=None, ge=0.0, le=1.0)
+    window: int = Field(default=500, ge=20, le=100_000)
+
+
+def _tuning(request: Request) -> Tuning:
+    tuning: Tuning = request.app.state.tuning
+    return tuning
+
+
+def _resolve(body: PolicyIn, request: Request, hours: float | None) -> tuple[Policy, dict[str, Any] | None]:
+    try:
+        return _tuning(request).resolve(body.model_dump(), hours)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), param=body.kind) from exc
+
+
+@router.get("/admin/policy")
+async def get_policies(request: Request, _admin: str = Depends(require_admin)) -> dict[str, Any]:
+    return {"policies": _service(request).policies.all()}
+
+
+@router.put("/admin/policy")
+async def put_policy(
+    body: PolicyIn, request: Request, hours: float | None = None, admin: str = Depends(require_admin)
+) -> dict[str, Any]:
+    """Apply a fixed, target-rate or target-quality policy for a tenant (or "*"), audited."""
+    policy, predicted = await asyncio.to_thread(_resolve, body, request, hours)
+    service = _service(request)
+    old = service.policies.set(body.tenant, policy, admin)
+    if body.tenant == DEFAULT_TENANT:
+        service.metrics.threshold.set(policy.current())
+    log.info("policy for %s changed by %s: %s -> %s", body.tenant, admin, old, policy.to_json())
+    return {"tenant": body.tenant, "previous": old, "policy": policy.to_json(), "predicted": predicted}
+
+
+@router.post("/admin/policy/dry-run")
+async def dry_run_policy(
+    body: PolicyIn, request: Request, hours: float | None = None, _admin: str = Depends(require_admin)
+) -> dict[str, Any]:
+    """What a policy would do on logged traffic, without applying it."""
+    policy, predicted = await asyncio.to_thread(_resolve, body, request, hours)
+    current = await asyncio.to_thread(_tuning(request).whatif, hours, body.tenant)
+    return {"policy": policy.to_json(), "predicted": predicted, "current": current["current"]}
+
+
+@router.get("/admin/policy/audit")
+async def policy_audit(request: Request, limit: int = 100, _admin: str = Depends(require_admin)) -> dict[str, Any]:
+    return {"audit": await asyncio.to_thread(_service(request).policies.audit, min(max(limit, 1), 1000))}
+
+
+@router.get("/admin/whatif")
+async def whatif(
+    request: Request, hours: float | None = None, tenant: str = DEFAULT_TENANT, _admin: str = Depends(require_admin)
+) -> dict[str, Any]:
+    """Escalation rate vs estimated quality and cost across thresholds, current point marked."""
+    return await asyncio.to_thread(_tuning(request).whatif, hours, tenant)
+
+
+@router.get("/admin/timeline")
+async def timeline(
+    request: Request, hours: float | None = None, bucket_s: float = 3600.0, _admin: str = Depends(require_admin)
+) -> dict[str, Any]:
+    rows = await asyncio.to_thread(_tuning(request).timeline, hours, max(bucket_s, 1.0))
+    return {"buckets": rows, "serving": _service(request).student_version()}
+
+
+@router.get("/admin/dashboard", response_class=HTMLResponse)
+async def dashboard(_admin: str = Depends(require_admin)) -> HTMLResponse:
+    return HTMLResponse(DASHBOARD.read_text(encoding="utf-8"))

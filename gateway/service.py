@@ -19,6 +19,7 @@ from typing import Any, Literal
 from distill_loop import Sample, SignalStore, StoreClosed
 from gateway.metrics import Metrics
 from gateway.settings import Settings
+from gateway.tuning import DEFAULT_TENANT, PolicyBook
 from models import (
     Backend,
     BackendError,
@@ -138,9 +139,11 @@ class TieredService:
         store: SignalStore,
         metrics: Metrics,
         *,
+        policies: PolicyBook | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.settings = settings
+        self.policies = policies or PolicyBook(settings.policy_db, settings.router.threshold)
         self.tiers: dict[Tier, Backend] = {"student": student, "teacher": teacher}
         self.router = router
         self.store = store
@@ -203,12 +206,23 @@ class TieredService:
 
     # -- routing -----------------------------------------------------------------------------
     def _routeless(self, call: ChatCall, tier: Tier) -> Route:
-        return Route(tier, False, "forced", self.router.threshold, self.student_version())
+        return Route(tier, False, "forced", self.policies.threshold(call.tenant), self.student_version())
 
     async def _route(self, call: ChatCall) -> tuple[Route, Generation | None]:
-        threshold = self.router.threshold
+        threshold = self.policies.threshold(call.tenant)
         if call.alias == "teacher":
             return self._routeless(call, "teacher"), None
+        prompt = next((m.content for m in reversed(call.messages) if m.role == "user"), "")
+        learned = getattr(self.router, "learned", None)
+        if (
+            call.alias == "tiered"
+            and self.settings.tuning.learned_router
+            and learned is not None
+            and learned.p_hard_prompt(prompt) >= self.settings.tuning.skip_student_above
+        ):
+            # Rated hard before generation: skip the student's draft altogether.
+            self.metrics.escalations.labels("predicted_hard").inc()
+            return Route("teacher", True, "predicted_hard", threshold, self.student_version()), None
         try:
             draft = await self._generate("student", call.messages, call.params)
         except BackendError as exc:
@@ -216,8 +230,10 @@ class TieredService:
                 raise
             self.metrics.escalations.labels("student_error").inc()
             return Route("teacher", True, "student_error", threshold, self.student_version()), None
-        decision = self.router.decide(draft)
+        decision = self.router.decide(draft, threshold, prompt)
         self.metrics.confidence.observe(decision.confidence)
+        if call.alias == "tiered":
+            self.policies.observe(call.tenant, decision.confidence)
         if call.alias == "student":
             return Route("student", False, "forced", decision.threshold, draft.version, decision), draft
         if decision.escalate:
@@ -329,7 +345,7 @@ class TieredService:
         self._finish(call, route, gen)
         if tier == "student":
             # A forced-student stream is scored after the fact, for metrics and the last chunk.
-            handle.decision = self.router.decide(gen)
+            handle.decision = self.router.decide(gen, self.policies.threshold(call.tenant))
             self.metrics.confidence.observe(handle.decision.confidence)
         elif route.escalated:
             self._record(call, "escalation", route.reason, draft, route.decision, gen)
@@ -425,7 +441,7 @@ class TieredService:
             confidence=decision.confidence if decision else None,
             features=dict(decision.features) if decision else {},
             teacher=answer,
-            threshold=decision.threshold if decision else self.router.threshold,
+            threshold=decision.threshold if decision else self.policies.threshold(DEFAULT_TENANT),
             metadata=dict(call.metadata),
         )
 

@@ -78,6 +78,24 @@ class PricingConfig(BaseModel):
     teacher: TierPrice = TierPrice(input_per_mtok=1.25, output_per_mtok=5.0)
 
 
+class TuningConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # SQLite file with per-tenant policies and their audit trail (default: beside signal.path).
+    policy_db: Path | None = None
+    # Route on calibrated P(student answer acceptable) instead of the raw score; refit after
+    # every swap and every `refit_s` from audit and escalation records.
+    calibrate: bool = False
+    # Use a learned scikit-learn router (confidence + prompt features) instead of the scorer.
+    learned_router: bool = False
+    # With the learned router: prompts it rates at least this likely to need the teacher skip the student.
+    skip_student_above: float = Field(default=0.95, ge=0.0, le=1.0)
+    # Seconds between scheduled refits.
+    refit_s: float = Field(default=600.0, gt=0)
+    # Hours of logged traffic used by refits and what-if (0 = everything).
+    window_hours: float = Field(default=168.0, ge=0)
+
+
 class RuntimeConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -109,6 +127,7 @@ class Settings(BaseSettings):
     router: RouterConfig = RouterConfig()
     signal: SignalConfig = SignalConfig()
     distill: DistillConfig = DistillConfig()
+    tuning: TuningConfig = TuningConfig()
     pricing: PricingConfig = PricingConfig()
     runtime: RuntimeConfig = RuntimeConfig()
 
@@ -120,6 +139,10 @@ class Settings(BaseSettings):
             defaults = (DEFAULT_STUDENT if info.field_name == "student" else DEFAULT_TEACHER).model_dump()
             return {**defaults, **v}
         return v
+
+    @property
+    def policy_db(self) -> Path:
+        return self.tuning.policy_db or self.signal.path.with_name("policies.db")
 
     @classmethod
     def settings_customise_sources(

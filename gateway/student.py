@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 
 from distill_loop import DistillLoop, LocalPublisher, Registry, UnknownVersion, VllmPublisher, training_student
 from gateway.metrics import Metrics
@@ -22,8 +23,16 @@ WATCH_S = 1.0
 
 
 class StudentManager:
-    def __init__(self, settings: Settings, student: Backend, teacher: Backend, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        student: Backend,
+        teacher: Backend,
+        metrics: Metrics,
+        on_swap: Callable[[str], Awaitable[None]] | None = None,
+    ) -> None:
         self.settings = settings
+        self._on_swap = on_swap
         self.metrics = metrics
         self.student = student
         cfg = settings.distill
@@ -75,6 +84,8 @@ class StudentManager:
             hist = self.publisher.registry.history()
             reason = str(hist[-1]["reason"]) if hist else "start"
             self.metrics.on_swap(name, self.student.info.name, reason)
+            if self._on_swap is not None:
+                await self._on_swap(name)  # policies re-fit to the new student's confidences
         return name
 
     async def _watch(self) -> None:

@@ -3,13 +3,32 @@
 from __future__ import annotations
 
 from router.base import ConfidenceScorer, Decision, Router, should_escalate
+from router.calibrate import IDENTITY, Calibrator, expected_calibration_error, fit_calibrator
 from router.confidence import SCORERS, LogprobScorer, logprob_features, quantile
 from router.config import RouterConfig
 from router.errors import RouterError, UnknownScorer
+from router.learned import LearnedRouter, fit_learned_router
+from router.policy import FixedThreshold, Policy, TargetRate, policy_from_json
 from router.threshold import ConfidenceRouter, check_threshold
+from router.whatif import CurvePoint, Observation, curve, point, threshold_for_quality
 
 __all__ = [
+    "IDENTITY",
     "SCORERS",
+    "Calibrator",
+    "CurvePoint",
+    "FixedThreshold",
+    "LearnedRouter",
+    "Observation",
+    "Policy",
+    "TargetRate",
+    "curve",
+    "expected_calibration_error",
+    "fit_calibrator",
+    "fit_learned_router",
+    "point",
+    "policy_from_json",
+    "threshold_for_quality",
     "ConfidenceRouter",
     "ConfidenceScorer",
     "Decision",

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from models import Generation
 from router.base import ConfidenceScorer, Decision, should_escalate
+from router.calibrate import IDENTITY, Calibrator
 from router.confidence import SCORERS
 from router.config import RouterConfig
 from router.errors import UnknownScorer
+from router.learned import LearnedRouter
 
 
 def check_threshold(value: float) -> float:
@@ -23,6 +25,8 @@ class ConfidenceRouter:
     def __init__(self, scorer: ConfidenceScorer, threshold: float) -> None:
         self.scorer = scorer
         self._threshold = check_threshold(threshold)
+        self.calibrator: Calibrator = IDENTITY  # replaced whole on refit, never mutated
+        self.learned: LearnedRouter | None = None
 
     @classmethod
     def from_config(cls, config: RouterConfig) -> ConfidenceRouter:
@@ -40,10 +44,22 @@ class ConfidenceRouter:
         old, self._threshold = self._threshold, check_threshold(value)
         return old
 
-    def decide(self, generation: Generation) -> Decision:
-        threshold = self._threshold  # read once: one decision, one threshold
+    def decide(self, generation: Generation, threshold: float | None = None, prompt: str = "") -> Decision:
+        """Score a draft. `threshold` overrides the default (per-tenant policies).
+
+        With a learned router, confidence is 1 − P(needs the teacher); otherwise the scorer's
+        value, mapped through the calibrator (identity until one is fitted). The raw score is
+        kept in `features["raw_confidence"]` for refits.
+        """
+        threshold = self._threshold if threshold is None else threshold
         features = self.scorer.features(generation)
-        confidence = self.scorer.score(features)
+        raw = self.scorer.score(features)
+        learned, calibrator = self.learned, self.calibrator  # read once: one decision, one model
+        if learned is not None and features.get("n_tokens", 0.0) > 0:
+            confidence = 1.0 - learned.p_escalate(features, prompt)
+        else:
+            confidence = calibrator(raw) if features.get("n_tokens", 0.0) > 0 else 0.0
+        features["raw_confidence"] = raw
         if features.get("n_tokens", 0.0) == 0.0:
             reason = "empty_answer"
         elif should_escalate(confidence, threshold):
@@ -55,6 +71,6 @@ class ConfidenceRouter:
             confidence=confidence,
             threshold=threshold,
             reason=reason,  # type: ignore[arg-type]
-            scorer=self.scorer.name,
+            scorer=self.scorer.name if learned is None else "learned",
             features=features,
         )
