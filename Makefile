@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install models vllm-venv run format lint typecheck test test-fast bench
+.PHONY: install models vllm-venv browser run format lint typecheck test test-fast bench
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -32,6 +32,11 @@ $(VLLM_STAMP):
 
 vllm-venv: $(VLLM_STAMP)
 
+# Headless Chromium and its driver, from Debian, for the dashboard's browser test.
+browser:
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver)
+
 models: install
 	$(BIN)/python -m models convert
 
@@ -47,7 +52,7 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-test: models vllm-venv
+test: models vllm-venv browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: install

@@ -1,0 +1,123 @@
+"""Per-tenant policies, dry runs, target quality, the audit trail and calibration refits,
+through the admin API over logged records."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from gateway import Settings, create_app
+from models import BackendConfig, ChatMessage, FakeBackend, Scripted
+
+ADMIN = "tune-admin"
+AUTH = {"authorization": f"Bearer {ADMIN}"}
+KEYS = ["tenant-a-key", "tenant-b-key"]
+
+
+def student_reply(messages: tuple[ChatMessage, ...]) -> Scripted:
+    k = int(re.findall(r"\d+", messages[-1].content)[0])
+    return Scripted("refunds take five days" if k % 3 else "no idea", -3.0 + 3.0 * (k % 40) / 40)
+
+
+def make(tmp_path: Path, **tuning: object) -> TestClient:
+    settings = Settings(
+        server={"admin_api_key": ADMIN, "api_keys": KEYS},
+        router={"threshold": 0.3},
+        signal={"path": tmp_path / "s.db", "audit_fraction": 1.0},
+        distill={"registry_dir": tmp_path / "registry"},
+        tuning=tuning,
+    )
+    student = FakeBackend(BackendConfig(kind="fake", model="s"), student_reply)
+    teacher = FakeBackend(BackendConfig(kind="fake", model="t"), lambda _m: Scripted("refunds take five days"))
+    return TestClient(create_app(settings, student=student, teacher=teacher))
+
+
+def traffic(c: TestClient, n: int = 80, key: str = KEYS[0]) -> list[dict[str, str]]:
+    out = []
+    for k in range(n):
+        r = c.post(
+            "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": f"q{k}"}]},
+            headers={"authorization": f"Bearer {key}"},
+        )
+        assert r.status_code == 200
+        out.append(dict(r.headers))
+    return out
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> Iterator[TestClient]:
+    with make(tmp_path) as c:
+        traffic(c)
+        yield c
+
+
+def test_whatif_curve_and_current_point(client: TestClient) -> None:
+    data = client.get("/admin/whatif", headers=AUTH).json()
+    assert data["samples"] == 80 and len(data["curve"]) == 51
+    rates = [p["escalation_rate"] for p in data["curve"]]
+    assert rates[0] == 0.0 and rates[-1] == 1.0 and rates == sorted(rates)
+    assert data["current"]["threshold"] == 0.3
+    assert 0.0 < data["current"]["cost_vs_teacher"] < 1.0
+
+
+def test_dry_run_changes_nothing(client: TestClient) -> None:
+    r = client.post("/admin/policy/dry-run", json={"kind": "fixed", "threshold": 0.8}, headers=AUTH).json()
+    assert r["predicted"]["escalation_rate"] > r["current"]["escalation_rate"]
+    assert client.get("/admin/threshold", headers=AUTH).json()["threshold"] == 0.3
+    assert client.get("/admin/policy/audit", headers=AUTH).json()["audit"] == []
+
+
+def test_target_quality_picks_a_threshold_meeting_the_bound(client: TestClient) -> None:
+    r = client.put("/admin/policy", json={"kind": "target_quality", "quality": 0.8}, headers=AUTH).json()
+    assert r["policy"]["kind"] == "fixed" and r["predicted"]["quality_lower"] >= 0.8
+    assert client.put("/admin/policy", json={"kind": "target_quality", "quality": 1.0}, headers=AUTH).status_code == 400
+
+
+def test_per_tenant_policy_is_audited_and_applies_to_that_tenant_only(client: TestClient) -> None:
+    tenant_a = traffic(client, 1)[0]
+    assert client.get("/admin/policy/audit", headers=AUTH).json()["audit"] == []
+    a = "key-" + hashlib.sha256(KEYS[0].encode()).hexdigest()[:12]  # tenants are API-key ids
+    r = client.put("/admin/policy", json={"tenant": a, "kind": "fixed", "threshold": 0.95}, headers=AUTH)
+    assert r.status_code == 200 and r.json()["previous"] is None
+    assert float(traffic(client, 1, KEYS[0])[0]["x-tiergate-threshold"]) == 0.95
+    assert float(traffic(client, 1, KEYS[1])[0]["x-tiergate-threshold"]) == 0.3
+    assert tenant_a["x-tiergate-threshold"] == "0.3000"
+    (entry,) = client.get("/admin/policy/audit", headers=AUTH).json()["audit"]
+    assert entry["tenant"] == a and entry["old"] is None and entry["new"]["threshold"] == 0.95
+    assert entry["actor"].startswith("key-") and ADMIN not in json.dumps(entry)
+    assert client.get("/admin/policy", headers=AUTH).json()["policies"][a]["threshold"] == 0.95
+
+
+def test_target_rate_policy_holds_the_rate_on_live_traffic(tmp_path: Path) -> None:
+    with make(tmp_path) as c:
+        r = c.put("/admin/policy", json={"kind": "target_rate", "rate": 0.25, "window": 40}, headers=AUTH)
+        assert r.status_code == 200
+        headers = traffic(c, 200)
+    escalated = [h["x-tiergate-escalated"] == "true" for h in headers[40:]]
+    assert abs(sum(escalated) / len(escalated) - 0.25) <= 0.05
+
+
+def test_policy_requests_are_validated(client: TestClient) -> None:
+    assert client.put("/admin/policy", json={"kind": "fixed"}, headers=AUTH).status_code == 400
+    assert client.put("/admin/policy", json={"kind": "magic"}, headers=AUTH).status_code == 400
+    assert client.put("/admin/policy", json={"kind": "fixed", "threshold": 0.5}).status_code == 401
+
+
+def test_calibration_refits_and_is_stored_with_the_version(tmp_path: Path) -> None:
+    with make(tmp_path, calibrate=True) as c:
+        traffic(c, 120)
+        tuning = c.app.state.tuning  # type: ignore[attr-defined]
+        report = tuning.refit("base")
+        assert report["calibrator"]["method"] == "platt" and report["samples"] == 120
+        assert c.app.state.service.router.calibrator.method == "platt"  # type: ignore[attr-defined]
+        headers = traffic(c, 1)[0]
+    assert 0.0 <= float(headers["x-tiergate-confidence"]) <= 1.0
+    stored = json.loads((tmp_path / "registry" / "calibration" / "base" / "calibrator.json").read_text())
+    assert stored == report["calibrator"]  # kept with the student version it was fitted for
