@@ -1,9 +1,8 @@
 """`python -m bench.gateway_overhead`: the gateway's HTTP overhead against a bare pass-through.
 
-Starts the fake upstream, the pass-through and `python -m gateway` as pinned subprocesses on
-loopback, drives each with a closed-loop aiohttp load generator and reports req/s, p50 and p99
-as ratios to the pass-through at the same concurrency. No model runs: the upstream answers in
-microseconds, so what is measured is proxy cost. It does not measure streaming.
+Starts the fake upstream, the pass-through and `python -m gateway` as pinned loopback subprocesses,
+drives each with a closed-loop aiohttp load generator and reports req/s, p50 and p99 as ratios to
+the pass-through. No model runs (the upstream answers in microseconds); streaming is not measured.
 """
 
 from __future__ import annotations
@@ -18,12 +17,13 @@ import platform
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ RESULTS = REPO / "bench" / "results" / "gateway_overhead.json"
 HOST = "127.0.0.1"
 THRESHOLD = 0.5  # confidence exp(-0.05) ≈ 0.95 stays on the student; exp(-3.0) ≈ 0.05 escalates
 GOALS = {"gateway-0%": 0.70, "gateway-20%": 0.50}  # min throughput as a fraction of the pass-through
+NOISY_PCT = 25.0  # a run during which other processes used more than this much of a core is flagged
 PROMPTS = 100
 JSON_HEADERS = {"content-type": "application/json"}
 
@@ -88,6 +89,21 @@ class CpuSnapshot:
         return self.busy_s - earlier.busy_s - sum(ours.values()), ours
 
 
+def git_state() -> dict[str, Any]:
+    """The commit measured and how many files differed from it (others may be editing the tree)."""
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    return {
+        "commit": git("rev-parse", "HEAD").strip() or None,
+        "dirty_files": len(git("status", "--short").splitlines()),
+    }
+
+
 def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -101,6 +117,7 @@ class Server:
     proc: subprocess.Popen[bytes]
     base: str  # URL without /v1
     log_path: Path
+    launched: float = field(default_factory=time.perf_counter)
 
     def tail(self, lines: int = 30) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -124,8 +141,8 @@ def start(
 
 
 async def wait_ready(server: Server, path: str, timeout_s: float = 120.0) -> float:
-    """Poll `path` until it answers 200; returns seconds waited. Fails fast if the process died."""
-    began = time.perf_counter()
+    """Poll `path` until it answers 200; returns seconds since launch. Fails fast if the process died."""
+    began = server.launched
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
         while time.perf_counter() - began < timeout_s:
             if server.proc.poll() is not None:
@@ -187,6 +204,7 @@ EASY, HARD = request_bodies(False), request_bodies(True)
 @dataclass
 class Cell:
     system: str
+    round: int
     concurrency: int
     requests: int  # answered (any status) among requests started inside the measured window
     errors: int
@@ -302,7 +320,7 @@ class System:
 
 
 async def measure(
-    system: System, concurrency: int, args: argparse.Namespace, pids: dict[str, int], progress: Progress
+    system: System, concurrency: int, round_no: int, args: argparse.Namespace, pids: dict[str, int], progress: Progress
 ) -> Cell:
     """One cell. `pids` maps every process of ours (load generator included) by role."""
     total = args.warmup + args.duration
@@ -339,6 +357,7 @@ async def measure(
     server_cpu = ours[system.pid] if system.pid is not None else None
     return Cell(
         system=system.name,
+        round=round_no,
         concurrency=concurrency,
         requests=answered,
         errors=tally.errors,
@@ -367,18 +386,11 @@ async def check_routing(gateway: str) -> None:
                     raise RuntimeError(f"gateway routing check failed: {resp.status} escalated={got}: {text[:300]}")
 
 
-def median_cell(runs: list[Cell]) -> Cell:
-    """The run with the median req/s (the lower one of two), carrying every run's req/s."""
-    ordered = sorted(runs, key=lambda c: c.rps)
-    chosen = ordered[(len(ordered) - 1) // 2]
-    chosen.rps_runs = [round(c.rps, 1) for c in runs]
-    return chosen
-
-
 def add_ratios(cells: list[Cell]) -> None:
-    base = {c.concurrency: c for c in cells if c.system == "passthrough"}
+    """Each run against the pass-through run of the same round and concurrency (measured just before)."""
+    base = {(c.round, c.concurrency): c for c in cells if c.system == "passthrough"}
     for cell in cells:
-        pt = base.get(cell.concurrency)
+        pt = base.get((cell.round, cell.concurrency))
         if pt is None or pt.rps == 0:
             continue
         cell.ratios = {
@@ -386,6 +398,19 @@ def add_ratios(cells: list[Cell]) -> None:
             "p50": cell.p50_ms / pt.p50_ms,
             "p99": cell.p99_ms / pt.p99_ms,
         }
+        if cell.server_cpu_us_per_req and pt.server_cpu_us_per_req:
+            # The req/s ratio both would reach if each had the core to itself (CPU-bound).
+            cell.ratios["cpu"] = pt.server_cpu_us_per_req / cell.server_cpu_us_per_req
+
+
+def summarize(runs: list[Cell]) -> Cell:
+    """The run with the median req/s (the lower of two); ratios are medians and errors sums over rounds."""
+    chosen = replace(sorted(runs, key=lambda c: c.rps)[(len(runs) - 1) // 2])
+    chosen.rps_runs = [round(c.rps, 1) for c in runs]
+    chosen.errors = sum(c.errors for c in runs)
+    if all(c.ratios for c in runs):
+        chosen.ratios = {k: statistics.median(c.ratios[k] for c in runs if k in c.ratios) for k in chosen.ratios}
+    return chosen
 
 
 def goal_rows(cells: list[Cell]) -> list[dict[str, Any]]:
@@ -399,6 +424,7 @@ def goal_rows(cells: list[Cell]) -> list[dict[str, Any]]:
                     "concurrency": cell.concurrency,
                     "goal_rps_ratio": goal,
                     "rps_ratio": round(cell.ratios["rps"], 3),
+                    "cpu_ratio": round(cell.ratios.get("cpu", float("nan")), 3),
                     "passed": cell.ratios["rps"] >= goal and cell.errors == 0,
                 }
             )
@@ -412,7 +438,7 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 def render(cells: list[Cell], goals: list[dict[str, Any]]) -> None:
     table = Table(title="Gateway overhead (closed loop, loopback, fake upstream)")
     columns = ("system", "conc", "req/s", "× pt", "p50 ms", "× pt", "p99 ms", "× pt", "errors", "esc %")
-    for col in (*columns, "CPU µs/req", "other load %"):
+    for col in (*columns, "CPU µs/req", "pt CPU ÷ CPU", "other load %"):
         table.add_column(col, justify="left" if col == "system" else "right")
     for c in sorted(cells, key=lambda c: (c.concurrency, list(SYSTEM_ORDER).index(c.system))):
         r = c.ratios
@@ -428,23 +454,27 @@ def render(cells: list[Cell], goals: list[dict[str, Any]]) -> None:
             f"[red]{c.errors}[/red]" if c.errors else "0",
             "-" if c.escalated_fraction is None else f"{c.escalated_fraction * 100:.1f}",
             _fmt(c.server_cpu_us_per_req, 0),
-            _fmt(c.other_load_pct, 0),
+            _fmt(r.get("cpu")),
+            _fmt(max(0.0, c.other_load_pct), 0),
         )
     console.print(table)
     console.print(
-        "× pt: ratio to the pass-through at the same concurrency. CPU µs/req: the proxy process's CPU per "
-        "answered request. other load %: CPU used by processes not ours during the cell (noise), % of one core."
+        "× pt: ratio to the pass-through run just before, same concurrency (median over rounds). "
+        "CPU µs/req: the proxy process's CPU per answered request; pt CPU ÷ CPU: the req/s ratio if both were "
+        "CPU-bound on a core of their own (steadier on a shared machine). "
+        "other load %: CPU used by processes not ours during the cell (noise), % of one core."
     )
     goals_table = Table(title="Goals: gateway req/s as a fraction of the pass-through's")
-    for col in ("system", "conc", "goal", "measured", "result"):
+    for col in ("system", "conc", "goal", "req/s ratio", "result", "CPU-based ratio"):
         goals_table.add_column(col)
     for g in goals:
         goals_table.add_row(
             g["system"],
             str(g["concurrency"]),
             f"≥ {g['goal_rps_ratio']:.2f}",
-            f"{g['rps_ratio']:.2f}",
+            f"{g['rps_ratio']:.3f}",
             "[green]pass[/green]" if g["passed"] else "[red]FAIL[/red]",
+            f"{g['cpu_ratio']:.3f}" + ("" if g["cpu_ratio"] >= g["goal_rps_ratio"] else " (below goal)"),
         )
     console.print(goals_table)
 
@@ -459,9 +489,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--systems", nargs="+", choices=SYSTEM_ORDER, default=list(SYSTEM_ORDER))
     p.add_argument("--warmup", type=float, default=1.0, help="seconds discarded at the start of each cell")
     p.add_argument("--duration", type=float, default=5.0, help="measured seconds per cell")
-    p.add_argument("--repeats", type=int, default=1, help="rounds over all cells; each cell reports its median run")
+    p.add_argument("--repeats", type=int, default=2, help="rounds over all cells; each cell reports its median run")
     p.add_argument("--client", choices=["aiohttp", "httpx"], default="aiohttp", help="pass-through's transport")
     p.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
+    p.add_argument(
+        "--gateway-module", default="gateway", help="module run as the gateway (A/B a patched copy; same flags)"
+    )
     p.add_argument("--profile", type=Path, help="run py-spy on the proxy during each cell; stacks go to this folder")
     p.add_argument("--output", type=Path, default=RESULTS)
     return p.parse_args(argv)
@@ -503,7 +536,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             )
             gateway = start(
                 "gateway",
-                "gateway",
+                args.gateway_module,
                 ["--student-url", v1, "--teacher-url", v1, "--threshold", str(THRESHOLD)],
                 cpus=server_cpus,
                 logs=logs,
@@ -517,7 +550,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await check_routing(gateway.base)
         console.log(
             f"ready: pass-through {ready_s['passthrough']:.1f}s, gateway {ready_s['gateway']:.1f}s; "
-            f"pinning servers→{sorted(server_cpus or [])} upstream+load→{sorted(load_cpus or [])}; logs in {logs}"
+            f"pinning servers→{sorted(server_cpus or [])} upstream+load→{sorted(load_cpus or [])}"
         )
         all_systems = {
             "direct": System("direct", v1 + "/chat/completions", 0, None),
@@ -535,7 +568,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             for round_no in range(1, args.repeats + 1):
                 for concurrency in args.concurrency:
                     for system in systems:
-                        cell = await measure(system, concurrency, args, pids, progress)
+                        cell = await measure(system, concurrency, round_no, args, pids, progress)
                         runs.setdefault((system.name, concurrency), []).append(cell)
                         progress.advance(overall)
                         progress.console.log(
@@ -545,14 +578,26 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         )
                         for sample in cell.error_samples[:2]:
                             progress.console.log(f"[red]  error: {sample}")
-        cells = [median_cell(r) for r in runs.values()]
+        all_runs = [c for rs in runs.values() for c in rs]
+        add_ratios(all_runs)
+        cells = [summarize(r) for r in runs.values()]
         memory = {s.name: round(rss_mib(s.proc.pid), 1) for s in servers if s.proc.poll() is None}
+    except BaseException:
+        console.print(f"[red]failed; server logs kept in {logs}")
+        raise
     finally:
         for server in reversed(servers):
             stop(server)
-    add_ratios(cells)
+    shutil.rmtree(logs, ignore_errors=True)  # logs and the signal database are only kept on failure
     goals = goal_rows(cells)
     render(cells, goals)
+    noisy = [c for c in all_runs if c.other_load_pct > NOISY_PCT]
+    if noisy:
+        console.print(
+            f"[yellow]warning: {len(noisy)} of {len(all_runs)} runs shared the machine with other processes "
+            f"using > {NOISY_PCT:.0f}% of a core (max {max(c.other_load_pct for c in noisy):.0f}%); "
+            "their req/s and latencies are not trustworthy. CPU µs/req moves least; rerun when the machine is idle."
+        )
     return {
         "benchmark": "gateway_overhead",
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -561,6 +606,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "processor": platform.processor() or platform.machine(),
             "python": platform.python_version(),
         },
+        "git": git_state(),
         "method": {
             "load": "closed loop, aiohttp, one session per cell, keep-alive",
             "warmup_s": args.warmup,
@@ -576,9 +622,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "ready_s": {k: round(v, 2) for k, v in ready_s.items()},
         "rss_mib": memory,
         "cells": [asdict(c) for c in cells],
-        "all_runs": [asdict(c) for rs in runs.values() for c in rs],
+        "all_runs": [asdict(c) for c in all_runs],
         "goals": goals,
         "all_goals_met": bool(goals) and all(g["passed"] for g in goals),
+        "noisy_runs": len(noisy),
     }
 
 
@@ -588,7 +635,7 @@ def main(argv: list[str] | None = None) -> None:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
     console.log(f"wrote {args.output}")
-    if any(c["errors"] for c in report["cells"]):
+    if any(c["errors"] for c in report["all_runs"]):
         raise SystemExit(1)
 
 

@@ -1,9 +1,8 @@
 """A fast fake OpenAI-compatible upstream for benchmarks: raw asyncio + httptools (uvloop if present).
 
-POST /v1/chat/completions answers a fixed completion with usage and per-token `logprobs.content`
-(-3.0 per token when the last user message contains "HARD", else -0.05), GET /v1/models lists one
-model, GET /health answers 200. Answers are cached as ready bytes per shape. It does not stream,
-sample, authenticate or validate beyond what the benchmark needs.
+POST /v1/chat/completions answers a fixed, cached completion with usage and per-token logprobs (-3.0
+a token when the last user message contains "HARD", else -0.05); GET /v1/models and /health answer.
+It does not stream, sample, authenticate or validate beyond what the benchmark needs.
 """
 
 from __future__ import annotations

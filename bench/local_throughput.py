@@ -1,0 +1,248 @@
+"""`python -m bench.local_throughput`: in-process student throughput as concurrent callers grow.
+
+Calls `models.local.LocalBackend.generate` directly (no HTTP, no gateway) from N closed-loop callers,
+greedy, fixed `max_tokens` and requests per cell; reports tokens/s, req/s and the ratio to one caller.
+It does not measure streaming time-to-first-token, sampling, or long prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from bench.gateway_overhead import busy_seconds
+from models import BackendConfig, ChatMessage, SamplingParams
+from models.local import LocalBackend
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results" / "local_throughput.json"
+GOAL_RATIO = 4.0  # tokens/s at the highest concurrency over tokens/s at one caller
+
+_TOPICS = (
+    "change the delivery address of my order",
+    "get a refund for a damaged item",
+    "reset my account password",
+    "cancel my subscription",
+    "track a parcel that is late",
+    "update the card on file",
+    "return shoes that do not fit",
+    "use two discount codes at once",
+)
+_FORMS = (
+    "How do I {}?",
+    "Can you tell me how to {}?",
+    "I need to {}. What are the steps?",
+    "Is it possible to {} after the order shipped?",
+    "What is the fastest way to {}?",
+)
+# 40 distinct prompts of different lengths, so batches really are padded and varied.
+PROMPTS = tuple(form.format(topic) for topic in _TOPICS for form in _FORMS)
+
+# Wide enough for the results table when output is piped to a file.
+console = Console(width=None if sys.stdout.isatty() else 140)
+
+
+@dataclass
+class Cell:
+    concurrency: int
+    requests: int
+    completion_tokens: int
+    wall_s: float
+    tokens_per_s: float
+    requests_per_s: float
+    p50_latency_s: float
+    max_latency_s: float
+    batches: int  # batches the owner thread ran for this cell
+    mean_batch: float  # requests per batch
+    other_load_pct: float  # CPU used by other processes during the cell, % of one core (noise)
+    tokens_ratio_to_1: float = float("nan")
+    requests_ratio_to_1: float = float("nan")
+
+
+async def run_cell(
+    backend: LocalBackend, concurrency: int, n_requests: int, params: SamplingParams, progress: Progress
+) -> Cell:
+    """Closed loop: each of `concurrency` callers sends its next request when the last returns."""
+    task = progress.add_task(f"  concurrency {concurrency}", total=n_requests)
+    pending = iter(range(n_requests))
+    latencies: list[float] = []
+    tokens = 0
+    batches_before = backend.batches_run
+    busy_before, ours_before = busy_seconds(), time.process_time()
+
+    async def caller() -> None:
+        nonlocal tokens
+        for i in pending:
+            messages = (ChatMessage("user", PROMPTS[(i * 7 + concurrency) % len(PROMPTS)]),)
+            t0 = time.perf_counter()
+            gen = await backend.generate(messages, params)
+            latencies.append(time.perf_counter() - t0)
+            tokens += gen.usage.completion_tokens
+            progress.advance(task)
+
+    began = time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    wall = time.perf_counter() - began
+    other = (busy_seconds() - busy_before) - (time.process_time() - ours_before)
+    progress.remove_task(task)
+    batches = backend.batches_run - batches_before
+    return Cell(
+        concurrency=concurrency,
+        requests=n_requests,
+        completion_tokens=tokens,
+        wall_s=round(wall, 3),
+        tokens_per_s=tokens / wall,
+        requests_per_s=n_requests / wall,
+        p50_latency_s=statistics.median(latencies),
+        max_latency_s=max(latencies),
+        batches=batches,
+        mean_batch=n_requests / batches if batches else float("nan"),
+        other_load_pct=max(0.0, other / wall * 100),
+    )
+
+
+def render(cells: list[Cell], goal: dict[str, Any]) -> None:
+    table = Table(title="In-process student throughput (LocalBackend.generate, closed loop)")
+    columns = ("callers", "requests", "tokens", "wall s", "tok/s", "× c=1", "req/s", "× c=1", "p50 s", "mean batch")
+    for col in (*columns, "other load %"):
+        table.add_column(col, justify="right")
+    for c in cells:
+        table.add_row(
+            str(c.concurrency),
+            str(c.requests),
+            str(c.completion_tokens),
+            f"{c.wall_s:.1f}",
+            f"{c.tokens_per_s:.1f}",
+            f"{c.tokens_ratio_to_1:.2f}",
+            f"{c.requests_per_s:.2f}",
+            f"{c.requests_ratio_to_1:.2f}",
+            f"{c.p50_latency_s:.2f}",
+            f"{c.mean_batch:.1f}",
+            f"{c.other_load_pct:.0f}",
+        )
+    console.print(table)
+    console.print("other load %: CPU used by processes not ours during the cell (noise), % of one core.")
+    verdict = "[green]pass[/green]" if goal["passed"] else "[red]FAIL[/red]"
+    console.print(
+        f"Goal: tokens/s at {goal['concurrency']} callers ≥ {goal['goal_ratio']:.1f}× one caller's: "
+        f"measured {goal['ratio']:.2f}× → {verdict}"
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.local_throughput", description=__doc__)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="bundled model name or transformers folder")
+    p.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default=BackendConfig().dtype)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--requests-per-caller", type=int, default=4, help="requests per cell = this × callers")
+    p.add_argument("--min-requests", type=int, default=8, help="at least this many requests per cell")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU")
+    p.add_argument("--output", type=Path, default=RESULTS)
+    return p.parse_args(argv)
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    if not args.device.startswith("cuda"):
+        torch.set_num_threads(args.threads)  # one thread is fastest on a busy 2-core machine
+    biggest = max(args.concurrency)
+    # Batching settings stay at their shipped defaults: this measures what the gateway runs.
+    config = BackendConfig(kind="local", model=args.model, device=args.device, dtype=args.dtype)
+    backend = LocalBackend(config)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
+    with console.status(f"loading {args.model} on {args.device}…"):
+        began = time.perf_counter()
+        await backend.start()
+        load_s = time.perf_counter() - began
+    info = backend.info
+    console.log(f"loaded {info.name} ({info.detail}) in {load_s:.1f}s; torch threads {torch.get_num_threads()}")
+    cells: list[Cell] = []
+    try:
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=console) as progress:
+            warm = progress.add_task("warm-up (discarded)", total=2)
+            # First calls pay for lazy init and new shapes; one single and one full batch.
+            await backend.generate((ChatMessage("user", PROMPTS[0]),), params)
+            progress.advance(warm)
+            await asyncio.gather(
+                *(backend.generate((ChatMessage("user", PROMPTS[i % len(PROMPTS)]),), params) for i in range(biggest))
+            )
+            progress.advance(warm)
+            progress.remove_task(warm)
+            for concurrency in args.concurrency:
+                n = max(args.min_requests, args.requests_per_caller * concurrency)
+                cell = await run_cell(backend, concurrency, n, params, progress)
+                cells.append(cell)
+                progress.console.log(
+                    f"concurrency {concurrency:>2}: {cell.tokens_per_s:7.1f} tok/s  {cell.requests_per_s:6.2f} req/s"
+                    f"  p50 {cell.p50_latency_s:5.2f} s  mean batch {cell.mean_batch:4.1f}"
+                    f"  other load {cell.other_load_pct:3.0f}%"
+                )
+    finally:
+        await backend.aclose()
+    base = next((c for c in cells if c.concurrency == 1), cells[0])
+    for c in cells:
+        c.tokens_ratio_to_1 = c.tokens_per_s / base.tokens_per_s
+        c.requests_ratio_to_1 = c.requests_per_s / base.requests_per_s
+    top = max(cells, key=lambda c: c.concurrency)
+    goal = {
+        "concurrency": top.concurrency,
+        "goal_ratio": GOAL_RATIO,
+        "ratio": round(top.tokens_ratio_to_1, 3),
+        "passed": top.tokens_ratio_to_1 >= GOAL_RATIO,
+    }
+    render(cells, goal)
+    return {
+        "benchmark": "local_throughput",
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cuda_device": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+        },
+        "method": {
+            "model": args.model,
+            "device": info.detail.get("device", args.device),
+            "dtype": args.dtype,
+            "torch_threads": torch.get_num_threads(),
+            "max_tokens": args.max_tokens,
+            "temperature": 0.0,
+            "max_batch_size": config.max_batch_size,
+            "batch_wait_ms": config.batch_wait_ms,
+            "load": "closed loop, N asyncio callers of LocalBackend.generate, one shared request counter",
+            "requests_per_cell": f"max({args.min_requests}, {args.requests_per_caller} × callers)",
+            "prompts": f"{len(PROMPTS)} distinct short customer-support questions",
+        },
+        "load_s": round(load_s, 2),
+        "cells": [asdict(c) for c in cells],
+        "goal": goal,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    report = asyncio.run(run(args))
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    console.log(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
