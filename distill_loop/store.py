@@ -182,6 +182,17 @@ class SignalStore:
     def pending(self) -> int:
         return self._queue.qsize()
 
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Block until every record submitted so far is committed (or failed); False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._queue.all_tasks_done:
+            while self._queue.unfinished_tasks:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._queue.all_tasks_done.wait(remaining)
+        return True
+
     # -- writing -----------------------------------------------------------------------------
     def submit(self, sample: Sample) -> bool:
         """Queue a record for writing. Returns False (and counts a drop) if the queue is full."""
@@ -201,6 +212,7 @@ class SignalStore:
             stop = False
             while not stop:
                 first = self._queue.get()
+                taken = 1
                 batch: list[Sample] = []
                 if first is None:
                     stop = True
@@ -211,12 +223,15 @@ class SignalStore:
                         nxt = self._queue.get_nowait()
                     except queue.Empty:
                         break
+                    taken += 1
                     if nxt is None:
                         stop = True
                         break
                     batch.append(nxt)
                 if batch:
                     self._write(conn, batch)
+                for _ in range(taken):
+                    self._queue.task_done()
             # Anything submitted between close() and the sentinel is still written.
             rest: list[Sample] = []
             while True:
@@ -226,6 +241,7 @@ class SignalStore:
                     break
                 if item is not None:
                     rest.append(item)
+                self._queue.task_done()
             if rest:
                 self._write(conn, rest)
         finally:

@@ -48,6 +48,7 @@ def traffic(c: TestClient, n: int = 80, key: str = KEYS[0]) -> list[dict[str, st
         )
         assert r.status_code == 200
         out.append(dict(r.headers))
+    assert c.app.state.service.store.flush()  # type: ignore[attr-defined]
     return out
 
 
@@ -121,3 +122,27 @@ def test_calibration_refits_and_is_stored_with_the_version(tmp_path: Path) -> No
     assert 0.0 <= float(headers["x-tiergate-confidence"]) <= 1.0
     stored = json.loads((tmp_path / "registry" / "calibration" / "base" / "calibrator.json").read_text())
     assert stored == report["calibrator"]  # kept with the student version it was fitted for
+
+
+def test_cli_prints_a_table_writes_a_png_and_dry_runs(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    with make(tmp_path) as c:
+        traffic(c, 60)
+    env = {**os.environ, "TIERGATE_SIGNAL__PATH": str(tmp_path / "s.db"), "TIERGATE_SIGNAL__AUDIT_FRACTION": "1.0"}
+    png = tmp_path / "curve.png"
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway.tune", "whatif", "--png", str(png)], env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert "60 logged requests" in out.stdout and "current" in out.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    dry = subprocess.run(
+        [sys.executable, "-m", "gateway.tune", "dry-run", "--kind", "target_rate", "--rate", "0.5"],
+        env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert dry.returncode == 0, dry.stderr
+    result = json.loads(dry.stdout)
+    assert result["policy"]["kind"] == "target_rate" and abs(result["predicted"]["escalation_rate"] - 0.5) < 0.1
