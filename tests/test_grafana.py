@@ -44,7 +44,7 @@ def test_dashboard_is_valid_and_queries_only_real_metrics(tmp_path: Path) -> Non
     assert len(ids) == len(set(ids))
     for p in dash["panels"]:
         g = p["gridPos"]
-        assert 0 <= g["x"] and g["x"] + g["w"] <= 24 and g["h"] > 0
+        assert g["x"] >= 0 and g["x"] + g["w"] <= 24 and g["h"] > 0
     exprs = [t["expr"] for p in panels for t in p["targets"]] + [a["expr"] for a in dash["annotations"]["list"]]
     exported = exported_names(tmp_path)
     used = {m for e in exprs for m in re.findall(r"\btiergate_[a-z_]+", e)}
