@@ -17,7 +17,7 @@ def test_example_config_documents_every_key_and_loads() -> None:
     assert s.teacher.model == "gemma-3-270m" and s.teacher.system_prompt  # partial tier keeps defaults
     text = (ROOT / "config.example.yaml").read_text()
     models = [getattr(s, section) for section in ("server", "student", "router", "signal", "pricing", "runtime")]
-    models += [s.distill, s.distill.lora, s.distill.losses, s.distill.gate]
+    models += [s.distill, s.distill.lora, s.distill.losses, s.distill.gate, s.tuning]
     for model in models:
         for key in type(model).model_fields:
             assert f"{key}:" in text, f"{type(model).__name__}.{key} is not documented in config.example.yaml"
