@@ -64,7 +64,7 @@ def fit_calibrator(
     if len(x) < 2 or y.all() or not y.any():
         return IDENTITY  # nothing to learn from one class
     if len(x) < isotonic_min:
-        model = LogisticRegression(C=1e4).fit(x.reshape(-1, 1), y, sample_weight=w)
+        model = LogisticRegression().fit(x.reshape(-1, 1), y, sample_weight=w)  # default C=1: small label sets overfit
         return Calibrator("platt", len(x), ((float(model.coef_[0][0]),), (float(model.intercept_[0]),)))
     iso = IsotonicRegression(out_of_bounds="clip", y_min=0.0, y_max=1.0).fit(x, y.astype(float), sample_weight=w)
     return Calibrator("isotonic", len(x), (tuple(map(float, iso.X_thresholds_)), tuple(map(float, iso.y_thresholds_))))
