@@ -218,9 +218,11 @@ class SignalStore:
                     stop = True
                 else:
                     batch.append(first)
-                while len(batch) < self.config.batch_size:
+                linger_until = time.monotonic() + self.config.linger_s
+                while len(batch) < self.config.batch_size and not stop:
                     try:
-                        nxt = self._queue.get_nowait()
+                        wait = linger_until - time.monotonic()
+                        nxt = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
                     except queue.Empty:
                         break
                     taken += 1
