@@ -390,30 +390,21 @@ class TieredService:
         decision: Decision | None,
         answer: Generation,
     ) -> None:
-        scorer = getattr(self.tiers["teacher"], "score", None)
-        if self.settings.signal.score_drafts and draft is not None and draft.text and scorer is not None:
-            # Off the client's path: the record is written once the teacher has scored the draft.
-            self._spawn(self._score_then_record(call, kind, reason, draft, decision, answer), call.request_id)
-            return
-        self._submit(self._sample(call, kind, reason, draft, decision, answer))
-
-    async def _score_then_record(
-        self,
-        call: ChatCall,
-        kind: Literal["escalation", "audit"],
-        reason: str,
-        draft: Generation,
-        decision: Decision | None,
-        answer: Generation,
-    ) -> None:
         sample = self._sample(call, kind, reason, draft, decision, answer)
+        if self.settings.signal.score_drafts and draft is not None and draft.text:
+            scorer = getattr(self.tiers["teacher"], "score", None)
+            if scorer is not None:
+                # Off the client's path: the record is written once the teacher has scored the draft.
+                self._spawn(self._score_then_submit(sample, draft.text, scorer), call.request_id)
+                return
+        self._submit(sample)
+
+    async def _score_then_submit(self, sample: Sample, draft: str, scorer: Any) -> None:
         try:
-            scores = await self.tiers["teacher"].score(  # type: ignore[attr-defined]
-                call.messages, draft.text, top_k=self.settings.signal.teacher_top_logprobs or 1
-            )
+            scores = await scorer(sample.messages, draft, top_k=self.settings.signal.teacher_top_logprobs or 1)
             sample = replace(sample, draft_scores=tuple(scores))
         except BackendError as exc:  # the record matters more than its scores
-            log.warning("teacher could not score draft %s: %s", call.request_id, exc)
+            log.warning("teacher could not score draft %s: %s", sample.id, exc)
         self._submit(sample)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], request_id: str) -> None:

@@ -8,12 +8,9 @@ retrying is the caller's policy, and a stream is never retried after its first b
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import contextlib
 import dataclasses
 import json
-import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -39,6 +36,7 @@ from models.errors import (
     BackendUnavailable,
     InvalidGenerationRequest,
 )
+from models.served import ServedNames
 
 MAX_RESPONSE_BYTES = 8 * 1024 * 1024  # a completion larger than this is garbage, not an answer
 
@@ -108,10 +106,8 @@ class RemoteBackend:
         if not config.url:
             raise ValueError(f"remote backend {config.name!r} needs a url")
         self.config = config
-        self._model = config.model
+        self._names = ServedNames(config.model)
         self._base_model = config.model  # the served base model's name, fixed once known
-        self._version: str | None = None  # a student's registry version; None: the model name
-        self._inflight: collections.Counter[str] = collections.Counter()
         self._ready = False
         limits = httpx.Limits(max_connections=config.max_connections, max_keepalive_connections=config.max_connections)
         if transport is None:
@@ -141,7 +137,7 @@ class RemoteBackend:
         return BackendInfo(
             name=self.config.display_name or self._base_model,
             kind="remote",
-            version=self._version or self._model,
+            version=self._names.version or self._names.model,
             ready=self._ready,
             detail={"url": str(self.config.url)},
         )
@@ -152,9 +148,10 @@ class RemoteBackend:
             resp = await self._client.get("/models")
         if resp.status_code != 200:
             raise _status_error(self.config.name, resp.status_code, resp.content)
-        if self._model == "auto":
+        if self._names.model == "auto":
             try:
-                self._model = self._base_model = str(resp.json()["data"][0]["id"])
+                self._base_model = str(resp.json()["data"][0]["id"])
+                self._names.use(self._base_model)
             except (ValueError, KeyError, IndexError, TypeError) as exc:
                 raise BackendResponseError(f"{self.config.name}: /models listed no model") from exc
         self._ready = True
@@ -165,7 +162,7 @@ class RemoteBackend:
 
     @property
     def served_model(self) -> str:
-        return self._model
+        return self._names.model
 
     def use_model(self, model: str, version: str | None = None) -> None:
         """Send later requests to another served model name (a LoRA adapter, for instance).
@@ -173,29 +170,14 @@ class RemoteBackend:
         One assignment, so a request sees the old or the new name, never a mix. Requests
         already sent finish on the name they started with.
         """
-        self._model, self._version = model, version
+        self._names.use(model, version)
 
     def inflight(self, model: str) -> int:
         """Requests now running against a served model name."""
-        return self._inflight[model]
+        return self._names.inflight(model)
 
     async def wait_idle(self, model: str, timeout: float = 120.0) -> bool:
-        """Wait until no request uses `model`; False if that took longer than `timeout`."""
-        deadline = time.monotonic() + timeout
-        while self._inflight[model] > 0:
-            if time.monotonic() > deadline:
-                return False
-            await asyncio.sleep(0.02)
-        return True
-
-    @contextlib.contextmanager
-    def _using(self) -> Iterator[tuple[str, str]]:
-        model, version = self._model, self._version or self._model
-        self._inflight[model] += 1
-        try:
-            yield model, version
-        finally:
-            self._inflight[model] -= 1
+        return await self._names.wait_idle(model, timeout)
 
     async def load_adapter(self, name: str, path: str) -> None:
         """vLLM runtime LoRA: register an adapter folder (readable by the server) under `name`."""
@@ -259,7 +241,7 @@ class RemoteBackend:
         if self.config.system_prompt:
             msgs.insert(0, {"role": "system", "content": self.config.system_prompt})
         body: dict[str, Any] = {
-            "model": model or self._model,
+            "model": model or self._names.model,
             "messages": msgs,
             "max_tokens": params.max_tokens,
             "temperature": params.temperature,
@@ -283,7 +265,7 @@ class RemoteBackend:
 
     async def generate(self, messages: tuple[ChatMessage, ...], params: SamplingParams) -> Generation:
         name = self.config.name
-        with self._using() as (model, version), map_httpx_exceptions(name):
+        with self._names.using(self._names.model) as (model, version), map_httpx_exceptions(name):
             resp = await self._client.post("/chat/completions", json=self._body(messages, params, False, model))
             body = resp.content
         if resp.status_code != 200:
@@ -312,7 +294,7 @@ class RemoteBackend:
         usage: Usage | None = None
         received = 0
         started = False  # a transcript answer's first text loses its leading space
-        with self._using() as (model, version), map_httpx_exceptions(name):
+        with self._names.using(self._names.model) as (model, version), map_httpx_exceptions(name):
             async with self._client.stream(
                 "POST", "/chat/completions", json=self._body(messages, params, True, model)
             ) as resp:

@@ -10,12 +10,9 @@ vLLM's scheduler does that.
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
 import inspect
-import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +31,7 @@ from models.config import BackendConfig
 from models.convert import resolve_model_dir
 from models.errors import BackendError, BackendUnavailable, InvalidGenerationRequest
 from models.prompt import build_prompt
+from models.served import ServedNames
 
 
 class VllmEngineBackend:
@@ -43,9 +41,7 @@ class VllmEngineBackend:
         self._engine: Any = None
         self._tokenizer: Any = None
         self._lora: dict[str, Any] = {}  # adapter name -> LoRARequest
-        self._model = "base"  # "base" or an adapter name
-        self._version: str | None = None
-        self._inflight: collections.Counter[str] = collections.Counter()
+        self._names = ServedNames("base")  # "base" or an adapter name
         self._next_lora_id = 1
 
     @property
@@ -53,7 +49,7 @@ class VllmEngineBackend:
         return BackendInfo(
             name=self.config.name,
             kind="vllm",
-            version=self._version or "base",
+            version=self._names.version or "base",
             ready=self._engine is not None,
             detail={"engine": "vllm AsyncLLM"},
         )
@@ -86,21 +82,16 @@ class VllmEngineBackend:
     # -- runtime LoRA (the same surface as RemoteBackend, for VllmPublisher) -----------------
     @property
     def served_model(self) -> str:
-        return self._model
+        return self._names.model
 
     def use_model(self, model: str, version: str | None = None) -> None:
-        self._model, self._version = model, version
+        self._names.use(model, version)
 
     def inflight(self, model: str) -> int:
-        return self._inflight[model]
+        return self._names.inflight(model)
 
     async def wait_idle(self, model: str, timeout: float = 120.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while self._inflight[model] > 0:
-            if time.monotonic() > deadline:
-                return False
-            await asyncio.sleep(0.02)
-        return True
+        return await self._names.wait_idle(model, timeout)
 
     async def load_adapter(self, name: str, path: str) -> None:
         from vllm.lora.request import LoRARequest
@@ -121,19 +112,10 @@ class VllmEngineBackend:
             raise BackendUnavailable(f"{self.config.name} engine is not running")
         return self._engine
 
-    @contextlib.contextmanager
-    def _using(self) -> Iterator[tuple[str, str]]:
-        model, version = self._model, self._version or "base"
-        self._inflight[model] += 1
-        try:
-            yield model, version
-        finally:
-            self._inflight[model] -= 1
-
     # -- generation --------------------------------------------------------------------------
     async def generate(self, messages: tuple[ChatMessage, ...], params: SamplingParams) -> Generation:
         deltas = [d async for d in self.stream(messages, params)]
-        return collect(deltas, model=self.config.name, version=self._version or "base")
+        return collect(deltas, model=self.config.name, version=self._names.version or "base")
 
     async def stream(self, messages: tuple[ChatMessage, ...], params: SamplingParams) -> AsyncIterator[GenerationDelta]:
         from vllm import SamplingParams as VllmSampling
@@ -155,7 +137,7 @@ class VllmEngineBackend:
             seed=params.seed,
             logprobs=max(1, params.top_logprobs),
         )
-        with self._using() as (model, version):
+        with self._names.using("base") as (model, version):
             lora = self._lora.get(model)
             sent_tokens, sent_text = 0, 0
             async for out in engine.generate(
