@@ -146,3 +146,39 @@ def test_cli_prints_a_table_writes_a_png_and_dry_runs(tmp_path: Path) -> None:
     assert dry.returncode == 0, dry.stderr
     result = json.loads(dry.stdout)
     assert result["policy"]["kind"] == "target_rate" and abs(result["predicted"]["escalation_rate"] - 0.5) < 0.1
+
+
+def test_learned_router_refits_from_records_and_skips_the_student_on_hard_prompts(tmp_path: Path) -> None:
+    def reply(messages: tuple[ChatMessage, ...]) -> Scripted:
+        hard = "order" in messages[-1].content
+        return Scripted("no idea" if hard else "refunds take five days", -2.5 if hard else -0.1)
+
+    settings = Settings(
+        server={"admin_api_key": ADMIN},
+        router={"threshold": 0.3},
+        signal={"path": tmp_path / "s.db", "audit_fraction": 1.0},
+        distill={"registry_dir": tmp_path / "registry"},
+        tuning={"learned_router": True, "skip_student_above": 0.8},
+    )
+    student = FakeBackend(BackendConfig(kind="fake", model="s"), reply)
+    teacher = FakeBackend(BackendConfig(kind="fake", model="t"), lambda _m: Scripted("refunds take five days"))
+    with TestClient(create_app(settings, student=student, teacher=teacher)) as c:
+        for k in range(60):
+            text = f"where is order {10000 + k} now?" if k % 2 else f"hello {k}"
+            assert (
+                c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": text}]}).status_code
+                == 200
+            )
+        assert c.app.state.service.store.flush()  # type: ignore[attr-defined]
+        report = c.app.state.tuning.refit("base")  # type: ignore[attr-defined]
+        assert report["learned_router"] is True
+        drafts_before = student.calls
+        hard = c.post(
+            "/v1/chat/completions", json={"messages": [{"role": "user", "content": "where is order 55555 now?"}]}
+        )
+        assert hard.headers["x-tiergate-reason"] == "predicted_hard" and hard.headers["x-tiergate-tier"] == "teacher"
+        assert student.calls == drafts_before  # the student never drafted
+        easy = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hello 99"}]})
+        assert easy.headers["x-tiergate-tier"] == "student" and easy.json()["tiergate"]["scorer"] == "learned"
+        metrics = c.get("/metrics").text
+    assert 'tiergate_escalations_total{reason="predicted_hard"} 1.0' in metrics
