@@ -113,8 +113,9 @@ def test_duplicate_goes_to_dead_letter_and_the_rest_commit(tmp_path: Path) -> No
 
 def test_unwritable_database_spills_at_shutdown_and_replays(tmp_path: Path) -> None:
     store = open_store(tmp_path)
-    blocker = sqlite3.connect(store.config.path, timeout=0)
-    blocker.execute("BEGIN EXCLUSIVE")  # the database is locked for writers
+    # Waits out the writer thread's brief lock while it connects, then locks writers out.
+    blocker = sqlite3.connect(store.config.path, timeout=30)
+    blocker.execute("BEGIN EXCLUSIVE")
     store._retry_s = 0.01
     for i in range(5):
         store.submit(sample(i))
