@@ -318,6 +318,7 @@ def _decode(loaded: LoadedModel, jobs: list[_Job], device: torch.device) -> None
         position_ids=positions_B_T,
         cache=cache,
         use_cache=True,
+        logits_to_keep=1,  # only the last position is sampled: no [B, T, V] logits for the prompt
     )
     logits_B_V = out.logits[:, -1, :].float()
     next_pos_B = positions_B_T[:, -1] + 1
