@@ -1,0 +1,895 @@
+"""`python -m bench.stream_distill`: does online distillation cut escalations while quality holds?
+
+Replays a JSONL stream in order through a real gateway it starts (loopback, temporary store and
+registry, knowledge-base-prompted teacher) with the loop on, and compares each window with loop
+off, all-teacher and all-student. It only observes the gateway; it never trains or scores inside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import os
+import platform
+import re
+import secrets
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from bench.kb import DEFAULT_KB, DEFAULT_STREAM, StreamItem, build_stream, key_fact_recall, load_kb, read_stream
+from bench.kb import teacher_prompt as kb_teacher_prompt
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+HOST = "127.0.0.1"
+MAX_TOKENS = 40  # every request; a correct answer states its two facts well within this
+READY_TIMEOUT_S = 900.0  # first start converts the bundled models (about 90 s) before loading them
+
+Mode = Literal["tiered", "student", "teacher"]
+Metrics = dict[tuple[str, tuple[tuple[str, str], ...]], float]  # (sample name, sorted labels) -> value
+console = Console(width=None if sys.stdout.isatty() else 160)
+
+
+@dataclass(frozen=True, slots=True)
+class RunConfig:
+    name: str
+    label: str
+    mode: Mode
+    loop: bool  # distillation loop on in its gateway
+    sequential: bool  # replay strictly one request at a time (the student changes as it goes)
+
+
+CONFIGS = {
+    "loop_on": RunConfig("loop_on", "distillation loop on", "tiered", True, True),
+    "loop_off": RunConfig("loop_off", "loop off (static student)", "tiered", False, False),
+    "all_teacher": RunConfig("all_teacher", "all-teacher", "teacher", False, False),
+    "all_student": RunConfig("all_student", "all-student", "student", False, False),
+}
+STATIC = ("all_student", "all_teacher", "loop_off")
+
+
+# -- defaults for the gateways (any TIERGATE_* variable already set wins) --------------------------
+@dataclass(frozen=True, slots=True)
+class Profile:
+    window: int  # requests per reported window
+    trigger_records: int  # new signal records that start a distillation run
+    lora_max_steps: int  # optimiser steps per run (bounds a CPU run)
+    gate_max_items: int  # held-out records the gate evaluates per run
+    holdout_fraction: float  # share of signal prompts the loop keeps for its gate
+    ref_concurrency: int  # requests in flight for `--loop-off run`
+
+
+FULL = Profile(
+    window=24, trigger_records=16, lora_max_steps=24, gate_max_items=16, holdout_fraction=0.2, ref_concurrency=4
+)
+QUICK = Profile(
+    window=6, trigger_records=5, lora_max_steps=8, gate_max_items=4, holdout_fraction=0.3, ref_concurrency=4
+)
+QUICK_STREAM = {"length": 24, "intents": 3, "seed": 0}
+
+
+def gateway_env(tmp: Path, admin_key: str, prompt: str, *, loop: bool, profile: Profile, lr: float) -> dict[str, str]:
+    ours = {
+        "TIERGATE_SERVER__ADMIN_API_KEY": admin_key,
+        "TIERGATE_SIGNAL__PATH": str(tmp / "signal.db"),
+        "TIERGATE_DISTILL__REGISTRY_DIR": str(tmp / "registry"),
+        "TIERGATE_TEACHER__SYSTEM_PROMPT": prompt,
+        # Queued requests count against the deadline; references send a few at once.
+        "TIERGATE_STUDENT__READ_TIMEOUT_S": "600",
+        "TIERGATE_TEACHER__READ_TIMEOUT_S": "600",
+        "TIERGATE_DISTILL__ENABLED": "true" if loop else "false",
+        "TIERGATE_DISTILL__TRIGGER_RECORDS": str(profile.trigger_records),
+        "TIERGATE_DISTILL__POLL_S": "2",
+        "TIERGATE_DISTILL__LORA__LR": str(lr),
+        "TIERGATE_DISTILL__LORA__MAX_STEPS": str(profile.lora_max_steps),
+        "TIERGATE_DISTILL__GATE__MAX_ITEMS": str(profile.gate_max_items),
+        "TIERGATE_DISTILL__HOLDOUT_FRACTION": str(profile.holdout_fraction),
+        "TIERGATE_RUNTIME__LOG_LEVEL": "INFO",
+    }
+    env = dict(os.environ)
+    for key, value in ours.items():
+        env.setdefault(key, value)
+    if loop:  # the loop flag is what distinguishes the runs; it is not the user's to override
+        env["TIERGATE_DISTILL__ENABLED"] = "true"
+    else:
+        env["TIERGATE_DISTILL__ENABLED"] = "false"
+    return env
+
+
+# -- the gateway process -----------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all threads (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def busy_seconds() -> float:
+    """Machine-wide busy CPU seconds, all cores (from /proc/stat; idle and iowait excluded)."""
+    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(ticks[:8]) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+@contextmanager
+def gateway(env: dict[str, str], log_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """`python -m gateway` on a free loopback port; yields its base URL once both tiers are ready."""
+    port = free_port()
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "--host", HOST, "--port", str(port)],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        url = f"http://{HOST}:{port}"
+        try:
+            deadline = time.monotonic() + READY_TIMEOUT_S
+            while True:
+                if proc.poll() is not None:
+                    tail = log_path.read_text(errors="replace")[-3000:]
+                    raise RuntimeError(f"gateway exited with {proc.returncode} while starting:\n{tail}")
+                try:
+                    if httpx.get(f"{url}/health/ready", timeout=2.0).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"gateway not ready after {READY_TIMEOUT_S:.0f}s (log: {log_path})")
+                time.sleep(0.5)
+            yield url, proc
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=90)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+# -- talking to it -----------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Reply:
+    text: str
+    tier: str
+    escalated: bool
+    confidence: float | None
+    threshold: float
+    student_version: str
+    seconds: float
+
+
+def _conf(value: str | None) -> float | None:
+    return None if value in (None, "none") else float(value)
+
+
+class Client:
+    def __init__(self, url: str, admin_key: str) -> None:
+        self.url = url
+        self.http = httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(900.0, connect=10.0))
+        self.admin = {"authorization": f"Bearer {admin_key}"}
+
+    async def chat(self, model: str, messages: Sequence[dict[str, str]]) -> Reply:
+        body = {"model": model, "messages": list(messages), "temperature": 0, "max_tokens": MAX_TOKENS}
+        start = time.perf_counter()
+        resp = await self.http.post("/v1/chat/completions", json=body)
+        resp.raise_for_status()
+        h = resp.headers
+        return Reply(
+            text=resp.json()["choices"][0]["message"]["content"] or "",
+            tier=h["x-tiergate-tier"],
+            escalated=h["x-tiergate-escalated"] == "true",
+            confidence=_conf(h.get("x-tiergate-confidence")),
+            threshold=float(h["x-tiergate-threshold"]),
+            student_version=h["x-tiergate-student-version"],
+            seconds=time.perf_counter() - start,
+        )
+
+    async def metrics(self) -> Metrics:
+        resp = await self.http.get("/metrics")
+        resp.raise_for_status()
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(resp.text)
+            for s in family.samples
+        }
+
+    async def set_threshold(self, threshold: float) -> None:
+        resp = await self.http.put("/admin/threshold", json={"threshold": threshold}, headers=self.admin)
+        resp.raise_for_status()
+
+    async def versions(self) -> dict[str, Any]:
+        resp = await self.http.get("/admin/student/versions", headers=self.admin)
+        resp.raise_for_status()
+        data: dict[str, Any] = resp.json()
+        return data
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+
+def total(m: Metrics, name: str, **labels: str) -> float:
+    want = set(labels.items())
+    return sum(v for (n, lab), v in m.items() if n == name and want <= set(lab))
+
+
+# -- one request, one window -------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    index: int
+    split: str
+    intent: str | None
+    served: str
+    served_score: float | None
+    to_teacher: bool  # answered by the teacher (escalated, or forced)
+    confidence: float | None
+    student: str | None  # the student's own answer, when measured (held-out, or all-student)
+    student_score: float | None
+    student_version: str
+    seconds: float
+
+
+def score(text: str | None, item: StreamItem) -> float | None:
+    return None if text is None or not item.key_facts else key_fact_recall(text, item.key_facts)
+
+
+async def serve(client: Client, mode: Mode, index: int, item: StreamItem) -> Outcome:
+    """Send one stream item the way `mode` says and measure what came back.
+
+    Tiered, held-out: never through `tiered` (an escalation would become training signal).
+    The student is asked alone (its own answer, scored without bias), and the gateway's own rule
+    is applied to its confidence header: below the threshold, the teacher's answer is served.
+    That is the same decision, the same calls and the same cost as the tiered route.
+    """
+    student: Reply | None = None
+    if mode == "teacher":
+        served = await client.chat("teacher", item.messages)
+    elif mode == "student":
+        served = student = await client.chat("student", item.messages)
+    elif item.split == "heldout":
+        student = await client.chat("student", item.messages)
+        escalate = student.confidence is None or student.confidence < student.threshold
+        served = await client.chat("teacher", item.messages) if escalate else student
+    else:
+        served = await client.chat("tiered", item.messages)
+    return Outcome(
+        index=index,
+        split=item.split,
+        intent=item.intent,
+        served=served.text,
+        served_score=score(served.text, item),
+        to_teacher=served.tier == "teacher",
+        confidence=(student or served).confidence,
+        student=student.text if student else None,
+        student_score=score(student.text, item) if student else None,
+        student_version=(student or served).student_version,
+        seconds=served.seconds + (student.seconds if student is not None and student is not served else 0.0),
+    )
+
+
+@dataclass
+class WindowRow:
+    config: str
+    window: int
+    first: int  # stream index of the window's first request
+    n: int
+    n_heldout: int
+    escalation_rate: float
+    student_quality: float | None  # key-fact recall of the student's own answers, held-out items
+    served_quality: float | None  # key-fact recall of what the client got, held-out items
+    served_quality_all: float | None  # the same over every item with key facts
+    cost_usd: float
+    cost_per_request_usd: float
+    rel_cost_vs_all_teacher: float | None = None
+    student_version: str = ""
+    distill_promoted: int = 0
+    distill_rejected: int = 0
+    mean_latency_s: float = 0.0
+    seconds: float = 0.0
+
+
+def _mean(xs: Sequence[float | None]) -> float | None:
+    vals = [x for x in xs if x is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def window_row(
+    name: str,
+    w: int,
+    first: int,
+    got: Sequence[Outcome],
+    cost: float,
+    seconds: float,
+    after: Metrics | None = None,
+) -> WindowRow:
+    held = [o for o in got if o.split == "heldout"]
+    return WindowRow(
+        config=name,
+        window=w,
+        first=first,
+        n=len(got),
+        n_heldout=len(held),
+        escalation_rate=sum(o.to_teacher for o in got) / len(got),
+        student_quality=_mean([o.student_score for o in held]),
+        served_quality=_mean([o.served_score for o in held]),
+        served_quality_all=_mean([o.served_score for o in got]),
+        cost_usd=cost,
+        cost_per_request_usd=cost / len(got),
+        student_version=got[-1].student_version,
+        distill_promoted=int(total(after, "tiergate_distill_runs_total", result="promoted")) if after else 0,
+        distill_rejected=int(total(after, "tiergate_distill_runs_total", result="rejected")) if after else 0,
+        mean_latency_s=statistics.fmean(o.seconds for o in got),
+        seconds=seconds,
+    )
+
+
+def _describe(label: str, row: WindowRow) -> str:
+    sq = f"{row.served_quality:.2f}" if row.served_quality is not None else "-"
+    return f"{label}  w{row.window}: esc {row.escalation_rate:.2f} served {sq} [{row.student_version}]"
+
+
+async def replay(
+    client: Client,
+    cfg: RunConfig,
+    items: Sequence[StreamItem],
+    window: int,
+    concurrency: int,
+    progress: Progress,
+) -> tuple[list[WindowRow], list[Outcome]]:
+    """Replay `items` window by window; each window's cost is the /metrics difference around it."""
+    task = progress.add_task(cfg.label, total=len(items))
+    rows: list[WindowRow] = []
+    outcomes: list[Outcome] = []
+    limit = asyncio.Semaphore(1 if cfg.sequential else concurrency)
+
+    async def one(i: int) -> Outcome:
+        async with limit:
+            out = await serve(client, cfg.mode, i, items[i])
+        progress.advance(task)
+        return out
+
+    for w, first in enumerate(range(0, len(items), window)):
+        idx = range(first, min(first + window, len(items)))
+        before, t0 = await client.metrics(), time.perf_counter()
+        # Loop on: strictly in order, since the student changes as it goes. Static: order is moot.
+        got = [await one(i) for i in idx] if cfg.sequential else list(await asyncio.gather(*map(one, idx)))
+        after, seconds = await client.metrics(), time.perf_counter() - t0
+        cost = total(after, "tiergate_cost_usd_total") - total(before, "tiergate_cost_usd_total")
+        rows.append(window_row(cfg.name, w, first, got, cost, seconds, after))
+        outcomes += got
+        progress.update(task, description=_describe(cfg.label, rows[-1]))
+    return rows, outcomes
+
+
+# -- static references: each distinct prompt once -----------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Answer:
+    reply: Reply
+    cost_usd: float  # the /metrics cost difference around this one request
+
+
+def prompt_key(item: StreamItem) -> str:
+    return json.dumps(item.messages, sort_keys=True)
+
+
+async def answer_distinct(
+    client: Client, model: Literal["student", "teacher"], items: Sequence[StreamItem], progress: Progress, label: str
+) -> dict[str, Answer]:
+    """Forced-tier answers to every distinct prompt, one at a time, each with its own cost.
+
+    A static tier decodes greedily, so a repeated prompt gets the same answer at the same cost;
+    asking once per distinct prompt measures the same thing in a fraction of the time.
+    """
+    distinct = {prompt_key(i): i for i in items}
+    task = progress.add_task(f"{label} ({len(distinct)} distinct prompts)", total=len(distinct))
+    out: dict[str, Answer] = {}
+    for key, item in distinct.items():
+        before = await client.metrics()
+        reply = await client.chat(model, item.messages)
+        after = await client.metrics()
+        cost = total(after, "tiergate_cost_usd_total") - total(before, "tiergate_cost_usd_total")
+        out[key] = Answer(reply, cost)
+        progress.advance(task)
+    return out
+
+
+def static_outcomes(
+    name: str,
+    items: Sequence[StreamItem],
+    window: int,
+    student: dict[str, Answer] | None,
+    teacher: dict[str, Answer] | None,
+    threshold: float | None,
+) -> tuple[list[WindowRow], list[Outcome]]:
+    """Per-item outcomes and windows of a static configuration from the distinct-prompt answers.
+
+    `loop_off` applies the gateway's rule (escalate when confidence < threshold) to the
+    student's confidence: the same decision, answer and cost as its tiered route, less the
+    background audits (5 % of confident requests by default), which change no answer.
+    """
+    outcomes: list[Outcome] = []
+    costs: list[float] = []
+    for i, item in enumerate(items):
+        key = prompt_key(item)
+        s = student[key] if student is not None else None
+        t = teacher[key] if teacher is not None else None
+        if name == "all_student":
+            assert s is not None
+            served, to_teacher, cost, secs = s, False, s.cost_usd, s.reply.seconds
+        elif name == "all_teacher":
+            assert t is not None
+            served, to_teacher, cost, secs = t, True, t.cost_usd, t.reply.seconds
+            s = None  # the student's answer is not part of this configuration
+        else:
+            assert s is not None and t is not None and threshold is not None
+            conf = s.reply.confidence
+            to_teacher = conf is None or conf < threshold
+            served = t if to_teacher else s
+            cost = s.cost_usd + (t.cost_usd if to_teacher else 0.0)
+            secs = s.reply.seconds + (t.reply.seconds if to_teacher else 0.0)
+        outcomes.append(
+            Outcome(
+                index=i,
+                split=item.split,
+                intent=item.intent,
+                served=served.reply.text,
+                served_score=score(served.reply.text, item),
+                to_teacher=to_teacher,
+                confidence=s.reply.confidence if s else None,
+                student=s.reply.text if s else None,
+                student_score=score(s.reply.text, item) if s else None,
+                student_version=served.reply.student_version,
+                seconds=secs,
+            )
+        )
+        costs.append(cost)
+    rows = [
+        window_row(name, w, first, outcomes[first : first + window], sum(costs[first : first + window]), 0.0)
+        for w, first in enumerate(range(0, len(items), window))
+    ]
+    return rows, outcomes
+
+
+# -- reading the loop's decisions from the gateway's log ---------------------------------------
+_LOG_EVENTS = (
+    ("run", re.compile(r"distillation run on (\d+) examples")),
+    ("rejected", re.compile(r"candidate rejected by the gate: (\S+)")),
+    ("promoted", re.compile(r"promoted (\S+) \(held-out NLL ([\d.]+) -> ([\d.]+)\)")),
+    ("swapped", re.compile(r"student hot-swapped (\S+) -> (\S+)")),
+    ("rollback", re.compile(r"auto-rollback (\S+) -> (\S+)")),
+    ("failed", re.compile(r"distillation run failed")),
+    ("step", re.compile(r"distill step (\d+)/(\d+) loss ([\d.]+)")),
+)
+
+
+def log_events(text: str) -> list[dict[str, Any]]:
+    events = []
+    for line in text.splitlines():
+        for kind, pattern in _LOG_EVENTS:
+            m = pattern.search(line)
+            if m:
+                events.append({"event": kind, "at": line[:23], "groups": list(m.groups())})
+                break
+    return events
+
+
+# -- the whole run -----------------------------------------------------------------------------
+@dataclass
+class RunResult:
+    rows: dict[str, list[WindowRow]] = field(default_factory=dict)
+    outcomes: dict[str, list[Outcome]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    other_cpu_cores: dict[str, float] = field(default_factory=dict)  # mean cores used by other processes
+    threshold: float | None = None
+    confidence_quantiles: dict[str, float] = field(default_factory=dict)
+    distill: dict[str, Any] = field(default_factory=dict)
+
+
+def quantiles(values: Sequence[float]) -> dict[str, float]:
+    qs = statistics.quantiles(values, n=20, method="inclusive")  # 5 % steps
+    return {"p10": qs[1], "p25": qs[4], "p50": statistics.median(values), "p75": qs[14], "p90": qs[17]}
+
+
+class CpuWatch:
+    """Wall time, and the mean number of cores other processes used meanwhile (noise)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.t0, self.busy0, self.own0 = time.perf_counter(), busy_seconds(), cpu_seconds(pid)
+
+    def stop(self) -> tuple[float, float]:
+        wall = time.perf_counter() - self.t0
+        other = (busy_seconds() - self.busy0) - (cpu_seconds(self.pid) - self.own0)
+        return wall, max(0.0, other) / wall
+
+
+async def run_static(
+    items: Sequence[StreamItem],
+    names: Sequence[str],
+    args: argparse.Namespace,
+    profile: Profile,
+    prompt: str,
+    result: RunResult,
+    progress: Progress,
+    logs: Path,
+) -> None:
+    """all-student (its confidences pick the threshold), all-teacher and loop off, on one gateway
+    without a loop. Loop off is derived from the other two, or replayed (`--loop-off run`)."""
+    admin = secrets.token_hex(16)
+    need_student = bool({"all_student", "loop_off"} & set(names)) and (
+        "all_student" in names or args.loop_off == "derive" or result.threshold is None
+    )
+    need_teacher = "all_teacher" in names or ("loop_off" in names and args.loop_off == "derive")
+    with tempfile.TemporaryDirectory(prefix="tiergate-stream-static-") as tmp:
+        env = gateway_env(Path(tmp), admin, prompt, loop=False, profile=profile, lr=args.lr)
+        with gateway(env, logs / "static.log") as (url, proc):
+            client = Client(url, admin)
+            try:
+                student = teacher = None
+                if need_student:
+                    watch = CpuWatch(proc.pid)
+                    student = await answer_distinct(client, "student", items, progress, "all-student")
+                    result.seconds["all_student"], result.other_cpu_cores["all_student"] = watch.stop()
+                    if result.threshold is None:
+                        confs = [student[prompt_key(i)].reply.confidence for i in items]
+                        result.confidence_quantiles = quantiles([c for c in confs if c is not None])
+                        result.threshold = round(result.confidence_quantiles["p50"], 4)
+                        console.log(
+                            "student confidence over the stream: "
+                            + ", ".join(f"{k} {v:.3f}" for k, v in result.confidence_quantiles.items())
+                            + f"; threshold = median = {result.threshold}"
+                        )
+                if need_teacher:
+                    watch = CpuWatch(proc.pid)
+                    teacher = await answer_distinct(client, "teacher", items, progress, "all-teacher")
+                    result.seconds["all_teacher"], result.other_cpu_cores["all_teacher"] = watch.stop()
+                for name in names:
+                    if name == "loop_off" and args.loop_off == "run":
+                        await client.set_threshold(_need_threshold(result))
+                        watch = CpuWatch(proc.pid)
+                        rows, outs = await replay(
+                            client, CONFIGS[name], items, args.window, profile.ref_concurrency, progress
+                        )
+                        result.seconds[name], result.other_cpu_cores[name] = watch.stop()
+                    else:
+                        threshold = _need_threshold(result) if name == "loop_off" else None
+                        rows, outs = static_outcomes(name, items, args.window, student, teacher, threshold)
+                    result.rows[name], result.outcomes[name] = rows, outs
+            finally:
+                await client.aclose()
+
+
+def _need_threshold(result: RunResult) -> float:
+    if result.threshold is None:
+        raise SystemExit("no threshold: run all_student first or pass --threshold")
+    return result.threshold
+
+
+async def run_online(
+    items: Sequence[StreamItem],
+    args: argparse.Namespace,
+    profile: Profile,
+    prompt: str,
+    result: RunResult,
+    progress: Progress,
+    logs: Path,
+) -> None:
+    """The distillation loop on, replayed strictly in order."""
+    admin = secrets.token_hex(16)
+    log_path = logs / "online.log"
+    with tempfile.TemporaryDirectory(prefix="tiergate-stream-online-") as tmp:
+        env = gateway_env(Path(tmp), admin, prompt, loop=True, profile=profile, lr=args.lr)
+        env["TIERGATE_ROUTER__THRESHOLD"] = str(_need_threshold(result))
+        with gateway(env, log_path) as (url, proc):
+            client = Client(url, admin)
+            try:
+                watch = CpuWatch(proc.pid)
+                rows, outs = await replay(client, CONFIGS["loop_on"], items, args.window, 1, progress)
+                result.rows["loop_on"], result.outcomes["loop_on"] = rows, outs
+                result.seconds["loop_on"], result.other_cpu_cores["loop_on"] = watch.stop()
+                m = await client.metrics()
+                versions = await client.versions()
+            finally:
+                await client.aclose()
+        distill_env = {k: v for k, v in env.items() if k.startswith("TIERGATE_DISTILL__")}
+        result.distill = {
+            "settings": distill_env,
+            "runs": {
+                r: int(total(m, "tiergate_distill_runs_total", result=r))
+                for r in ("promoted", "rejected", "skipped", "failed")
+            },
+            "gate": {
+                f"{dict(lab)['result']}:{dict(lab)['reason']}": v
+                for (n, lab), v in m.items()
+                if n == "tiergate_distill_gate_total"
+            },
+            "swaps": int(total(m, "tiergate_student_swaps_total")),
+            "signal_records_written": int(total(m, "tiergate_signal_records_total", result="written")),
+            "versions": versions,
+            "log_events": [e for e in log_events(log_path.read_text(errors="replace")) if e["event"] != "step"],
+            "train_losses": [
+                [int(e["groups"][0]), int(e["groups"][1]), float(e["groups"][2])]
+                for e in log_events(log_path.read_text(errors="replace"))
+                if e["event"] == "step"
+            ],
+        }
+
+
+def relative_costs(result: RunResult) -> None:
+    base = {r.window: r.cost_per_request_usd for r in result.rows.get("all_teacher", [])}
+    for rows in result.rows.values():
+        for r in rows:
+            if base.get(r.window):
+                r.rel_cost_vs_all_teacher = r.cost_per_request_usd / base[r.window]
+
+
+def summary(result: RunResult) -> dict[str, dict[str, float | None]]:
+    """Whole-stream numbers per configuration, and the first vs the last window."""
+    out: dict[str, dict[str, float | None]] = {}
+    for name, outs in result.outcomes.items():
+        held = [o for o in outs if o.split == "heldout"]
+        rows = result.rows[name]
+        cost = sum(r.cost_usd for r in rows)
+        teacher_cost = sum(r.cost_usd for r in result.rows.get("all_teacher", []))
+        out[name] = {
+            "requests": len(outs),
+            "escalation_rate": sum(o.to_teacher for o in outs) / len(outs),
+            "student_quality": _mean([o.student_score for o in held]),
+            "served_quality": _mean([o.served_score for o in held]),
+            "served_quality_all": _mean([o.served_score for o in outs]),
+            "cost_per_request_usd": cost / len(outs),
+            "rel_cost_vs_all_teacher": cost / teacher_cost if teacher_cost else None,
+            "first_window_escalation": rows[0].escalation_rate,
+            "last_window_escalation": rows[-1].escalation_rate,
+            "first_window_served_quality": rows[0].served_quality,
+            "last_window_served_quality": rows[-1].served_quality,
+            "seconds": result.seconds.get(name),
+            "other_cpu_cores": result.other_cpu_cores.get(name),
+        }
+    return out
+
+
+# -- outputs -----------------------------------------------------------------------------------
+COLORS = {"loop_on": "tab:blue", "loop_off": "tab:orange", "all_teacher": "tab:green", "all_student": "tab:red"}
+
+
+def plot(result: RunResult, path: Path, window: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(4, 1, figsize=(9, 12.5), sharex=True)
+    ax_esc, ax_q, ax_all, ax_cost = axes
+    for name, rows in result.rows.items():
+        x = [r.first + r.n for r in rows]  # requests served by the end of the window
+        c, label = COLORS[name], CONFIGS[name].label
+        ax_esc.plot(x, [r.escalation_rate for r in rows], "o-", color=c, label=label)
+        ax_q.plot(x, [r.served_quality for r in rows], "o-", color=c, label=f"{label}: served")
+        if CONFIGS[name].mode == "tiered":
+            ax_q.plot(x, [r.student_quality for r in rows], "x--", color=c, label=f"{label}: student alone")
+        ax_all.plot(x, [r.served_quality_all for r in rows], "o-", color=c, label=f"{label}: served")
+        ax_cost.plot(x, [r.rel_cost_vs_all_teacher for r in rows], "o-", color=c, label=label)
+    for r_prev, r in zip(result.rows.get("loop_on", []), result.rows.get("loop_on", [])[1:], strict=False):
+        if r.student_version != r_prev.student_version:
+            for ax in axes:
+                ax.axvline(r.first, color="tab:blue", alpha=0.3, linestyle=":")
+            ax_esc.annotate(r.student_version, (r.first, 1.02), fontsize=7, color="tab:blue")
+    ax_esc.set_ylabel("escalation rate\n(share answered by teacher)")
+    ax_esc.set_ylim(-0.05, 1.1)
+    ax_q.set_ylabel("key-fact recall,\nheld-out requests")
+    ax_q.set_ylim(-0.05, 1.05)
+    ax_all.set_ylabel("key-fact recall,\nall requests (served)")
+    ax_all.set_ylim(-0.05, 1.05)
+    ax_cost.set_ylabel("cost per request\n/ all-teacher")
+    ax_cost.set_xlabel(f"requests replayed (windows of {window}; dotted: loop-on student swapped)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    fig.suptitle(f"Online distillation on a replayed stream (threshold {result.threshold})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_csv(result: RunResult, path: Path) -> None:
+    rows = [asdict(r) for name in result.rows for r in result.rows[name]]
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _fmt(x: float | None, spec: str = ".2f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def print_tables(result: RunResult) -> None:
+    for name, rows in result.rows.items():
+        table = Table(title=CONFIGS[name].label)
+        for col in (
+            "window",
+            "requests",
+            "escalation",
+            "student q",
+            "served q",
+            "served q (all)",
+            "cost/req",
+            "vs teacher",
+            "version",
+        ):
+            table.add_column(col, justify="right")
+        for r in rows:
+            table.add_row(
+                str(r.window),
+                f"{r.first}-{r.first + r.n - 1}",
+                _fmt(r.escalation_rate),
+                _fmt(r.student_quality),
+                _fmt(r.served_quality),
+                _fmt(r.served_quality_all),
+                f"${r.cost_per_request_usd * 1e6:.0f}/M",
+                _fmt(r.rel_cost_vs_all_teacher),
+                r.student_version,
+            )
+        console.print(table)
+
+
+def reuse_static(path: Path, items: Sequence[StreamItem], window: int, result: RunResult) -> None:
+    """Take the static references (and their threshold) from an earlier result on the same stream,
+    so a tuning run replays only the loop. Their numbers do not depend on the loop's settings."""
+    old = json.loads(path.read_text())
+    if old["stream"]["requests"] != len(items) or old["stream"]["window"] != window:
+        raise SystemExit(f"{path}: another stream or window ({old['stream']}); cannot reuse its references")
+    load_result(old, STATIC, result)
+
+
+def load_result(old: dict[str, Any], names: Sequence[str], result: RunResult) -> None:
+    """Windows, outcomes and timings of `names` from a result JSON, and its threshold."""
+    for name in names:
+        if name in old["windows"]:
+            result.rows[name] = [WindowRow(**r) for r in old["windows"][name]]
+            result.outcomes[name] = [Outcome(**o) for o in old["outcomes"][name]]
+            for key, into in (("seconds", result.seconds), ("other_cpu_cores", result.other_cpu_cores)):
+                if old["summary"][name].get(key) is not None:
+                    into[name] = old["summary"][name][key]
+    if result.threshold is None:
+        result.threshold = old["threshold"]
+        result.confidence_quantiles = old["student_confidence"]
+
+
+def replot(path: Path) -> None:
+    """Redraw the PNG of an earlier result JSON (same name, .png)."""
+    old = json.loads(path.read_text())
+    result = RunResult()
+    load_result(old, list(CONFIGS), result)
+    plot(result, path.with_suffix(".png"), old["stream"]["window"])
+    console.print(f"wrote {path.with_suffix('.png')}")
+
+
+def load_items(args: argparse.Namespace) -> tuple[list[StreamItem], str]:
+    if args.stream is not None:
+        items, source = read_stream(args.stream), str(args.stream)
+    elif args.quick:
+        items = build_stream(load_kb(args.kb), **QUICK_STREAM)
+        source = f"built in memory: {QUICK_STREAM}"
+    else:
+        items, source = read_stream(DEFAULT_STREAM), str(DEFAULT_STREAM)
+    return (items[: args.limit] if args.limit else items), source
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.stream_distill", description=__doc__.split("\n\n")[0])
+    p.add_argument("--stream", type=Path, default=None, help="JSONL stream (default bench/data/stream.jsonl)")
+    p.add_argument("--window", type=int, default=None, help="requests per reported window")
+    p.add_argument("--limit", type=int, default=None, help="replay only the first N requests")
+    p.add_argument("--quick", action="store_true", help="a short stream and small runs: a few minutes")
+    p.add_argument("--threshold", type=float, default=None, help="skip the median rule and use this threshold")
+    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    p.add_argument(
+        "--loop-off",
+        choices=["derive", "run"],
+        default="derive",
+        help="derive loop off from the all-student and all-teacher answers (default), or replay it too",
+    )
+    p.add_argument("--lr", type=float, default=5e-4, help="LoRA learning rate (TIERGATE_DISTILL__LORA__LR wins)")
+    p.add_argument("--replot", type=Path, default=None, help="only redraw the PNG of this result JSON")
+    p.add_argument(
+        "--reuse-static", type=Path, default=None, help="take all-student, all-teacher, loop off from this result JSON"
+    )
+    p.add_argument("--kb", type=Path, default=DEFAULT_KB, help="knowledge base for the teacher prompt")
+    p.add_argument("--out", type=Path, default=None, help="output path prefix")
+    return p.parse_args(argv)
+
+
+async def amain(args: argparse.Namespace) -> None:
+    profile = QUICK if args.quick else FULL
+    args.window = args.window or profile.window
+    items, source = load_items(args)
+    prompt = kb_teacher_prompt(load_kb(args.kb))
+    prefix = args.out or RESULTS / ("stream_distill_quick" if args.quick else "stream_distill")
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    logs = prefix.parent / f"{prefix.name}_logs"
+    logs.mkdir(exist_ok=True)
+    result = RunResult(threshold=args.threshold)
+    if args.reuse_static is not None:
+        reuse_static(args.reuse_static, items, args.window, result)
+    n_held = sum(i.split == "heldout" for i in items)
+    console.log(f"stream: {len(items)} requests ({n_held} held-out) from {source}; windows of {args.window}")
+    started = time.time()
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    ) as progress:
+        static = [n for n in STATIC if n in args.configs and n not in result.rows]
+        if static:
+            await run_static(items, static, args, profile, prompt, result, progress, logs)
+        if "loop_on" in args.configs:
+            await run_online(items, args, profile, prompt, result, progress, logs)
+    relative_costs(result)
+    print_tables(result)
+    summ = summary(result)
+    out = {
+        "benchmark": "stream_distill",
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "stream": {"source": source, "requests": len(items), "heldout": n_held, "window": args.window},
+        "threshold": result.threshold,
+        "threshold_rule": "given" if args.threshold is not None else "median of all-student confidences",
+        "reused_static_from": str(args.reuse_static) if args.reuse_static else None,
+        "student_confidence": result.confidence_quantiles,
+        "max_tokens": MAX_TOKENS,
+        "profile": asdict(profile),
+        "summary": summ,
+        "windows": {name: [asdict(r) for r in rows] for name, rows in result.rows.items()},
+        "distill": result.distill,
+        "outcomes": {name: [asdict(o) for o in outs] for name, outs in result.outcomes.items()},
+    }
+    prefix.with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")
+    write_csv(result, prefix.with_suffix(".csv"))
+    plot(result, prefix.with_suffix(".png"), args.window)
+    for name, s in summ.items():
+        console.print(
+            f"{CONFIGS[name].label:28s} escalation {_fmt(s['escalation_rate'])} "
+            f"(first {_fmt(s['first_window_escalation'])}, last {_fmt(s['last_window_escalation'])})  "
+            f"held-out served {_fmt(s['served_quality'])} student {_fmt(s['student_quality'])}  "
+            f"cost vs all-teacher {_fmt(s['rel_cost_vs_all_teacher'])}"
+        )
+    if result.distill:
+        console.print(f"distillation runs: {result.distill['runs']}; gate: {result.distill['gate']}")
+    console.print(f"wrote {prefix}.json, .csv, .png (gateway logs in {logs})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.replot is not None:
+        replot(args.replot)
+    else:
+        asyncio.run(amain(args))
+
+
+if __name__ == "__main__":
+    main()
