@@ -82,6 +82,8 @@ class GateSettings(BaseModel):
     # Anchor set: the largest allowed drop in agreement and rise in NLL.
     anchor_max_agreement_drop: float = Field(default=0.05, ge=0)
     anchor_max_nll_rise: float = Field(default=0.1, ge=0)
+    # Fewest held-out items a decision may rest on; fewer and the candidate is not promoted.
+    min_heldout: int = Field(default=4, ge=1)
     # Tokens generated per item when measuring agreement.
     max_new_tokens: int = Field(default=48, ge=1)
     # Most held-out items evaluated per run (keeps CPU gates bounded).

@@ -50,6 +50,8 @@ def decide(
 
     if n_heldout == 0 or math.isnan(hc.nll):
         return report(False, "no_heldout_data")
+    if n_heldout < cfg.min_heldout:  # a promotion on 2 items was seen, and it was a bad one
+        return report(False, "too_few_heldout")
     if not hc.nll <= hs.nll - cfg.min_nll_gain:
         return report(False, "heldout_nll_not_improved")
     if hc.agreement < hs.agreement:

@@ -213,7 +213,12 @@ class DistillLoop:
         self.state.runs += 1
         self.state.save(self._state_path)
         if not gate.passed:
-            log.warning("candidate rejected by the gate: %s", gate.reason)
+            log.warning(
+                "candidate rejected by the gate: %s (held-out NLL %.3f -> %.3f, agreement %.3f -> %.3f, n=%d; "
+                "anchor agreement %.3f -> %.3f)",
+                gate.reason, h_serving.nll, h_cand.nll, h_serving.agreement, h_cand.agreement, len(data.heldout),
+                a_serving.agreement, a_cand.agreement,
+            )  # fmt: skip
             return self._done(RunOutcome("rejected", gate.reason, gate=gate, train=train_info))
         name = self.registry.new_name()
         with tempfile.TemporaryDirectory() as tmp:
