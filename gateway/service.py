@@ -390,7 +390,20 @@ class TieredService:
         decision: Decision | None,
         answer: Generation,
     ) -> None:
-        sample = self._sample(call, kind, reason, draft, decision, answer)
+        sample = Sample(
+            id=call.request_id if kind == "escalation" else f"{call.request_id}-audit",
+            created_at=time.time(),
+            tenant=call.tenant,
+            kind=kind,
+            reason=reason,
+            messages=call.messages,
+            student=draft,
+            confidence=decision.confidence if decision else None,
+            features=dict(decision.features) if decision else {},
+            teacher=answer,
+            threshold=decision.threshold if decision else self.policies.threshold(DEFAULT_TENANT),
+            metadata=dict(call.metadata),
+        )
         if self.settings.signal.score_drafts and draft is not None and draft.text:
             scorer = getattr(self.tiers["teacher"], "score", None)
             if scorer is not None:
@@ -411,30 +424,6 @@ class TieredService:
         task = asyncio.create_task(coro, name=f"signal-{request_id}")
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-
-    def _sample(
-        self,
-        call: ChatCall,
-        kind: Literal["escalation", "audit"],
-        reason: str,
-        draft: Generation | None,
-        decision: Decision | None,
-        answer: Generation,
-    ) -> Sample:
-        return Sample(
-            id=call.request_id if kind == "escalation" else f"{call.request_id}-audit",
-            created_at=time.time(),
-            tenant=call.tenant,
-            kind=kind,
-            reason=reason,
-            messages=call.messages,
-            student=draft,
-            confidence=decision.confidence if decision else None,
-            features=dict(decision.features) if decision else {},
-            teacher=answer,
-            threshold=decision.threshold if decision else self.policies.threshold(DEFAULT_TENANT),
-            metadata=dict(call.metadata),
-        )
 
     def _submit(self, sample: Sample) -> None:
         try:
