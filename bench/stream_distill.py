@@ -16,7 +16,6 @@ import platform
 import re
 import secrets
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from bench.gateway_overhead import busy_seconds, cpu_seconds, free_port
 from bench.kb import DEFAULT_KB, DEFAULT_STREAM, StreamItem, build_stream, key_fact_recall, load_kb, read_stream
 from bench.kb import teacher_prompt as kb_teacher_prompt
 
@@ -115,25 +115,6 @@ def gateway_env(tmp: Path, admin_key: str, prompt: str, *, loop: bool, profile: 
 
 
 # -- the gateway process -----------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, all threads (from /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def busy_seconds() -> float:
-    """Machine-wide busy CPU seconds, all cores (from /proc/stat; idle and iowait excluded)."""
-    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (sum(ticks[:8]) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
-
-
 @contextmanager
 def gateway(env: dict[str, str], log_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """`python -m gateway` on a free loopback port; yields its base URL once both tiers are ready."""

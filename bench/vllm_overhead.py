@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,8 @@ import aiohttp
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
+
+from bench.gateway_overhead import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "vllm_overhead.json"
@@ -48,12 +49,6 @@ class Cell:
     p50_ms: float
     p99_ms: float
     ratios: dict[str, float] = field(default_factory=dict)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 400) -> None:
