@@ -115,10 +115,6 @@ class VllmPublisher:
         self._unloads: set[asyncio.Task[None]] = set()
         student.use_model(self.base_name, BASE)  # the base model is version "base", as in-process
 
-    @property
-    def serving(self) -> str:
-        return self._serving
-
     async def sync(self) -> str | None:
         async with self._lock:
             target = self.registry.current()

@@ -325,9 +325,6 @@ class SignalStore:
         finally:
             conn.close()
 
-    def samples(self, since: float = 0.0, kind: str | None = None) -> Iterator[Sample]:
-        yield from read_samples(self.config.path, since=since, kind=kind)
-
 
 def read_samples(path: Path, since: float = 0.0, kind: str | None = None) -> Iterator[Sample]:
     if not path.exists():
