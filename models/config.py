@@ -49,9 +49,6 @@ class BackendConfig(BaseModel):
     read_timeout_s: float = Field(default=60.0, gt=0)
     # remote: most simultaneous connections to the server.
     max_connections: int = Field(default=256, ge=1)
-    # remote: HTTP transport under httpx. "aiohttp" (httpx-aiohttp) is 4-8x faster than
-    # httpx's own pool under concurrency on this machine class (see bench/README.md).
-    transport: Literal["aiohttp", "httpcore"] = "aiohttp"
     # remote: ask the server for per-token logprobs (confidence needs them on the student tier).
     request_logprobs: bool = True
     # vllm: extra AsyncEngineArgs, e.g. {"enable_lora": true, "max_lora_rank": 16,

@@ -1,8 +1,9 @@
-"""Backend for any OpenAI-compatible server (vLLM, a hosted teacher) over httpx.
+"""Backend for any OpenAI-compatible server (vLLM, a hosted teacher) over aiohttp.
 
-One `httpx.AsyncClient` per backend, with explicit timeouts, running over the aiohttp
-transport by default (measured in bench/: httpx's own pool collapses under concurrency).
-httpx errors are translated into `models.errors` where they enter. It does not retry:
+One `aiohttp.ClientSession` per backend, with a bounded connection pool and explicit connect
+and read timeouts. aiohttp was chosen by measurement (bench/README.md): per call it costs a
+fraction of httpx's request layer, which dominated the gateway's CPU under concurrency.
+aiohttp errors are translated into `models.errors` where they enter. It does not retry:
 retrying is the caller's policy, and a stream is never retried after its first byte.
 """
 
@@ -10,11 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-import httpx
+import aiohttp
+import orjson
+from yarl import URL
 
 from models.base import (
     BackendInfo,
@@ -39,26 +41,30 @@ from models.errors import (
 from models.served import ServedNames
 
 MAX_RESPONSE_BYTES = 8 * 1024 * 1024  # a completion larger than this is garbage, not an answer
+MAX_LINE_BYTES = 1024 * 1024  # one SSE line (a chunk with top-20 logprobs is a few KiB)
+JSON_HEADERS = {"content-type": "application/json"}
 
 
 @contextlib.contextmanager
-def map_httpx_exceptions(name: str) -> Iterator[None]:
-    """Translate httpx exceptions, most specific first (cf. httpx's map_httpcore_exceptions)."""
+def map_client_errors(name: str) -> Iterator[None]:
+    """Translate aiohttp exceptions, most specific first."""
     try:
         yield
-    except httpx.ConnectTimeout as exc:
+    except BackendError:
+        raise  # ours, raised inside the block (some subclass OSError or ValueError)
+    except aiohttp.ConnectionTimeoutError as exc:  # no connection (or pool slot) in time
         raise BackendUnavailable(f"{name}: connect timed out") from exc
-    except httpx.TimeoutException as exc:
+    except TimeoutError as exc:  # aiohttp's read timeouts subclass it
         raise BackendTimeout(f"{name}: timed out ({type(exc).__name__})") from exc
-    except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+    except (aiohttp.ClientError, OSError) as exc:  # refused, reset, disconnected, bad HTTP, payload
         raise BackendUnavailable(f"{name}: {type(exc).__name__}: {exc}") from exc
-    except httpx.HTTPError as exc:
-        raise BackendUnavailable(f"{name}: {type(exc).__name__}: {exc}") from exc
+    except ValueError as exc:  # aiohttp's StreamReader: a line over the limit
+        raise BackendResponseError(f"{name}: {exc}") from exc
 
 
 def _status_error(name: str, status: int, body: bytes) -> BackendError:
     try:
-        message = json.loads(body)["error"]["message"]
+        message = orjson.loads(body)["error"]["message"]
     except (ValueError, KeyError, TypeError):
         message = body[:300].decode("utf-8", "replace")
     text = f"{name} answered {status}: {message}"
@@ -81,17 +87,21 @@ def _token(raw: Any) -> tuple[str, int | None]:
     return text, None
 
 
+def _top(raw: Any) -> TopLogprob:
+    token, token_id = _token(raw["token"])
+    return TopLogprob(token, float(raw["logprob"]), token_id)
+
+
 def _parse_logprobs(raw: Any) -> tuple[TokenLogprob, ...]:
+    """OpenAI `logprobs.content` into TokenLogprobs (on the hot path for every draft)."""
     if not isinstance(raw, dict) or not isinstance(raw.get("content"), list):
         return ()
     out = []
     for item in raw["content"]:
-        top = []
-        for t in item.get("top_logprobs") or ():
-            alt, alt_id = _token(t["token"])
-            top.append(TopLogprob(alt, float(t["logprob"]), alt_id))
+        alts = item.get("top_logprobs")
+        top = tuple(map(_top, alts)) if alts else ()
         token, token_id = _token(item["token"])
-        out.append(TokenLogprob(token, float(item["logprob"]), token_id, tuple(top)))
+        out.append(TokenLogprob(token, float(item["logprob"]), token_id, top))
     return tuple(out)
 
 
@@ -102,35 +112,57 @@ def _finish(value: Any) -> FinishReason:
 class RemoteBackend:
     """A tier served by an OpenAI-compatible HTTP server."""
 
-    def __init__(self, config: BackendConfig, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(self, config: BackendConfig) -> None:
         if not config.url:
             raise ValueError(f"remote backend {config.name!r} needs a url")
         self.config = config
         self._names = ServedNames(config.model)
         self._base_model = config.model  # the served base model's name, fixed once known
         self._ready = False
-        limits = httpx.Limits(max_connections=config.max_connections, max_keepalive_connections=config.max_connections)
-        if transport is None:
-            if config.transport == "aiohttp":
-                from httpx_aiohttp import AiohttpTransport
-
-                transport = AiohttpTransport(limits=limits)
-            else:
-                transport = httpx.AsyncHTTPTransport(limits=limits)
-        headers = {"user-agent": "tiergate"}
+        self._base = config.url.rstrip("/")
+        self._urls: dict[str, URL] = {}
+        self._headers = {"user-agent": "tiergate"}
         if config.api_key is not None:
-            headers["authorization"] = f"Bearer {config.api_key.get_secret_value()}"
-        self._client = httpx.AsyncClient(
-            base_url=config.url.rstrip("/"),
-            transport=transport,
-            headers=headers,
-            timeout=httpx.Timeout(
-                connect=config.connect_timeout_s,
-                read=config.read_timeout_s,
-                write=config.read_timeout_s,
-                pool=config.connect_timeout_s,
-            ),
+            self._headers["authorization"] = f"Bearer {config.api_key.get_secret_value()}"
+        self._timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=config.connect_timeout_s,  # pool wait + connect
+            sock_connect=config.connect_timeout_s,
+            sock_read=config.read_timeout_s,  # between bytes, so long streams are fine
         )
+        self._http: aiohttp.ClientSession | None = None
+
+    def _session(self) -> aiohttp.ClientSession:
+        """Created on first use, inside the event loop that will use it."""
+        if self._http is None or self._http.closed:
+            self._http = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self.config.max_connections),
+                headers=self._headers,
+                timeout=self._timeout,
+                read_bufsize=MAX_LINE_BYTES,
+                max_line_size=MAX_LINE_BYTES,
+            )
+        return self._http
+
+    def _url(self, path: str) -> URL:
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = URL(self._base + path)
+        return url
+
+    async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, bytes]:
+        """One request; returns status and body, capped at MAX_RESPONSE_BYTES."""
+        data = orjson.dumps(body) if body is not None else None
+        with map_client_errors(self.config.name):
+            async with self._session().request(
+                method, self._url(path), data=data, headers=JSON_HEADERS if data is not None else None
+            ) as resp:
+                if (resp.content_length or 0) > MAX_RESPONSE_BYTES:
+                    raise BackendResponseError(
+                        f"{self.config.name}: response of {resp.content_length} bytes exceeds the cap"
+                    )
+                content = await resp.read()
+                return resp.status, content
 
     @property
     def info(self) -> BackendInfo:
@@ -144,13 +176,12 @@ class RemoteBackend:
 
     async def start(self) -> None:
         """Check the server answers `/models`; resolve model "auto" to its first model."""
-        with map_httpx_exceptions(self.config.name):
-            resp = await self._client.get("/models")
-        if resp.status_code != 200:
-            raise _status_error(self.config.name, resp.status_code, resp.content)
+        status, content = await self._call("GET", "/models")
+        if status != 200:
+            raise _status_error(self.config.name, status, content)
         if self._names.model == "auto":
             try:
-                self._base_model = str(resp.json()["data"][0]["id"])
+                self._base_model = str(orjson.loads(content)["data"][0]["id"])
                 self._names.use(self._base_model)
             except (ValueError, KeyError, IndexError, TypeError) as exc:
                 raise BackendResponseError(f"{self.config.name}: /models listed no model") from exc
@@ -158,7 +189,8 @@ class RemoteBackend:
 
     async def aclose(self) -> None:
         self._ready = False
-        await self._client.aclose()
+        if self._http is not None:
+            await self._http.close()
 
     @property
     def served_model(self) -> str:
@@ -187,10 +219,9 @@ class RemoteBackend:
         await self._admin("/unload_lora_adapter", {"lora_name": name})
 
     async def _admin(self, path: str, body: dict[str, Any]) -> None:
-        with map_httpx_exceptions(self.config.name):
-            resp = await self._client.post(path, json=body)
-        if resp.status_code != 200:
-            raise _status_error(self.config.name, resp.status_code, resp.content)
+        status, content = await self._call("POST", path, body)
+        if status != 200:
+            raise _status_error(self.config.name, status, content)
 
     async def score(self, messages: tuple[ChatMessage, ...], draft: str, top_k: int = 1) -> tuple[TokenLogprob, ...]:
         """The server's logprobs of `draft` as the assistant reply (vLLM `prompt_logprobs`).
@@ -200,25 +231,25 @@ class RemoteBackend:
         """
         base = self._body(messages, SamplingParams(max_tokens=1, temperature=0), False)
         base.pop("logprobs", None)
-        with map_httpx_exceptions(self.config.name):
-            head = await self._client.post("/chat/completions", json={**base, "return_token_ids": True})
-            full = await self._client.post(
-                "/chat/completions",
-                json={
-                    **base,
-                    "messages": [*base["messages"], {"role": "assistant", "content": draft}],
-                    "add_generation_prompt": False,
-                    "continue_final_message": True,
-                    "prompt_logprobs": top_k,
-                    "return_token_ids": True,
-                },
-            )
-        for resp in (head, full):
-            if resp.status_code != 200:
-                raise _status_error(self.config.name, resp.status_code, resp.content)
+        head = await self._call("POST", "/chat/completions", {**base, "return_token_ids": True})
+        full = await self._call(
+            "POST",
+            "/chat/completions",
+            {
+                **base,
+                "messages": [*base["messages"], {"role": "assistant", "content": draft}],
+                "add_generation_prompt": False,
+                "continue_final_message": True,
+                "prompt_logprobs": top_k,
+                "return_token_ids": True,
+            },
+        )
+        for status, content in (head, full):
+            if status != 200:
+                raise _status_error(self.config.name, status, content)
         try:
-            start = len(head.json()["prompt_token_ids"])
-            data = full.json()
+            start = len(orjson.loads(head[1])["prompt_token_ids"])
+            data = orjson.loads(full[1])
             ids = data["prompt_token_ids"]
             rows = data["prompt_logprobs"]
             out = []
@@ -265,15 +296,14 @@ class RemoteBackend:
 
     async def generate(self, messages: tuple[ChatMessage, ...], params: SamplingParams) -> Generation:
         name = self.config.name
-        with self._names.using(self._names.model) as (model, version), map_httpx_exceptions(name):
-            resp = await self._client.post("/chat/completions", json=self._body(messages, params, False, model))
-            body = resp.content
-        if resp.status_code != 200:
-            raise _status_error(name, resp.status_code, body)
+        with self._names.using(self._names.model) as (model, version):
+            status, body = await self._call("POST", "/chat/completions", self._body(messages, params, False, model))
+        if status != 200:
+            raise _status_error(name, status, body)
         if len(body) > MAX_RESPONSE_BYTES:
             raise BackendResponseError(f"{name}: response of {len(body)} bytes exceeds the cap")
         try:
-            data = json.loads(body)
+            data = orjson.loads(body)
             choice = data["choices"][0]
             usage = data.get("usage") or {}
             text = str(choice["message"].get("content") or "")
@@ -294,14 +324,14 @@ class RemoteBackend:
         usage: Usage | None = None
         received = 0
         started = False  # a transcript answer's first text loses its leading space
-        with self._names.using(self._names.model) as (model, version), map_httpx_exceptions(name):
-            async with self._client.stream(
-                "POST", "/chat/completions", json=self._body(messages, params, True, model)
-            ) as resp:
-                if resp.status_code != 200:
-                    raise _status_error(name, resp.status_code, await resp.aread())
-                async for line in resp.aiter_lines():
-                    received += len(line)
+        with self._names.using(self._names.model) as (model, version), map_client_errors(name):
+            data = orjson.dumps(self._body(messages, params, True, model))
+            async with self._session().post(self._url("/chat/completions"), data=data, headers=JSON_HEADERS) as resp:
+                if resp.status != 200:
+                    raise _status_error(name, resp.status, await resp.content.read(64 * 1024))
+                async for raw in resp.content:
+                    received += len(raw)
+                    line = raw.decode("utf-8").rstrip("\r\n")
                     if received > MAX_RESPONSE_BYTES:
                         raise BackendResponseError(f"{name}: stream exceeds {MAX_RESPONSE_BYTES} bytes")
                     if not line.startswith("data:"):
@@ -326,7 +356,7 @@ class RemoteBackend:
     def _parse_chunk(self, payload: str) -> tuple[GenerationDelta | None, FinishReason | None, Usage | None]:
         name = self.config.name
         try:
-            data = json.loads(payload)
+            data = orjson.loads(payload)
             if "error" in data:
                 err = data["error"]
                 raise BackendResponseError(f"{name}: error mid-stream: {err.get('message', err)}")
