@@ -387,8 +387,10 @@ async def check_routing(gateway: str) -> None:
 
 
 def add_ratios(cells: list[Cell]) -> None:
-    """Each run against the pass-through run of the same round and concurrency (measured just before)."""
+    """Each run against the pass-through run of the same round and concurrency (measured just before),
+    and its req/s also against the GC-tuned pass-through's (`rps_gc`)."""
     base = {(c.round, c.concurrency): c for c in cells if c.system == "passthrough"}
+    tuned = {(c.round, c.concurrency): c for c in cells if c.system == "passthrough-gc"}
     for cell in cells:
         pt = base.get((cell.round, cell.concurrency))
         if pt is None or pt.rps == 0:
@@ -401,6 +403,9 @@ def add_ratios(cells: list[Cell]) -> None:
         if cell.server_cpu_us_per_req and pt.server_cpu_us_per_req:
             # The req/s ratio both would reach if each had the core to itself (CPU-bound).
             cell.ratios["cpu"] = pt.server_cpu_us_per_req / cell.server_cpu_us_per_req
+        pt_gc = tuned.get((cell.round, cell.concurrency))
+        if pt_gc is not None and pt_gc.rps > 0:
+            cell.ratios["rps_gc"] = cell.rps / pt_gc.rps
 
 
 def summarize(runs: list[Cell]) -> Cell:
@@ -425,6 +430,7 @@ def goal_rows(cells: list[Cell]) -> list[dict[str, Any]]:
                     "goal_rps_ratio": goal,
                     "rps_ratio": round(cell.ratios["rps"], 3),
                     "cpu_ratio": round(cell.ratios.get("cpu", float("nan")), 3),
+                    "rps_ratio_vs_gc_tuned_passthrough": round(cell.ratios.get("rps_gc", float("nan")), 3),
                     "passed": cell.ratios["rps"] >= goal and cell.errors == 0,
                 }
             )
@@ -465,7 +471,7 @@ def render(cells: list[Cell], goals: list[dict[str, Any]]) -> None:
         "other load %: CPU used by processes not ours during the cell (noise), % of one core."
     )
     goals_table = Table(title="Goals: gateway req/s as a fraction of the pass-through's")
-    for col in ("system", "conc", "goal", "req/s ratio", "result", "CPU-based ratio"):
+    for col in ("system", "conc", "goal", "req/s ratio", "result", "CPU-based ratio", "vs GC-tuned pt"):
         goals_table.add_column(col)
     for g in goals:
         goals_table.add_row(
@@ -475,11 +481,13 @@ def render(cells: list[Cell], goals: list[dict[str, Any]]) -> None:
             f"{g['rps_ratio']:.3f}",
             "[green]pass[/green]" if g["passed"] else "[red]FAIL[/red]",
             f"{g['cpu_ratio']:.3f}" + ("" if g["cpu_ratio"] >= g["goal_rps_ratio"] else " (below goal)"),
+            f"{g['rps_ratio_vs_gc_tuned_passthrough']:.3f}",
         )
     console.print(goals_table)
 
 
-SYSTEM_ORDER = ("direct", "passthrough", "gateway-0%", "gateway-20%")
+SYSTEM_ORDER = ("direct", "passthrough", "passthrough-gc", "gateway-0%", "gateway-20%")
+GC_GEN0_THRESHOLD = 20_000  # the gateway's default (runtime.gc_gen0_threshold), given to passthrough-gc
 
 
 # -- main --------------------------------------------------------------------------------------
@@ -490,7 +498,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=1.0, help="seconds discarded at the start of each cell")
     p.add_argument("--duration", type=float, default=5.0, help="measured seconds per cell")
     p.add_argument("--repeats", type=int, default=2, help="rounds over all cells; each cell reports its median run")
-    p.add_argument("--client", choices=["aiohttp", "httpx"], default="aiohttp", help="pass-through's transport")
+    p.add_argument(
+        "--client",
+        choices=["aiohttp", "httpx-aiohttp", "httpx"],
+        default="aiohttp",
+        help="pass-through's upstream client",
+    )
     p.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
     p.add_argument(
         "--gateway-module", default="gateway", help="module run as the gateway (A/B a patched copy; same flags)"
@@ -534,6 +547,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 logs=logs,
                 env=base_env,
             )
+            passthrough_gc = start(
+                "passthrough-gc",
+                "bench.passthrough",
+                ["--upstream", v1, "--client", args.client, "--gc-gen0-threshold", str(GC_GEN0_THRESHOLD)],
+                cpus=server_cpus,
+                logs=logs,
+                env=base_env,
+            )
             gateway = start(
                 "gateway",
                 args.gateway_module,
@@ -542,9 +563,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 logs=logs,
                 env=gateway_env,
             )
-            servers += [passthrough, gateway]
+            servers += [passthrough, passthrough_gc, gateway]
             ready_s = {
                 "passthrough": await wait_ready(passthrough, "/health"),
+                "passthrough-gc": await wait_ready(passthrough_gc, "/health"),
                 "gateway": await wait_ready(gateway, "/health/ready"),
             }
             await check_routing(gateway.base)
@@ -555,6 +577,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         all_systems = {
             "direct": System("direct", v1 + "/chat/completions", 0, None),
             "passthrough": System("passthrough", passthrough.base + "/v1/chat/completions", 0, passthrough.proc.pid),
+            "passthrough-gc": System(
+                "passthrough-gc", passthrough_gc.base + "/v1/chat/completions", 0, passthrough_gc.proc.pid
+            ),
             "gateway-0%": System("gateway-0%", gateway.base + "/v1/chat/completions", 0, gateway.proc.pid),
             "gateway-20%": System("gateway-20%", gateway.base + "/v1/chat/completions", 5, gateway.proc.pid),
         }
@@ -617,6 +642,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "threshold": THRESHOLD,
             "audit_fraction": 0,
             "passthrough_client": args.client,
+            "passthrough_gc_gen0_threshold": GC_GEN0_THRESHOLD,
             "pinning": {"servers": sorted(server_cpus or []), "upstream_and_load": sorted(load_cpus or [])},
         },
         "ready_s": {k: round(v, 2) for k, v in ready_s.items()},

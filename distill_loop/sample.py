@@ -49,9 +49,19 @@ def logprobs_to_json(lps: tuple[TokenLogprob, ...]) -> list[dict[str, Any]]:
     ]
 
 
+def _logprob(value: float | None) -> float:
+    """JSON has no -inf: it is stored as null (a token the model ruled out)."""
+    return float("-inf") if value is None else float(value)
+
+
 def logprobs_from_json(raw: list[dict[str, Any]]) -> tuple[TokenLogprob, ...]:
     return tuple(
-        TokenLogprob(d["token"], d["logprob"], d.get("id"), tuple(TopLogprob(*x) for x in d.get("top", ())))
+        TokenLogprob(
+            d["token"],
+            _logprob(d["logprob"]),
+            d.get("id"),
+            tuple(TopLogprob(x[0], _logprob(x[1]), *x[2:]) for x in d.get("top", ())),
+        )
         for d in raw
     )
 

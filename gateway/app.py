@@ -8,6 +8,7 @@ shutdown waits for in-flight audits, closes the tiers, then flushes the store.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import logging
 from collections.abc import AsyncIterator
@@ -17,10 +18,12 @@ from fastapi import FastAPI
 
 from distill_loop import SignalStore
 from gateway.errors import install_handlers
+from gateway.gc_tuning import release_gc, tune_gc
 from gateway.metrics import Metrics
+from gateway.routes import install_chat_routes
 from gateway.routes import router as http_routes
 from gateway.service import TieredService
-from gateway.settings import Settings
+from gateway.settings import RuntimeConfig, Settings
 from gateway.student import StudentManager
 from gateway.tuning import PolicyBook, Tuning
 from models import Backend, BackendError, build_backend
@@ -29,6 +32,13 @@ from router import ConfidenceRouter
 log = logging.getLogger(__name__)
 
 START_RETRY_S = 2.0
+
+
+async def _tune_gc_when_ready(starters: list[asyncio.Task[None]], runtime: RuntimeConfig) -> None:
+    """GC settings (gateway/gc_tuning.py) once both tiers are up, so loaded models are frozen too."""
+    await asyncio.gather(*starters, return_exceptions=True)
+    frozen = tune_gc(runtime.gc_freeze, runtime.gc_gen0_threshold)
+    log.info("gc tuned: %d start-up objects frozen, gen0 threshold %d", frozen, gc.get_threshold()[0])
 
 
 async def _start_until_ready(name: str, backend: Backend, metrics: Metrics) -> None:
@@ -76,6 +86,7 @@ def create_app(settings: Settings, *, student: Backend | None = None, teacher: B
             metrics.set_student(info.version, info.name)
 
         starters[0].add_done_callback(on_started)
+        gc_tuner = asyncio.create_task(_tune_gc_when_ready(starters, settings.runtime), name="tune-gc")
         await manager.start(starters[0])
         tuning.start(service.student_version)
         try:
@@ -84,9 +95,9 @@ def create_app(settings: Settings, *, student: Backend | None = None, teacher: B
             app.state.shutting_down = True
             await tuning.stop()
             await manager.stop(settings.server.shutdown_grace_s)
-            for task in starters:
+            for task in (*starters, gc_tuner):
                 task.cancel()
-            await asyncio.gather(*starters, return_exceptions=True)
+            await asyncio.gather(*starters, gc_tuner, return_exceptions=True)
             await service.drain(settings.server.shutdown_grace_s)
             for backend in service.tiers.values():
                 try:
@@ -94,6 +105,7 @@ def create_app(settings: Settings, *, student: Backend | None = None, teacher: B
                 except Exception:  # noqa: BLE001 - closing one tier must not skip the store flush
                     log.exception("closing a tier failed")
             await asyncio.to_thread(store.close)
+            release_gc()
             log.info("shutdown complete; signal queue flushed")
 
     app = FastAPI(title="tiergate", version="0.1.0", lifespan=lifespan)
@@ -108,4 +120,5 @@ def create_app(settings: Settings, *, student: Backend | None = None, teacher: B
     app.state.admin_key_digest = hashlib.sha256(admin.get_secret_value().encode()).digest() if admin else None
     install_handlers(app)
     app.include_router(http_routes)
+    install_chat_routes(app)
     return app

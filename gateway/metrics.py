@@ -142,12 +142,11 @@ class Metrics:
         )
         self.inflight = Gauge("tiergate_inflight_requests", "Requests being served now.", registry=r)
         self.ready = Gauge("tiergate_tier_ready", "1 when the tier is loaded and serving.", ["tier"], registry=r)
-        for tier in TIERS:
-            self.requests.labels(tier)
-            self.latency.labels(tier)
-            self.prompt_tokens.labels(tier)
-            self.completion_tokens.labels(tier)
-            self.cost.labels(tier)
+        # Children bound once: labels() is a lock and a dict lookup, paid several times a request.
+        self._answered = {t: (self.requests.labels(t), self.latency.labels(t)) for t in TIERS}
+        self._usage = {
+            t: (self.prompt_tokens.labels(t), self.completion_tokens.labels(t), self.cost.labels(t)) for t in TIERS
+        }
         for result in ("written", "failed", "dropped"):
             self.signal_records.labels(result)
         for result in ("ok", "failed"):
@@ -189,6 +188,13 @@ class Metrics:
         self.student_info.labels(version, model).set(1)
 
     def add_usage(self, tier: str, prompt_tokens: int, completion_tokens: int, cost: float) -> None:
-        self.prompt_tokens.labels(tier).inc(prompt_tokens)
-        self.completion_tokens.labels(tier).inc(completion_tokens)
-        self.cost.labels(tier).inc(cost)
+        prompt, completion, spent = self._usage[tier]
+        prompt.inc(prompt_tokens)
+        completion.inc(completion_tokens)
+        spent.inc(cost)
+
+    def answered(self, tier: str, seconds: float) -> None:
+        """One client request answered by `tier` after `seconds`."""
+        requests, latency = self._answered[tier]
+        requests.inc()
+        latency.observe(seconds)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import time
-import uuid
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, replace
 from typing import Any, Literal
@@ -274,8 +274,7 @@ class TieredService:
 
     def _finish(self, call: ChatCall, route: Route, served: Generation) -> None:
         """Count one answered request: tier, latency and the teacher-only counterfactual."""
-        self.metrics.requests.labels(route.tier).inc()
-        self.metrics.latency.labels(route.tier).observe(time.perf_counter() - call.started)
+        self.metrics.answered(route.tier, time.perf_counter() - call.started)
         counterfactual = self.settings.pricing.teacher.cost(served.usage.prompt_tokens, served.usage.completion_tokens)
         self._teacher_only += counterfactual
         self.metrics.teacher_only_cost.inc(counterfactual)
@@ -433,5 +432,12 @@ class TieredService:
             log.error("signal store closed; record %s lost", sample.id)
 
 
+# Seeded from os.urandom once; 128 random bits per id, as uuid4 has, without a getrandom(2)
+# syscall per request (4% of the gateway's CPU under load, bench/README.md). Request ids are
+# signal-store keys, so they must not repeat across restarts or forked workers: both reseed.
+_ids = random.Random()
+os.register_at_fork(after_in_child=_ids.seed)
+
+
 def new_request_id() -> str:
-    return uuid.uuid4().hex
+    return f"{_ids.getrandbits(128):032x}"

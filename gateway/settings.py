@@ -105,6 +105,12 @@ class RuntimeConfig(BaseModel):
     cache_dir: Path = Path.home() / ".cache" / "tiergate" / "models"
     # Python log level.
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # Once both tiers are up, take the start-up heap out of the garbage collector's reach
+    # (gc.freeze), and collect the youngest generation every this many allocations instead of
+    # Python's 700 (0 keeps Python's). Together they cut the gateway's CPU per request by a
+    # quarter and its p99 by three quarters under load (bench/README.md).
+    gc_freeze: bool = True
+    gc_gen0_threshold: int = Field(default=20_000, ge=0)
 
     @field_validator("cache_dir")
     @classmethod

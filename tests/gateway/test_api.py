@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -181,3 +183,29 @@ def test_student_failure_escalates_and_both_failing_is_503(tmp_path: Path) -> No
         assert resp.status_code == 200 and resp.headers["x-tiergate-reason"] == "student_error"
         teacher.fail_with = BackendUnavailable("teacher down")
         assert_openai_error(chat(c, {"messages": [{"role": "user", "content": "x"}]}), 503)
+
+
+def test_openapi_documents_the_chat_body(client: TestClient) -> None:
+    schema = client.get("/openapi.json").json()
+    body = schema["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body == {"$ref": "#/components/schemas/ChatCompletionRequest"}
+    chat = schema["components"]["schemas"]["ChatCompletionRequest"]
+    assert "messages" in chat["required"] and "MessageIn" in schema["components"]["schemas"]
+
+
+def test_gc_is_tuned_once_tiers_are_up_and_restored_at_shutdown(tmp_path: Path) -> None:
+    """gateway/gc_tuning.py: the start-up heap is frozen while serving, released after."""
+    before = gc.get_threshold()
+    with make_client(tmp_path) as client:
+        assert client.get("/health/ready").status_code == 200
+        deadline = time.monotonic() + 5
+        while gc.get_freeze_count() == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert gc.get_freeze_count() > 10_000  # modules, settings, backends
+        assert gc.get_threshold()[0] == Settings().runtime.gc_gen0_threshold
+    assert gc.get_threshold() == before
+    assert gc.get_freeze_count() == 0
+
+
+def test_wrong_method_on_chat_is_405_in_openai_shape(client: TestClient) -> None:
+    assert_openai_error(client.get("/v1/chat/completions"), 405)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from gateway.__main__ import parse_args
-from gateway.settings import cli_overrides, load_settings
+from gateway.settings import Settings, cli_overrides, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -55,3 +55,9 @@ def test_bad_config_is_rejected(tmp_path: Path) -> None:
         load_settings(cfg)
     with pytest.raises(FileNotFoundError):
         load_settings(tmp_path / "missing.yaml")
+
+
+def test_benchmark_gives_the_pass_through_the_gateways_gc_tuning() -> None:
+    from bench.gateway_overhead import GC_GEN0_THRESHOLD
+
+    assert Settings().runtime.gc_gen0_threshold == GC_GEN0_THRESHOLD
