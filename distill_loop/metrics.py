@@ -2,7 +2,9 @@
 
 Pure string functions; no models. `token_f1` is SQuAD-style bag-of-words F1 after lower-casing
 and stripping punctuation; `exact` compares normalised strings; `contains` asks whether the
-normalised teacher answer appears in the student's.
+normalised teacher answer appears in the student's. `fact_f1` is token F1 times the share of
+the reference's facts (numbers, and capitalised names inside a sentence) that the candidate
+states: the right sentence with the wrong number scores 0, which token F1 rewards.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ from collections import Counter
 from collections.abc import Callable
 
 _WORD = re.compile(r"[a-z0-9]+")
+_NUMBER = re.compile(r"\d+(?:[.,:]\d+)*")
+# A capitalised word that does not open the text or a sentence: a product, place or scheme name.
+_NAME = re.compile(r"(?<![.!?]\s)(?<!^)\b[A-Z][A-Za-z0-9]+")
 
 
 def normalise(text: str) -> list[str]:
@@ -37,4 +42,24 @@ def contains(candidate: str, reference: str) -> float:
     return float(" ".join(normalise(reference)) in " ".join(normalise(candidate)))
 
 
-METRICS: dict[str, Callable[[str, str], float]] = {"token_f1": token_f1, "exact": exact, "contains": contains}
+def facts(text: str) -> set[str]:
+    """Numbers (thousands separators dropped, so 1,200 == 1200) and in-sentence names, lower-cased."""
+    numbers = {n.replace(",", "").rstrip(".") for n in _NUMBER.findall(text)}
+    names = {m.group(0).lower() for m in _NAME.finditer(text.strip())}
+    return numbers | names
+
+
+def fact_f1(candidate: str, reference: str) -> float:
+    wanted = facts(reference)
+    f1 = token_f1(candidate, reference)
+    if not wanted:
+        return f1
+    return f1 * len(wanted & facts(candidate)) / len(wanted)
+
+
+METRICS: dict[str, Callable[[str, str], float]] = {
+    "token_f1": token_f1,
+    "fact_f1": fact_f1,
+    "exact": exact,
+    "contains": contains,
+}
