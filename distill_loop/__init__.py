@@ -12,7 +12,7 @@ from distill_loop.sample import Sample, to_chat_jsonl
 from distill_loop.store import SCHEMA_VERSION, SignalStore, export_jsonl, read_samples
 
 if TYPE_CHECKING:
-    from distill_loop.loop import DistillLoop, RunOutcome, training_student
+    from distill_loop.loop import DistillLoop, Judge, RunOutcome, training_student
     from distill_loop.publish import LocalPublisher, VllmPublisher
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "DistillError",
     "DistillLoop",
     "GateSettings",
+    "Judge",
     "LocalPublisher",
     "LoraSettings",
     "LossSettings",
@@ -45,6 +46,7 @@ __all__ = [
 _LAZY = {
     "DistillLoop": "distill_loop.loop",
     "RunOutcome": "distill_loop.loop",
+    "Judge": "distill_loop.loop",
     "LocalPublisher": "distill_loop.publish",
     "VllmPublisher": "distill_loop.publish",
     "training_student": "distill_loop.loop",

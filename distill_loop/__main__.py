@@ -55,8 +55,18 @@ def run(config: ConfigOpt = None, once: Annotated[bool, typer.Option(help="one r
         if event != "step":
             typer.echo(f"{event}: {json.dumps(data, default=str)}")
 
+    # The gate replays the gateway's routing: its scorer and configured threshold (a policy set
+    # at runtime through the admin API lives in the gateway's process, not here).
+    from router import ConfidenceRouter
+
+    router = ConfidenceRouter.from_config(settings.router)
     loop = DistillLoop(
-        settings.distill, settings.signal.path, student, cache_dir=settings.runtime.cache_dir, listener=show
+        settings.distill,
+        settings.signal.path,
+        student,
+        cache_dir=settings.runtime.cache_dir,
+        listener=show,
+        judge=lambda draft: (router.decide(draft).confidence, settings.router.threshold),
     )
     if once:
         outcome = loop.run_once()

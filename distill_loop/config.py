@@ -74,8 +74,9 @@ class LossSettings(BaseModel):
 class GateSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    # How a student answer is compared with the teacher's: token_f1, exact, or contains.
-    metric: Literal["token_f1", "exact", "contains"] = "token_f1"
+    # How a student answer is compared with the teacher's: fact_f1 (token F1 times the share of
+    # the teacher's numbers and names the answer states), token_f1, exact, or contains.
+    metric: Literal["fact_f1", "token_f1", "exact", "contains"] = "fact_f1"
     # An answer "agrees" when the metric is at least this.
     agree_at: float = Field(default=0.5, ge=0, le=1)
     # Held-out NLL must fall by at least this (nats/token) and agreement must not fall.
@@ -83,6 +84,9 @@ class GateSettings(BaseModel):
     # Anchor set: the largest allowed drop in agreement and rise in NLL.
     anchor_max_agreement_drop: float = Field(default=0.05, ge=0)
     anchor_max_nll_rise: float = Field(default=0.1, ge=0)
+    # With the gateway's routing replayed on held-out items, how far the agreement of what
+    # clients would be served may fall under the candidate (0: it must not fall).
+    max_served_quality_drop: float = Field(default=0.0, ge=0, le=1)
     # Fewest held-out items a decision may rest on; fewer and the candidate is not promoted.
     min_heldout: int = Field(default=4, ge=1)
     # Tokens generated per item when measuring agreement.

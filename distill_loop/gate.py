@@ -1,14 +1,19 @@
 """The promotion gate: paired comparison of candidate and serving student on the same items.
 
 Pass when, on the held-out set, the candidate's NLL of teacher answers falls by at least
-`min_nll_gain` and its agreement with the teacher does not fall; and, on the anchor set, its
-agreement drops by no more than `anchor_max_agreement_drop` and its NLL rises by no more
-than `anchor_max_nll_rise`. Pure decision over measured numbers; measuring is the trainer's.
+`min_nll_gain` and its agreement with the teacher does not fall; when, with the gateway's
+routing replayed on the held-out items (`simulate`), what clients would be served agrees with
+the teacher no worse than under the serving student, less `max_served_quality_drop`, and no
+more of them escalate (the candidate's threshold is re-fitted first, `fit_threshold`); and, on
+the anchor set, its agreement drops by no more than `anchor_max_agreement_drop` and its NLL
+rises by no more than `anchor_max_nll_rise`. Pure decision over measured numbers; measuring
+is the trainer's, and routing the gateway's.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -22,6 +27,50 @@ class Measured:
 
 
 @dataclass(frozen=True, slots=True)
+class Routed:
+    """One student's held-out answers routed as the gateway would route them live.
+
+    A kept answer is served as is; an escalated one is replaced by the teacher's, which agrees
+    with itself. A more confident student that keeps wrong answers thus scores lower here even
+    when its own answers improved: the failure the stream benchmark showed.
+    """
+
+    served_quality: float  # mean agreement with the teacher of what would be served
+    escalation_rate: float
+    n: int
+
+
+def simulate(kept: Sequence[bool], scores: Sequence[float]) -> Routed:
+    """`kept[i]`: the router serves item i's draft; `scores[i]`: that draft's agreement."""
+    if not kept:
+        return Routed(math.nan, math.nan, 0)
+    served = [score if keep else 1.0 for keep, score in zip(kept, scores, strict=True)]
+    return Routed(sum(served) / len(served), 1 - sum(kept) / len(kept), len(kept))
+
+
+def route_at(threshold: float, confidences: Sequence[float], scores: Sequence[float]) -> Routed:
+    """The gateway's rule: a draft is kept when its confidence is at least the threshold."""
+    return simulate([c >= threshold for c in confidences], scores)
+
+
+def fit_threshold(
+    confidences: Sequence[float], scores: Sequence[float], floor: float, target: float
+) -> tuple[float, Routed]:
+    """The lowest threshold, not below `floor`, at which the routed quality reaches `target`.
+
+    Re-fitting the threshold per version is what keeps a promoted student's higher confidence
+    from buying escalations with quality: the candidate is held to the serving student's
+    served quality and gains only where it is confidently right. `inf` (escalate everything)
+    always reaches the target, since the teacher then answers all.
+    """
+    for t in sorted({floor, *(c for c in confidences if c > floor)}):
+        routed = route_at(t, confidences, scores)
+        if routed.served_quality >= target:
+            return t, routed
+    return math.inf, route_at(math.inf, confidences, scores)
+
+
+@dataclass(frozen=True, slots=True)
 class GateReport:
     passed: bool
     reason: str
@@ -31,6 +80,10 @@ class GateReport:
     anchor_candidate: Measured
     n_heldout: int
     n_anchor: int
+    routed_serving: Routed | None = None  # None when the loop was given no router
+    routed_candidate: Routed | None = None
+    # The candidate's routing floor: the lowest threshold at which its routed quality held.
+    routing_threshold: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -42,11 +95,16 @@ def decide(
     anchor: tuple[Measured, Measured],
     n_heldout: int,
     n_anchor: int,
+    routed: tuple[Routed, Routed] | None = None,
+    routing_threshold: float | None = None,
 ) -> GateReport:
+    """`routed`: serving and candidate replayed through the router, the candidate at
+    `routing_threshold` (see `fit_threshold`)."""
     (hs, hc), (as_, ac) = heldout, anchor
+    rs, rc = routed or (None, None)
 
     def report(passed: bool, reason: str) -> GateReport:
-        return GateReport(passed, reason, hs, hc, as_, ac, n_heldout, n_anchor)
+        return GateReport(passed, reason, hs, hc, as_, ac, n_heldout, n_anchor, rs, rc, routing_threshold)
 
     if n_heldout == 0 or math.isnan(hc.nll):
         return report(False, "no_heldout_data")
@@ -56,6 +114,11 @@ def decide(
         return report(False, "heldout_nll_not_improved")
     if hc.agreement < hs.agreement:
         return report(False, "heldout_agreement_fell")
+    if rs is not None and rc is not None:
+        if rc.served_quality < rs.served_quality - cfg.max_served_quality_drop:
+            return report(False, "served_quality_fell")
+        if rc.escalation_rate > rs.escalation_rate:  # same quality, but only at a higher cost
+            return report(False, "escalation_would_rise")
     if n_anchor:
         if ac.agreement < as_.agreement - cfg.anchor_max_agreement_drop:
             return report(False, "anchor_agreement_regressed")

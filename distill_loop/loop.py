@@ -1,7 +1,8 @@
 """The background distillation loop: trigger, assemble data, train, gate, register, roll back.
 
 A run starts after `trigger_records` new records or once records have waited
-`max_staleness_s`; runs never overlap. A passing candidate becomes a new immutable registry
+`max_staleness_s`; runs never overlap, and a run without enough held-out items for the gate is
+skipped before training. A passing candidate becomes a new immutable registry
 version and CURRENT moves to it (the gateway's publisher then hot-swaps). The loop also
 watches live audits and rolls back when the new version's agreement with the teacher falls
 below the previous version's by `rollback_margin`. It runs inside the gateway or alone
@@ -15,26 +16,41 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from distill_loop.buffer import Example, build_run_data
 from distill_loop.config import DistillConfig
-from distill_loop.gate import GateReport, Measured, decide
+from distill_loop.gate import GateReport, Measured, Routed, decide, fit_threshold, route_at
 from distill_loop.loss import LossWeights, dynamic_weights
 from distill_loop.metrics import METRICS
-from distill_loop.registry import Registry, VersionMeta
+from distill_loop.registry import BASE, Registry, VersionMeta
 from distill_loop.store import pending_since, read_samples, set_critique
-from models import Backend, BackendConfig, BackendError, ChatMessage, SamplingParams, resolve_model_dir
+from models import (
+    Backend,
+    BackendConfig,
+    BackendError,
+    ChatMessage,
+    Generation,
+    SamplingParams,
+    resolve_model_dir,
+)
+
+if TYPE_CHECKING:
+    from distill_loop.trainer import EvalResult
 
 log = logging.getLogger(__name__)
 
 Listener = Callable[[str, dict[str, Any]], None]
+# The gateway's router on one draft: (its confidence, the threshold it would be routed with).
+# Passed in by the composition root (distill_loop does not depend on router/).
+Judge = Callable[[Generation], tuple[float, float]]
 Transform = Callable[[Sequence[Example]], Sequence[Example]]
 CRITIQUE_PROMPT = (
     "A customer asked: {question}\nA junior agent answered: {draft}\nThe correct answer is: {answer}\n"
@@ -55,6 +71,16 @@ def training_student(student: BackendConfig, config: DistillConfig) -> BackendCo
             update={"kind": "local", "model": config.student_base, "prompt_format": "chat_template"}
         )
     return None
+
+
+def _routing_line(routed: tuple[Routed, Routed] | None) -> str:
+    if routed is None:
+        return "routing not replayed"
+    rs, rc = routed
+    return (
+        f"routed: served agreement {rs.served_quality:.3f} -> {rc.served_quality:.3f}, "
+        f"escalation {rs.escalation_rate:.2f} -> {rc.escalation_rate:.2f} (n={rs.n})"
+    )
 
 
 class RunCancelled(Exception):
@@ -96,6 +122,7 @@ class DistillLoop:
         cache_dir: Path | None = None,
         listener: Listener | None = None,
         critic: Backend | None = None,
+        judge: Judge | None = None,
     ) -> None:
         self.config = config
         self.signal_path = signal_path
@@ -106,6 +133,7 @@ class DistillLoop:
         self.state = LoopState.load(self._state_path)
         self._emit = listener or (lambda _e, _d: None)
         self.critic = critic
+        self.judge = judge
         self._running = asyncio.Lock()
         self._cancel = threading.Event()
 
@@ -165,10 +193,16 @@ class DistillLoop:
         until = time.time()
         data = build_run_data(self.signal_path, self.config, self.state.last_cut, until, seed=self.state.runs)
         self.state.last_run_at = until
-        if not data.train:
+        skip = "no_training_data" if not data.train else None
+        if skip is None and len(data.heldout) < self.config.gate.min_heldout:
+            # The gate would refuse any candidate: do not spend a training run to learn that.
+            # The records stay in the store, for replay and for later runs' held-out sets.
+            skip = "too_few_heldout"
+        if skip is not None:
             self.state.last_cut = until
             self.state.save(self._state_path)
-            return self._done(RunOutcome("skipped", "no_training_data"))
+            log.info("distillation run skipped: %s (%d train, %d held-out)", skip, len(data.train), len(data.heldout))
+            return self._done(RunOutcome("skipped", skip))
         serving = self.registry.current()
         trainer = StudentTrainer(
             resolve_model_dir(self.student.model, self.cache_dir),
@@ -192,12 +226,15 @@ class DistillLoop:
         h_cand = trainer.evaluate("candidate", data.heldout)
         a_serving = trainer.evaluate("serving", data.anchor)
         a_cand = trainer.evaluate("candidate", data.anchor)
+        routed, fitted = self._replay_routing(serving, h_serving, h_cand)
         gate = decide(
             self.config.gate,
             (Measured(h_serving.nll, h_serving.agreement), Measured(h_cand.nll, h_cand.agreement)),
             (Measured(a_serving.nll, a_serving.agreement), Measured(a_cand.nll, a_cand.agreement)),
             len(data.heldout),
             len(data.anchor),
+            routed,
+            fitted,
         )
         train_info = {
             "steps": report.steps,
@@ -215,9 +252,9 @@ class DistillLoop:
         if not gate.passed:
             log.warning(
                 "candidate rejected by the gate: %s (held-out NLL %.3f -> %.3f, agreement %.3f -> %.3f, n=%d; "
-                "anchor agreement %.3f -> %.3f)",
+                "anchor agreement %.3f -> %.3f; %s)",
                 gate.reason, h_serving.nll, h_cand.nll, h_serving.agreement, h_cand.agreement, len(data.heldout),
-                a_serving.agreement, a_cand.agreement,
+                a_serving.agreement, a_cand.agreement, _routing_line(routed),
             )  # fmt: skip
             return self._done(RunOutcome("rejected", gate.reason, gate=gate, train=train_info))
         name = self.registry.new_name()
@@ -236,8 +273,26 @@ class DistillLoop:
                 ),
             )
         self.registry.set_current(name, "promoted")
-        log.info("promoted %s (held-out NLL %.3f -> %.3f)", name, h_serving.nll, h_cand.nll)
+        log.info("promoted %s (held-out NLL %.3f -> %.3f; %s)", name, h_serving.nll, h_cand.nll, _routing_line(routed))
         return self._done(RunOutcome("promoted", "passed", version=name, gate=gate, train=train_info))
+
+    def _replay_routing(
+        self, serving: str, h_serving: EvalResult, h_cand: EvalResult
+    ) -> tuple[tuple[Routed, Routed] | None, float | None]:
+        """The gateway's routing on the held-out drafts: the serving student at its threshold
+        (raised to its own floor), the candidate at the lowest threshold, not below the
+        configured one, that keeps the serving student's served quality."""
+        if self.judge is None or not h_serving.drafts:
+            return None, None
+        s_conf, thresholds = zip(*(self.judge(d) for d in h_serving.drafts), strict=True)
+        c_conf = [self.judge(d)[0] for d in h_cand.drafts]
+        configured = max(thresholds)
+        floor = (self.registry.meta(serving).gate or {}).get("routing_threshold") if serving != BASE else None
+        serving_at = max(configured, float(floor)) if floor is not None else configured
+        rs = route_at(serving_at, s_conf, h_serving.scores)
+        target = rs.served_quality - self.config.gate.max_served_quality_drop
+        fitted, rc = fit_threshold(c_conf, h_cand.scores, configured, target)
+        return (rs, rc), (fitted if math.isfinite(fitted) else None)
 
     def _weights(self, agreement: float | None) -> LossWeights:
         ls = self.config.losses

@@ -34,7 +34,7 @@ from distill_loop.loss import (
     topk_tail_kl,
 )
 from distill_loop.metrics import METRICS
-from models import BackendConfig, build_prompt, pick_device
+from models import BackendConfig, Generation, TokenLogprob, Usage, build_prompt, pick_device
 
 log = logging.getLogger(__name__)
 ANCHOR_WEIGHT = 0.5
@@ -66,6 +66,10 @@ class EvalResult:
     nll: float  # mean per-token NLL of the reference answers (teacher forcing)
     agreement: float  # mean metric between greedy answers and references
     answers: tuple[str, ...]
+    # Per item: the greedy answer as a Generation (with its token logprobs, so the gateway's
+    # router can score it as it would a live draft) and its agreement with the reference.
+    drafts: tuple[Generation, ...] = ()
+    scores: tuple[float, ...] = ()
 
 
 class StudentTrainer:
@@ -263,7 +267,7 @@ class StudentTrainer:
     def _evaluate(self, examples: Sequence[Example]) -> EvalResult:
         gate = self.config.gate
         metric = METRICS[gate.metric]
-        total_nll, total_tokens, answers = 0.0, 0, []
+        total_nll, total_tokens, drafts = 0.0, 0, []
         for i in range(0, len(examples), 8):
             chunk = list(examples[i : i + 8])
             batch = self._batch([self.encode(e) for e in chunk])
@@ -271,11 +275,17 @@ class StudentTrainer:
             mask = batch["segments_B_T"] != 0
             total_nll += float((nll_B_T * mask).sum())
             total_tokens += int(mask.sum())
-            answers += self._greedy(chunk)
-        scores = [metric(a, e.reference) for a, e in zip(answers, examples, strict=True)]
-        return EvalResult(total_nll / max(1, total_tokens), sum(scores) / len(scores), tuple(answers))
+            drafts += self._greedy(chunk)
+        scores = tuple(metric(d.text, e.reference) for d, e in zip(drafts, examples, strict=True))
+        return EvalResult(
+            total_nll / max(1, total_tokens),
+            sum(scores) / len(scores),
+            tuple(d.text for d in drafts),
+            tuple(drafts),
+            scores,
+        )
 
-    def _greedy(self, examples: Sequence[Example]) -> list[str]:
+    def _greedy(self, examples: Sequence[Example]) -> list[Generation]:
         tok = self.tokenizer
         prompts = [build_prompt(self.student, tok, e.messages) for e in examples]
         tok.padding_side = "left"
@@ -290,11 +300,35 @@ class StudentTrainer:
             max_new_tokens=self.config.gate.max_new_tokens,
             do_sample=False,
             pad_token_id=tok.pad_token_id,
+            output_logits=True,
+            return_dict_in_generate=True,
         )
-        texts = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-        answers = []
-        for text, prompt in zip(texts, prompts, strict=True):
+        new_B_T = out.sequences[:, enc["input_ids"].shape[1] :]
+        # Logprob of each chosen token under the unmodified distribution, as a live draft has.
+        logits_B_T_V = torch.stack(out.logits, dim=1).float()
+        chosen_B_T = torch.log_softmax(logits_B_T_V, dim=-1).gather(-1, new_B_T.unsqueeze(-1)).squeeze(-1)
+        ends = {tok.eos_token_id, tok.pad_token_id} - {None}
+        drafts = []
+        for b, prompt in enumerate(prompts):
+            ids = new_B_T[b].tolist()
+            n = next((t for t, i in enumerate(ids) if i in ends), len(ids))
+            text = str(tok.decode(ids[:n], skip_special_tokens=True))
             for stop in prompt.stops:
-                text = text.split(stop)[0] if stop in text else text
-            answers.append(text.strip())
-        return answers
+                if stop in text:  # keep the tokens the cut text still covers
+                    text = text.split(stop)[0]
+                    n = min(n, len(tok(text, add_special_tokens=False)["input_ids"]))
+            lps = tuple(
+                TokenLogprob(str(tok.decode([i])), lp, i)
+                for i, lp in zip(ids[:n], chosen_B_T[b, :n].tolist(), strict=True)
+            )
+            drafts.append(
+                Generation(
+                    text=text.strip(),
+                    finish_reason="stop" if n < len(ids) else "length",
+                    usage=Usage(int(enc["attention_mask"][b].sum()), n),
+                    model=self.student.model,
+                    token_ids=tuple(ids[:n]),
+                    logprobs=lps,
+                )
+            )
+        return drafts

@@ -152,6 +152,9 @@ class TieredService:
         self._background: set[asyncio.Task[None]] = set()
         self._spent = 0.0
         self._teacher_only = 0.0
+        # Per student version, the lowest threshold it may be routed with: set at promotion by
+        # the distillation gate, which found its served quality held only from there up.
+        self.version_floors: dict[str, float] = {}
 
     # -- public ------------------------------------------------------------------------------
     def student_version(self) -> str:
@@ -230,7 +233,7 @@ class TieredService:
                 raise
             self.metrics.escalations.labels("student_error").inc()
             return Route("teacher", True, "student_error", threshold, self.student_version()), None
-        decision = self.router.decide(draft, threshold, prompt)
+        decision = self.router.decide(draft, self._effective(threshold, draft.version), prompt)
         self.metrics.confidence.observe(decision.confidence)
         if call.alias == "tiered":
             self.policies.observe(call.tenant, decision.confidence)
@@ -240,6 +243,10 @@ class TieredService:
             self.metrics.escalations.labels(decision.reason).inc()
             return Route("teacher", True, decision.reason, decision.threshold, draft.version, decision), draft
         return Route("student", False, "confident", decision.threshold, draft.version, decision), draft
+
+    def _effective(self, threshold: float, version: str) -> float:
+        """The tenant's threshold, raised to the serving version's floor where it has one."""
+        return max(threshold, self.version_floors.get(version, 0.0))
 
     def _teacher_params(self, call: ChatCall) -> SamplingParams:
         k = max(call.params.top_logprobs, self.settings.signal.teacher_top_logprobs)
@@ -344,7 +351,8 @@ class TieredService:
         self._finish(call, route, gen)
         if tier == "student":
             # A forced-student stream is scored after the fact, for metrics and the last chunk.
-            handle.decision = self.router.decide(gen, self.policies.threshold(call.tenant))
+            threshold = self._effective(self.policies.threshold(call.tenant), gen.version)
+            handle.decision = self.router.decide(gen, threshold)
             self.metrics.confidence.observe(handle.decision.confidence)
         elif route.escalated:
             self._record(call, "escalation", route.reason, draft, route.decision, gen)

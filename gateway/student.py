@@ -13,7 +13,15 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
-from distill_loop import DistillLoop, LocalPublisher, Registry, UnknownVersion, VllmPublisher, training_student
+from distill_loop import (
+    DistillLoop,
+    Judge,
+    LocalPublisher,
+    Registry,
+    UnknownVersion,
+    VllmPublisher,
+    training_student,
+)
 from gateway.metrics import Metrics
 from gateway.settings import Settings
 from models import Backend, LocalBackend, RemoteBackend
@@ -30,7 +38,9 @@ class StudentManager:
         teacher: Backend,
         metrics: Metrics,
         on_swap: Callable[[str], Awaitable[None]] | None = None,
+        judge: Judge | None = None,
     ) -> None:
+        """`judge` is the gateway's routing rule, replayed by the distillation gate."""
         self.settings = settings
         self._on_swap = on_swap
         self.metrics = metrics
@@ -56,6 +66,7 @@ class StudentManager:
                 cache_dir=settings.runtime.cache_dir,
                 listener=metrics.on_distill_event,
                 critic=teacher if cfg.losses.critique else None,
+                judge=judge,
             )
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -96,6 +107,17 @@ class StudentManager:
                 log.exception("student swap failed; still serving %s", self.student.info.version)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), timeout=WATCH_S)
+
+    def version_floors(self) -> dict[str, float]:
+        """Each kept version's routing floor, from its gate report (promoted with one)."""
+        if self.registry is None:
+            return {}
+        floors = {}
+        for name in self.registry.versions():
+            floor = (self.registry.meta(name).gate or {}).get("routing_threshold")
+            if floor is not None:
+                floors[name] = float(floor)
+        return floors
 
     def require_registry(self) -> Registry:
         if self.registry is None:

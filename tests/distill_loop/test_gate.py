@@ -7,7 +7,7 @@ import math
 import pytest
 
 from distill_loop import GateSettings
-from distill_loop.gate import Measured, decide
+from distill_loop.gate import Measured, decide, fit_threshold, route_at, simulate
 
 CFG = GateSettings(min_nll_gain=0.05, anchor_max_agreement_drop=0.05, anchor_max_nll_rise=0.1, min_heldout=4)
 SERVING = Measured(nll=2.0, agreement=0.5)
@@ -33,3 +33,42 @@ def test_gate_rules(candidate: Measured, anchor: Measured, n_heldout: int, reaso
     assert report.reason == reason
     assert report.passed == (reason == "passed")
     assert report.to_json()["heldout_candidate"]["nll"] == candidate.nll or math.isnan(candidate.nll)
+
+
+def test_simulate_serves_kept_drafts_and_the_teacher_otherwise() -> None:
+    # kept drafts score 0.2 and 0.6; the escalated one is served by the teacher (1.0)
+    routed = simulate([True, False, True, False], [0.2, 0.0, 0.6, 0.3])
+    assert routed.served_quality == pytest.approx((0.2 + 1.0 + 0.6 + 1.0) / 4)
+    assert routed.escalation_rate == 0.5 and routed.n == 4
+    assert math.isnan(simulate([], []).served_quality)
+
+
+def test_a_confident_candidate_that_keeps_wrong_answers_is_rejected() -> None:
+    """Better NLL and agreement on its own answers, but routing would now serve its misses."""
+    serving = simulate([False, False, True, False], [0.1, 0.2, 0.9, 0.1])  # 0.975 served
+    candidate = simulate([True, True, True, False], [0.3, 0.4, 0.9, 0.2])  # 0.65 served
+    report = decide(CFG, (SERVING, Measured(1.5, 0.6)), (ANCHOR, ANCHOR), 10, 8, (serving, candidate))
+    assert (report.passed, report.reason) == (False, "served_quality_fell")
+    assert report.to_json()["routed_candidate"]["escalation_rate"] == 0.25
+    better = simulate([True, False, True, False], [1.0, 0.2, 0.9, 0.1])  # keeps one more, and gets it right
+    assert decide(CFG, (SERVING, Measured(1.5, 0.6)), (ANCHOR, ANCHOR), 10, 8, (serving, better)).passed
+
+
+def test_escalating_more_for_the_same_quality_is_refused() -> None:
+    serving = simulate([True, False, True, False], [1.0, 0.2, 0.9, 0.1])  # 0.975, escalation 0.5
+    costlier = simulate([True, False, False, False], [1.0, 0.2, 0.9, 0.1])  # 1.0, escalation 0.75
+    report = decide(CFG, (SERVING, Measured(1.5, 0.6)), (ANCHOR, ANCHOR), 10, 8, (serving, costlier))
+    assert (report.passed, report.reason) == (False, "escalation_would_rise")
+
+
+def test_fit_threshold_finds_the_lowest_threshold_that_keeps_quality() -> None:
+    conf = [0.9, 0.8, 0.6, 0.4]
+    scores = [1.0, 0.2, 1.0, 0.0]
+    # at 0.5: keeps 0.9, 0.8, 0.6 -> (1 + 0.2 + 1 + 1) / 4 = 0.8; at 0.6: same set;
+    # at 0.8: keeps 0.9, 0.8 -> (1 + 0.2 + 1 + 1) / 4 = 0.8; at 0.9: keeps 0.9 -> 1.0
+    assert route_at(0.5, conf, scores).served_quality == pytest.approx(0.8)
+    t, routed = fit_threshold(conf, scores, floor=0.5, target=0.9)
+    assert t == 0.9 and routed.served_quality == 1.0 and routed.escalation_rate == 0.75
+    assert fit_threshold(conf, scores, floor=0.5, target=0.8)[0] == 0.5  # the floor already does
+    t, routed = fit_threshold([0.9], [0.0], floor=0.5, target=1.0)
+    assert math.isinf(t) and routed.escalation_rate == 1.0  # only the teacher reaches it

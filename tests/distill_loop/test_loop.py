@@ -58,7 +58,14 @@ def shuffled_answers(examples: Sequence[Example]) -> list[Example]:
 async def test_loop_trains_promotes_swaps_rejects_and_rolls_back(tiny_model_dir: Path, tmp_path: Path) -> None:
     db = tmp_path / "signal.db"
     write(db, intent_samples())
-    loop = DistillLoop(loop_config(tmp_path), db, student_cfg(tiny_model_dir))
+    # A router sure of every draft: each is kept, so served agreement is the student's own.
+    judged: list[Generation] = []
+
+    def judge(draft: Generation) -> tuple[float, float]:
+        judged.append(draft)
+        return 1.0, 0.5
+
+    loop = DistillLoop(loop_config(tmp_path), db, student_cfg(tiny_model_dir), judge=judge)
     assert loop.due()
 
     backend = LocalBackend(student_cfg(tiny_model_dir))
@@ -74,6 +81,11 @@ async def test_loop_trains_promotes_swaps_rejects_and_rolls_back(tiny_model_dir:
         assert first.gate is not None
         assert first.gate.heldout_candidate.nll < first.gate.heldout_serving.nll
         assert first.gate.heldout_candidate.agreement > first.gate.heldout_serving.agreement
+        assert first.gate.routed_candidate is not None and first.gate.routed_serving is not None
+        assert first.gate.routed_candidate.escalation_rate == 0.0  # the rule kept everything
+        assert first.gate.routing_threshold == 0.5  # quality held at the configured threshold
+        assert first.gate.routed_candidate.served_quality == pytest.approx(first.gate.heldout_candidate.agreement)
+        assert len(judged) == 2 * first.gate.n_heldout and all(d.logprobs for d in judged)
         assert loop.registry.current() == "v0001"
         meta = loop.registry.meta("v0001")
         assert meta.parent == BASE and meta.gate["passed"] and meta.data_window["new_records"] == 32
@@ -193,3 +205,32 @@ def test_token_kd_and_reasoning_segments_are_encoded(tiny_model_dir: Path, tmp_p
     report = trainer.train([Example("r", "answer", PROMPT, answer, answer, tuple(ids), lps)] * 4, weights)
     assert report.kd_examples == 4 and report.last_loss < report.first_loss
     assert torch.isfinite(torch.tensor(report.last_loss))
+
+
+def test_a_run_without_enough_heldout_items_is_skipped_before_training(tiny_model_dir: Path, tmp_path: Path) -> None:
+    db = tmp_path / "s.db"
+    write(db, intent_samples())
+    loop = DistillLoop(loop_config(tmp_path, gate={"min_heldout": 1000}), db, student_cfg(tiny_model_dir))
+    started = time.perf_counter()
+    outcome = loop.run_once()
+    assert (outcome.result, outcome.reason, outcome.train) == ("skipped", "too_few_heldout", {})
+    assert time.perf_counter() - started < 30  # no training run was spent on it
+    assert not loop.due()  # offered once; later records trigger the next run
+
+
+@pytest.mark.anyio
+async def test_gate_drafts_are_what_the_gateway_would_serve(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The gate's greedy drafts carry the tokens and logprobs the served model would give, so
+    replaying the gateway's router on them routes them as live traffic would be routed."""
+    cfg = loop_config(tmp_path, gate={"max_new_tokens": 8})
+    trainer = StudentTrainer(tiny_model_dir, None, student_cfg(tiny_model_dir), cfg)
+    example = Example("r1", "answer", PROMPT, "refund", "refund")
+    draft = trainer.evaluate("serving", [example]).drafts[0]
+    backend = LocalBackend(student_cfg(tiny_model_dir))
+    await backend.start()
+    try:
+        live = await backend.generate(PROMPT, SamplingParams(max_tokens=8, temperature=0))
+    finally:
+        await backend.aclose()
+    assert draft.token_ids == live.token_ids and draft.text == live.text.strip()
+    assert [t.logprob for t in draft.logprobs] == pytest.approx([t.logprob for t in live.logprobs], abs=1e-4)

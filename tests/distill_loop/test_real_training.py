@@ -67,7 +67,7 @@ async def test_short_real_run_lowers_heldout_nll(tmp_path: Path) -> None:
         registry_dir=tmp_path / "registry",
         holdout_fraction=0.3,
         lora={"r": 16, "alpha": 32, "lr": 1e-3, "epochs": 3, "batch_size": 4, "max_steps": 12},
-        gate={"max_items": 6, "max_new_tokens": 24},
+        gate={"max_items": 6, "max_new_tokens": 24, "min_heldout": 1},  # measures NLL, not promotion
     )
     outcome = DistillLoop(config, tmp_path / "s.db", DEFAULT_STUDENT).run_once()
     assert outcome.gate is not None and outcome.gate.n_heldout > 0, outcome

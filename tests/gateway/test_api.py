@@ -209,3 +209,16 @@ def test_gc_is_tuned_once_tiers_are_up_and_restored_at_shutdown(tmp_path: Path) 
 
 def test_wrong_method_on_chat_is_405_in_openai_shape(client: TestClient) -> None:
     assert_openai_error(client.get("/v1/chat/completions"), 405)
+
+
+def test_a_student_versions_routing_floor_raises_the_threshold(client: TestClient) -> None:
+    """A version promoted with a routing floor is never routed below it (distill gate)."""
+    body = {"messages": [{"role": "user", "content": "easy"}]}
+    kept = chat(client, body)
+    assert kept.headers["x-tiergate-tier"] == "student" and kept.headers["x-tiergate-threshold"] == "0.5000"
+    service = client.app.state.service  # type: ignore[attr-defined]
+    service.version_floors = {kept.headers["x-tiergate-student-version"]: 0.99}
+    raised = chat(client, body)
+    assert raised.headers["x-tiergate-tier"] == "teacher" and raised.headers["x-tiergate-threshold"] == "0.9900"
+    service.version_floors = {"some-other-version": 0.99}
+    assert chat(client, body).headers["x-tiergate-tier"] == "student"

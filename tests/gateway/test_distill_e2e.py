@@ -71,4 +71,7 @@ def test_background_loop_promotes_and_the_gateway_serves_it(
     assert "tiergate_student_info{model=" in metrics and 'version="v0001"' in metrics
     (meta,) = versions["versions"]
     assert meta["name"] == "v0001" and meta["parent"] == "base" and meta["gate"]["passed"]
+    # the gate replayed the gateway's own routing rule on the held-out drafts
+    assert meta["gate"]["routed_candidate"]["n"] == meta["gate"]["n_heldout"] > 0
+    assert meta["gate"]["routing_threshold"] >= 0.99  # re-fitted, never below the configured one
     assert meta["data_window"]["new_records"] >= 16  # 20 distinct escalations, some held out
