@@ -226,7 +226,7 @@ class DistillLoop:
         h_cand = trainer.evaluate("candidate", data.heldout)
         a_serving = trainer.evaluate("serving", data.anchor)
         a_cand = trainer.evaluate("candidate", data.anchor)
-        routed, fitted = self._replay_routing(serving, h_serving, h_cand)
+        routed, fitted, configured = self._replay_routing(serving, h_serving, h_cand)
         gate = decide(
             self.config.gate,
             (Measured(h_serving.nll, h_serving.agreement), Measured(h_cand.nll, h_cand.agreement)),
@@ -235,6 +235,7 @@ class DistillLoop:
             len(data.anchor),
             routed,
             fitted,
+            configured,
         )
         train_info = {
             "steps": report.steps,
@@ -278,12 +279,12 @@ class DistillLoop:
 
     def _replay_routing(
         self, serving: str, h_serving: EvalResult, h_cand: EvalResult
-    ) -> tuple[tuple[Routed, Routed] | None, float | None]:
+    ) -> tuple[tuple[Routed, Routed] | None, float | None, float | None]:
         """The gateway's routing on the held-out drafts: the serving student at its threshold
         (raised to its own floor), the candidate at the lowest threshold, not below the
         configured one, that keeps the serving student's served quality."""
         if self.judge is None or not h_serving.drafts:
-            return None, None
+            return None, None, None
         s_conf, thresholds = zip(*(self.judge(d) for d in h_serving.drafts), strict=True)
         c_conf = [self.judge(d)[0] for d in h_cand.drafts]
         configured = max(thresholds)
@@ -292,7 +293,7 @@ class DistillLoop:
         rs = route_at(serving_at, s_conf, h_serving.scores)
         target = rs.served_quality - self.config.gate.max_served_quality_drop
         fitted, rc = fit_threshold(c_conf, h_cand.scores, configured, target)
-        return (rs, rc), (fitted if math.isfinite(fitted) else None)
+        return (rs, rc), (fitted if math.isfinite(fitted) else None), configured
 
     def _weights(self, agreement: float | None) -> LossWeights:
         ls = self.config.losses

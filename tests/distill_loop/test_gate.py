@@ -72,3 +72,15 @@ def test_fit_threshold_finds_the_lowest_threshold_that_keeps_quality() -> None:
     assert fit_threshold(conf, scores, floor=0.5, target=0.8)[0] == 0.5  # the floor already does
     t, routed = fit_threshold([0.9], [0.0], floor=0.5, target=1.0)
     assert math.isinf(t) and routed.escalation_rate == 1.0  # only the teacher reaches it
+
+
+def test_a_raised_floor_must_save_escalations() -> None:
+    serving = simulate([True, False, True, False], [0.0, 0.2, 0.9, 0.1])  # 0.725, escalation 0.5
+    same_cost = simulate([False, True, True, False], [0.2, 0.9, 0.9, 0.1])  # 0.95, escalation 0.5
+    args = (CFG, (SERVING, Measured(1.5, 0.6)), (ANCHOR, ANCHOR), 10, 8, (serving, same_cost))
+    assert decide(*args, routing_threshold=0.5, configured_threshold=0.5).passed  # floor not raised
+    report = decide(*args, routing_threshold=0.6, configured_threshold=0.5)
+    assert (report.passed, report.reason) == (False, "no_escalations_saved")
+    cheaper = simulate([True, True, True, False], [1.0, 0.9, 0.9, 0.1])  # escalation 0.25
+    cheaper_args = (CFG, (SERVING, Measured(1.5, 0.6)), (ANCHOR, ANCHOR), 10, 8, (serving, cheaper))
+    assert decide(*cheaper_args, routing_threshold=0.6, configured_threshold=0.5).passed
