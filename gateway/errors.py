@@ -40,6 +40,11 @@ class InvalidRequest(GatewayError, ValueError):
     error_type = "invalid_request_error"
 
 
+class PayloadTooLarge(InvalidRequest):
+    status_code = 413
+    code = "request_too_large"
+
+
 class Unauthorized(GatewayError, PermissionError):
     status_code = 401
     error_type = "authentication_error"

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sse_starlette import EventSourceResponse
 from starlette.routing import Route
 
-from gateway.errors import Forbidden, InvalidRequest, ModelNotFound, Unauthorized, describe
+from gateway.errors import Forbidden, InvalidRequest, ModelNotFound, PayloadTooLarge, Unauthorized, describe
 from gateway.protocol import (
     MODEL_ALIASES,
     ChatCompletionRequest,
@@ -156,6 +156,20 @@ def _to_call(body: ChatCompletionRequest, request: Request, tenant: str, service
     )
 
 
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 once it passes `limit` bytes (declared or streamed)."""
+    declared = _header(request, b"content-length")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def parse_chat_request(raw: bytes) -> ChatCompletionRequest:
     """Validate the body straight from bytes (pydantic's JSON mode, no dict in between).
     Errors become FastAPI's RequestValidationError, so they get the same 400 as anywhere else."""
@@ -207,8 +221,8 @@ def install_chat_routes(app: FastAPI) -> None:
 
 async def chat_completions(request: Request) -> Response:
     tenant = await tenant_of(request)  # authenticate before reading the body
-    body = parse_chat_request(await request.body())
     service = _service(request)
+    body = parse_chat_request(await read_body(request, service.settings.server.max_body_bytes))
     call = _to_call(body, request, tenant, service)
     service.metrics.inflight.inc()
     try:

@@ -44,6 +44,8 @@ class ServerConfig(BaseModel):
     api_keys: list[SecretStr] = Field(default_factory=list)
     # Bearer key for /admin/*. Unset: the admin API answers 403.
     admin_api_key: SecretStr | None = None
+    # Largest chat request body accepted, in bytes; larger ones get 413 before they are buffered.
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     # Completion length when a request gives neither max_tokens nor max_completion_tokens.
     default_max_tokens: int = Field(default=128, ge=1)
     # Largest completion a request may ask for; larger asks get 400.

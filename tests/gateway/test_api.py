@@ -222,3 +222,17 @@ def test_a_student_versions_routing_floor_raises_the_threshold(client: TestClien
     assert raised.headers["x-tiergate-tier"] == "teacher" and raised.headers["x-tiergate-threshold"] == "0.9900"
     service.version_floors = {"some-other-version": 0.99}
     assert chat(client, body).headers["x-tiergate-tier"] == "student"
+
+
+def test_an_oversized_body_is_413_in_openai_shape(tmp_path: Path) -> None:
+    with make_client(tmp_path, max_body_bytes=4096) as client:
+        big = {"messages": [{"role": "user", "content": "x" * 10_000}]}
+        assert assert_openai_error(chat(client, big), 413)["code"] == "request_too_large"
+
+        def chunked() -> Iterator[bytes]:  # no content-length: counted while it streams
+            yield b'{"messages": [{"role": "user", "content": "'
+            yield b"x" * 10_000
+            yield b'"}]}'
+
+        assert_openai_error(client.post("/v1/chat/completions", content=chunked()), 413)
+        assert chat(client, {"messages": [{"role": "user", "content": "hi"}]}).status_code == 200
