@@ -31,7 +31,7 @@ def loop_config(tmp_path: Path, **kw: object) -> DistillConfig:
         "holdout_fraction": 0.25,
         "losses": {"error_correction": False},
         "lora": {"r": 8, "alpha": 16, "lr": 2e-2, "epochs": 50, "batch_size": 8, "max_steps": 200},
-        "gate": {"max_new_tokens": 12},
+        "gate": {"max_new_tokens": 12, "min_heldout": 4},  # a tiny task: few held-out prompts
     }
     return DistillConfig(**{**base, **kw})  # type: ignore[arg-type]
 
