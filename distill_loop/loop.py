@@ -30,7 +30,7 @@ from distill_loop.config import DistillConfig
 from distill_loop.gate import GateReport, Measured, Routed, decide, fit_threshold, route_at
 from distill_loop.loss import LossWeights, dynamic_weights
 from distill_loop.metrics import METRICS
-from distill_loop.registry import BASE, Registry, VersionMeta
+from distill_loop.registry import Registry, VersionMeta
 from distill_loop.store import pending_since, read_samples, set_critique
 from models import (
     Backend,
@@ -288,8 +288,8 @@ class DistillLoop:
         s_conf, thresholds = zip(*(self.judge(d) for d in h_serving.drafts), strict=True)
         c_conf = [self.judge(d)[0] for d in h_cand.drafts]
         configured = max(thresholds)
-        floor = (self.registry.meta(serving).gate or {}).get("routing_threshold") if serving != BASE else None
-        serving_at = max(configured, float(floor)) if floor is not None else configured
+        floor = self.registry.routing_floor(serving)
+        serving_at = configured if floor is None else max(configured, floor)
         rs = route_at(serving_at, s_conf, h_serving.scores)
         target = rs.served_quality - self.config.gate.max_served_quality_drop
         fitted, rc = fit_threshold(c_conf, h_cand.scores, configured, target)

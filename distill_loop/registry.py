@@ -80,6 +80,14 @@ class Registry:
             raise UnknownVersion(f"version {name!r} is not in the registry")
         return VersionMeta(**json.loads(path.read_text()))
 
+    def routing_floor(self, name: str) -> float | None:
+        """The lowest threshold the gate promoted `name` with (its report's `routing_threshold`);
+        None for the base model and for versions promoted without a routing replay."""
+        if name == BASE:
+            return None
+        floor = (self.meta(name).gate or {}).get("routing_threshold")
+        return None if floor is None else float(floor)
+
     def versions(self) -> list[str]:
         """Kept versions, oldest first (by version number)."""
         names = [p.name for p in (self.root / "versions").iterdir() if (p / "meta.json").is_file()]

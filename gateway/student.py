@@ -110,14 +110,11 @@ class StudentManager:
 
     def version_floors(self) -> dict[str, float]:
         """Each kept version's routing floor, from its gate report (promoted with one)."""
-        if self.registry is None:
+        registry = self.registry
+        if registry is None:
             return {}
-        floors = {}
-        for name in self.registry.versions():
-            floor = (self.registry.meta(name).gate or {}).get("routing_threshold")
-            if floor is not None:
-                floors[name] = float(floor)
-        return floors
+        floors = {name: registry.routing_floor(name) for name in registry.versions()}
+        return {name: floor for name, floor in floors.items() if floor is not None}
 
     def require_registry(self) -> Registry:
         if self.registry is None:

@@ -84,6 +84,7 @@ async def test_loop_trains_promotes_swaps_rejects_and_rolls_back(tiny_model_dir:
         assert first.gate.routed_candidate is not None and first.gate.routed_serving is not None
         assert first.gate.routed_candidate.escalation_rate == 0.0  # the rule kept everything
         assert first.gate.routing_threshold == 0.5  # quality held at the configured threshold
+        assert loop.registry.routing_floor("v0001") == 0.5 and loop.registry.routing_floor(BASE) is None
         assert first.gate.routed_candidate.served_quality == pytest.approx(first.gate.heldout_candidate.agreement)
         assert len(judged) == 2 * first.gate.n_heldout and all(d.logprobs for d in judged)
         assert loop.registry.current() == "v0001"
