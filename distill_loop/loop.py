@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from distill_loop.buffer import Example, build_run_data
 from distill_loop.config import DistillConfig
-from distill_loop.gate import GateReport, Measured, Routed, decide, fit_threshold, route_at
+from distill_loop.gate import GateReport, Measured, Routed, decide, fit_threshold, route_at, sign_test
 from distill_loop.loss import LossWeights, dynamic_weights
 from distill_loop.metrics import METRICS
 from distill_loop.registry import Registry, VersionMeta
@@ -73,14 +73,20 @@ def training_student(student: BackendConfig, config: DistillConfig) -> BackendCo
     return None
 
 
-def _routing_line(routed: tuple[Routed, Routed] | None) -> str:
-    if routed is None:
-        return "routing not replayed"
-    rs, rc = routed
-    return (
-        f"routed: served agreement {rs.served_quality:.3f} -> {rc.served_quality:.3f}, "
-        f"escalation {rs.escalation_rate:.2f} -> {rc.escalation_rate:.2f} (n={rs.n})"
-    )
+def _gate_line(gate: GateReport) -> str:
+    parts = []
+    if gate.paired is not None:
+        p = gate.paired
+        parts.append(f"items better/worse {p.wins}/{p.losses} (sign test p={p.p_value:.3f})")
+    if gate.routed_serving is None or gate.routed_candidate is None:
+        parts.append("routing not replayed")
+    else:
+        rs, rc = gate.routed_serving, gate.routed_candidate
+        parts.append(
+            f"routed: served agreement {rs.served_quality:.3f} -> {rc.served_quality:.3f}, "
+            f"escalation {rs.escalation_rate:.2f} -> {rc.escalation_rate:.2f} (n={rs.n})"
+        )
+    return "; ".join(parts)
 
 
 class RunCancelled(Exception):
@@ -193,7 +199,7 @@ class DistillLoop:
         until = time.time()
         data = build_run_data(self.signal_path, self.config, self.state.last_cut, until, seed=self.state.runs)
         self.state.last_run_at = until
-        skip = "no_training_data" if not data.train else None
+        skip = None if any(e.kind != "anchor" for e in data.train) else "no_training_data"
         if skip is None and len(data.heldout) < self.config.gate.min_heldout:
             # The gate would refuse any candidate: do not spend a training run to learn that.
             # The records stay in the store, for replay and for later runs' held-out sets.
@@ -236,6 +242,7 @@ class DistillLoop:
             routed,
             fitted,
             configured,
+            sign_test(h_serving.scores, h_cand.scores) if h_cand.scores else None,
         )
         train_info = {
             "steps": report.steps,
@@ -255,7 +262,7 @@ class DistillLoop:
                 "candidate rejected by the gate: %s (held-out NLL %.3f -> %.3f, agreement %.3f -> %.3f, n=%d; "
                 "anchor agreement %.3f -> %.3f; %s)",
                 gate.reason, h_serving.nll, h_cand.nll, h_serving.agreement, h_cand.agreement, len(data.heldout),
-                a_serving.agreement, a_cand.agreement, _routing_line(routed),
+                a_serving.agreement, a_cand.agreement, _gate_line(gate),
             )  # fmt: skip
             return self._done(RunOutcome("rejected", gate.reason, gate=gate, train=train_info))
         name = self.registry.new_name()
@@ -274,7 +281,7 @@ class DistillLoop:
                 ),
             )
         self.registry.set_current(name, "promoted")
-        log.info("promoted %s (held-out NLL %.3f -> %.3f; %s)", name, h_serving.nll, h_cand.nll, _routing_line(routed))
+        log.info("promoted %s (held-out NLL %.3f -> %.3f; %s)", name, h_serving.nll, h_cand.nll, _gate_line(gate))
         return self._done(RunOutcome("promoted", "passed", version=name, gate=gate, train=train_info))
 
     def _replay_routing(

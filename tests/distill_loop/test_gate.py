@@ -7,7 +7,7 @@ import math
 import pytest
 
 from distill_loop import GateSettings
-from distill_loop.gate import Measured, decide, fit_threshold, route_at, simulate
+from distill_loop.gate import Measured, Paired, decide, fit_threshold, route_at, sign_test, simulate
 
 CFG = GateSettings(min_nll_gain=0.05, anchor_max_agreement_drop=0.05, anchor_max_nll_rise=0.1, min_heldout=4)
 SERVING = Measured(nll=2.0, agreement=0.5)
@@ -84,3 +84,28 @@ def test_a_raised_floor_must_save_escalations() -> None:
     cheaper = simulate([True, True, True, False], [1.0, 0.9, 0.9, 0.1])  # escalation 0.25
     cheaper_args = (CFG, (SERVING, Measured(1.5, 0.6)), (ANCHOR, ANCHOR), 10, 8, (serving, cheaper))
     assert decide(*cheaper_args, routing_threshold=0.6, configured_threshold=0.5).passed
+
+
+def test_sign_test_against_hand_computed_binomial_tails() -> None:
+    # 5 wins, 0 losses: (1/2)^5. Ties (equal scores) are dropped before counting.
+    assert sign_test([0, 0, 0, 0, 0, 0.5], [1, 1, 1, 1, 1, 0.5]) == Paired(5, 0, 1 / 32)
+    # 6 wins, 1 loss: P(X >= 6), X ~ Bin(7, 1/2) = (7 + 1) / 128
+    paired = sign_test([0] * 6 + [1], [1] * 6 + [0])
+    assert (paired.wins, paired.losses) == (6, 1) and paired.p_value == pytest.approx(8 / 128)
+    # no movement at all: nothing to claim
+    assert sign_test([0.3, 0.3], [0.3, 0.3]).p_value == 1.0
+    # more losses than wins
+    assert sign_test([1, 1, 1], [0, 0, 1]).p_value == 1.0
+
+
+def test_a_mean_gain_carried_by_one_item_is_not_significant() -> None:
+    """The stream benchmark's failure: 6 items, one flipped answer, 0.667 -> 0.750."""
+    serving, candidate = [1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 0.5, 0]
+    flip = sign_test(serving, candidate)
+    assert flip.p_value == 0.5
+    cfg = CFG.model_copy(update={"max_p_value": 0.05})
+    report = decide(cfg, (SERVING, Measured(1.5, 0.6)), (ANCHOR, ANCHOR), 6, 8, paired=flip)
+    assert (report.passed, report.reason) == (False, "improvement_not_significant")
+    assert report.to_json()["paired"] == {"wins": 1, "losses": 0, "p_value": 0.5}
+    learned = sign_test([0, 0, 0, 0, 0, 1], [1, 1, 0.5, 1, 1, 1])
+    assert decide(cfg, (SERVING, Measured(1.5, 0.6)), (ANCHOR, ANCHOR), 6, 8, paired=learned).passed
