@@ -3,7 +3,9 @@
 Records are de-duplicated on (prompt, teacher answer), then split by a hash of the prompt, so
 a held-out prompt (and its near-copies) never reaches training. Each kept record becomes
 `Example`s: the teacher's answer (a), its reasoning chain (b) and top-k logprobs (c) where
-present, and a correction example (d) when the student's draft disagreed. No training here.
+present, and a correction example (d) when the student's draft disagreed. The anchor set joins
+the training examples (as kind "anchor", trained at a lower weight) and is also the gate's
+forgetting check. No training here.
 """
 
 from __future__ import annotations
@@ -128,9 +130,11 @@ def build_run_data(signal_path: Path, config: DistillConfig, since: float, until
     old_train = [s for s in old if not is_heldout(s.messages, config.holdout_fraction)]
     rng = random.Random(seed)
     replay = reservoir(old_train, config.replay_size, rng)
-    train = [e for s in new_train + replay for e in examples_for(s, config)]
-    heldout = [e for s in holdout for e in examples_for(s, config) if e.kind == "answer"]
     anchor = load_anchor(config.anchor_path)
+    # The anchor set is trained on (at a lower weight) as well as gated on: rehearsal is what
+    # keeps the student's general behaviour while it specialises, and the gate checks it held.
+    train = [e for s in new_train + replay for e in examples_for(s, config)] + anchor
+    heldout = [e for s in holdout for e in examples_for(s, config) if e.kind == "answer"]
     return RunData(
         train=tuple(train),
         heldout=tuple(heldout[-config.gate.max_items :]),
