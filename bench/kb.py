@@ -5,8 +5,8 @@ The stream is built deterministically (seeded) from `bench/data/kb.jsonl`; nothi
 gateway. `probe` loads the real models in-process (`models.LocalBackend`) and never trains.
 
     python -m bench.kb stream [--length 240] [--intents 10] [--out bench/data/stream.jsonl]
-    python -m bench.kb prompt            # print the teacher's system prompt
-    python -m bench.kb probe             # key-fact recall on the held-out questions, per tier
+    python -m bench.kb prompt [--style faq|transcript|qa] [--intents ID ...]   # a teacher prompt
+    python -m bench.kb probe [--stream FILE] [--splits train heldout]   # key-fact recall per tier
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ DEFAULT_STREAM = DATA / "stream.jsonl"
 RESULTS = Path(__file__).parent / "results"
 
 Split = Literal["train", "heldout"]
-PromptStyle = Literal["transcript", "qa"]
+PromptStyle = Literal["faq", "transcript", "qa"]
 
 # The transcript style scored best in the probe (bench/README.md, "Online distillation on a stream").
 TRANSCRIPT_HEADER = (
@@ -120,12 +120,15 @@ def key_fact_recall(answer: str, facts: Sequence[str]) -> float:
 def teacher_prompt(kb: Sequence[Intent], style: PromptStyle = "transcript") -> str:
     """The teacher's static system prompt: the whole knowledge base.
 
-    `transcript`: every entry as a past "Customer:/Agent:" exchange, so the base model's next
-    "Agent:" turn copies from the matching one. `qa`: one "Q: … A: …" line per intent plus a
-    one-shot exchange. The gateway's transcript format appends the live conversation after it.
+    `faq`: every known phrasing of every entry (its `train` paraphrases, never the held-out ones)
+    as a past "Customer:/Agent:" exchange, like a support FAQ that lists how customers ask.
+    `transcript`: the same with the canonical question only. `qa`: one "Q: … A: …" line per
+    intent plus a one-shot exchange. The gateway's transcript format appends the live
+    conversation after it, so the base model's next "Agent:" turn copies from the matching one.
     """
-    if style == "transcript":
-        turns = [f"Customer: {k.question}\nAgent: {k.answer}" for k in kb]
+    if style in ("faq", "transcript"):
+        asked = (lambda k: k.train) if style == "faq" else (lambda k: (k.question,))
+        turns = [f"Customer: {q}\nAgent: {k.answer}" for k in kb for q in asked(k)]
         return TRANSCRIPT_HEADER + "\n\n" + "\n\n".join(turns)
     lines = "\n".join(f"Q: {k.question} A: {k.answer}" for k in kb)
     shot = kb[min(4, len(kb) - 1)]
@@ -198,21 +201,35 @@ async def _answers(backend: Any, questions: Sequence[str], max_tokens: int) -> l
     return [g.text.strip() for g in gens]
 
 
-async def probe(kb: Sequence[Intent], setups: Sequence[str], max_tokens: int, limit: int | None) -> dict[str, Any]:
-    """Greedy answers to every held-out question from each set-up; key-fact recall per set-up."""
+async def probe(
+    kb: Sequence[Intent],
+    setups: Sequence[str],
+    max_tokens: int,
+    limit: int | None,
+    splits: Sequence[Split] = ("heldout",),
+) -> dict[str, Any]:
+    """Greedy answers to every question of `splits` from each set-up; key-fact recall per set-up.
+
+    `kb` is both what the teachers know and what they are asked about."""
     import torch
 
     from models import BackendConfig
     from models.local import LocalBackend
 
     torch.set_num_threads(1)
-    items = [(k, q) for k in kb for q in k.heldout][:limit]
-    questions = [q for _, q in items]
+    items = [(k, q, split) for split in splits for k in kb for q in getattr(k, split)][:limit]
+    questions = [q for _, q, _ in items]
+
+    def gemma(style: PromptStyle) -> BackendConfig:  # the FAQ of all 41 intents is about 8k tokens
+        prompt = teacher_prompt(kb, style)
+        return BackendConfig(
+            model="gemma-3-270m", prompt_format="transcript", max_model_len=16384, system_prompt=prompt
+        )
+
     configs = {
-        "teacher+kb": BackendConfig(model="gemma-3-270m", prompt_format="transcript", system_prompt=teacher_prompt(kb)),
-        "teacher+kb_qa": BackendConfig(
-            model="gemma-3-270m", prompt_format="transcript", system_prompt=teacher_prompt(kb, "qa")
-        ),
+        "teacher+faq": gemma("faq"),
+        "teacher+kb": gemma("transcript"),
+        "teacher+kb_qa": gemma("qa"),
         "student": BackendConfig(model="smollm2-135m-instruct", prompt_format="chat_template"),
         "student+kb": BackendConfig(
             model="smollm2-135m-instruct", prompt_format="chat_template", system_prompt=teacher_prompt(kb, "qa")
@@ -229,17 +246,23 @@ async def probe(kb: Sequence[Intent], setups: Sequence[str], max_tokens: int, li
             answers = await _answers(backend, questions, max_tokens)
         finally:
             await backend.aclose()
-        scores = [key_fact_recall(a, k.key_facts) for a, (k, _) in zip(answers, items, strict=True)]
-        recall = sum(scores) / len(scores)
+        scores = [key_fact_recall(a, k.key_facts) for a, (k, _, _) in zip(answers, items, strict=True)]
+        per_split = {
+            split: round(sum(sc for sc, (_, _, sp) in zip(scores, items, strict=True) if sp == split) / n, 4)
+            for split in splits
+            if (n := sum(sp == split for _, _, sp in items))
+        }
         out["setups"][name] = {
-            "recall": round(recall, 4),
+            "recall": round(sum(scores) / len(scores), 4),
+            "recall_by_split": per_split,
             "seconds": round(time.perf_counter() - start, 1),
             "answers": [
-                {"intent": k.id, "question": q, "answer": a, "recall": s}
-                for (k, q), a, s in zip(items, answers, scores, strict=True)
+                {"intent": k.id, "question": q, "split": sp, "answer": a, "recall": s}
+                for (k, q, sp), a, s in zip(items, answers, scores, strict=True)
             ],
         }
-        print(f"{name:14s} key-fact recall {recall:.3f} on {len(items)} held-out questions", flush=True)  # noqa: T201
+        shown = ", ".join(f"{sp} {r:.3f}" for sp, r in per_split.items())
+        print(f"{name:14s} key-fact recall {shown} ({len(items)} questions)", flush=True)  # noqa: T201
     return out
 
 
@@ -249,17 +272,25 @@ def main(argv: list[str] | None = None) -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("stream", help="write a request stream built from the knowledge base")
     s.add_argument("--out", type=Path, default=DEFAULT_STREAM)
-    s.add_argument("--length", type=int, default=240)
+    s.add_argument("--length", type=int, default=480)
     s.add_argument("--heldout-every", type=int, default=4, help="every N-th request is held out (default 4)")
     s.add_argument("--intents", type=int, default=10, help="a seeded subset of this many intents (0: all)")
     s.add_argument("--seed", type=int, default=0)
     pr = sub.add_parser("prompt", help="print the teacher's system prompt")
-    pr.add_argument("--style", choices=["transcript", "qa"], default="transcript")
+    pr.add_argument("--style", choices=["faq", "transcript", "qa"], default="faq")
+    pr.add_argument("--intents", nargs="*", default=None, help="only these intent ids (default: all)")
     pb = sub.add_parser("probe", help="key-fact recall of each tier on the held-out questions")
-    setups = ["teacher+kb", "teacher+kb_qa", "student", "student+kb"]
+    setups = ["teacher+faq", "teacher+kb", "teacher+kb_qa", "student", "student+kb"]
     pb.add_argument("--setups", nargs="+", choices=setups, default=setups)
     pb.add_argument("--max-tokens", type=int, default=40)
-    pb.add_argument("--limit", type=int, default=None, help="first N held-out questions only")
+    pb.add_argument("--limit", type=int, default=None, help="first N questions only")
+    pb.add_argument("--splits", nargs="+", choices=["train", "heldout"], default=["heldout"])
+    pb.add_argument(
+        "--stream",
+        type=Path,
+        default=None,
+        help="only the intents this stream asks about (what the stream benchmark's teacher knows)",
+    )
     pb.add_argument("--out", type=Path, default=RESULTS / "kb_probe.json")
     args = p.parse_args(argv)
     kb = load_kb(args.kb)
@@ -270,9 +301,14 @@ def main(argv: list[str] | None = None) -> None:
         n_held = sum(i.split == "heldout" for i in items)
         print(f"wrote {len(items)} requests ({n_held} held-out) to {args.out}")  # noqa: T201
     elif args.cmd == "prompt":
-        sys.stdout.write(teacher_prompt(kb, args.style) + "\n")
+        scoped = [k for k in kb if args.intents is None or k.id in args.intents]
+        sys.stdout.write(teacher_prompt(scoped, args.style) + "\n")
     else:
-        result = asyncio.run(probe(kb, args.setups, args.max_tokens, args.limit))
+        if args.stream is not None:
+            asked = {i.intent for i in read_stream(args.stream)}
+            kb = [k for k in kb if k.id in asked]
+        result = asyncio.run(probe(kb, args.setups, args.max_tokens, args.limit, args.splits))
+        result["intents"] = [k.id for k in kb]
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.out}")  # noqa: T201
