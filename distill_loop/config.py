@@ -88,12 +88,16 @@ class GateSettings(BaseModel):
     # clients would be served may fall under the candidate (0: it must not fall).
     max_served_quality_drop: float = Field(default=0.0, ge=0, le=1)
     # The candidate must agree better with the teacher on more held-out items than it agrees
-    # worse, by a one-sided sign test at this p-value (1.0 turns the test off).
-    max_p_value: float = Field(default=0.05, gt=0, le=1)
+    # worse, by a one-sided sign test at this p-value (1.0 turns the test off). At 0.1, 4 items
+    # better and none worse pass (p = 1/16); 3 and none (1/8) or one flipped answer do not.
+    # At 0.05 the stream benchmark refused six candidates in a row that each kept served
+    # quality and saved half or more of the escalations, all at 4/0; live-audit rollback
+    # backs the gate up.
+    max_p_value: float = Field(default=0.1, gt=0, le=1)
     # Fewest held-out items a decision may rest on; with fewer the run is skipped before
-    # training. A sign test on fewer than 5 items cannot reach p < 0.05, so a run on them
+    # training. A sign test on fewer than 4 items cannot reach p <= 0.1, so a run on them
     # could only be refused.
-    min_heldout: int = Field(default=5, ge=1)
+    min_heldout: int = Field(default=4, ge=1)
     # Tokens generated per item when measuring agreement.
     max_new_tokens: int = Field(default=48, ge=1)
     # Most held-out items evaluated per run (keeps CPU gates bounded).

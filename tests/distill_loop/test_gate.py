@@ -109,3 +109,14 @@ def test_a_mean_gain_carried_by_one_item_is_not_significant() -> None:
     assert report.to_json()["paired"] == {"wins": 1, "losses": 0, "p_value": 0.5}
     learned = sign_test([0, 0, 0, 0, 0, 1], [1, 1, 0.5, 1, 1, 1])
     assert decide(cfg, (SERVING, Measured(1.5, 0.6)), (ANCHOR, ANCHOR), 6, 8, paired=learned).passed
+
+
+def test_the_default_significance_level_passes_four_clean_wins_and_not_three() -> None:
+    """The stream benchmark's candidates: 4 of 10 held-out items better, none worse."""
+    cfg = GateSettings()
+    assert cfg.max_p_value == 0.1 and cfg.min_heldout == 4
+    four, three = sign_test([0] * 10, [1] * 4 + [0] * 6), sign_test([0] * 10, [1] * 3 + [0] * 7)
+    assert (four.p_value, three.p_value) == (1 / 16, 1 / 8)
+    assert decide(cfg, (SERVING, Measured(1.5, 0.6)), (ANCHOR, ANCHOR), 10, 8, paired=four).passed
+    refused = decide(cfg, (SERVING, Measured(1.5, 0.6)), (ANCHOR, ANCHOR), 10, 8, paired=three)
+    assert refused.reason == "improvement_not_significant"
