@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="only the intents this stream asks about (what the stream benchmark's teacher knows)",
     )
-    pb.add_argument("--out", type=Path, default=RESULTS / "kb_probe.json")
+    pb.add_argument("--out", type=Path, default=None, help="default results/kb_probe[_stream].json")
     args = p.parse_args(argv)
     kb = load_kb(args.kb)
     if args.cmd == "stream":
@@ -309,6 +309,7 @@ def main(argv: list[str] | None = None) -> None:
             kb = [k for k in kb if k.id in asked]
         result = asyncio.run(probe(kb, args.setups, args.max_tokens, args.limit, args.splits))
         result["intents"] = [k.id for k in kb]
+        args.out = args.out or RESULTS / ("kb_probe_stream.json" if args.stream else "kb_probe.json")
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.out}")  # noqa: T201
