@@ -1,12 +1,12 @@
 """The promotion gate: paired comparison of candidate and serving student on the same items.
 
 Pass when, on the held-out set, the candidate's NLL of teacher answers falls by at least
-`min_nll_gain`, its agreement with the teacher does not fall, and it agrees better on more items
-than it agrees worse, by a one-sided sign test at `max_p_value` (`sign_test`); when, with the gateway's
-routing replayed on the held-out items (`simulate`), what clients would be served agrees with
-the teacher no worse than under the serving student, less `max_served_quality_drop`, and no
-more of them escalate (the candidate's threshold is re-fitted first, `fit_threshold`; one
-raised above the configured threshold must escalate fewer); and, on
+`min_nll_gain`, its agreement with the teacher does not fall, and it agrees better on more
+items than it agrees worse, by a one-sided sign test at `max_p_value` (`sign_test`); when,
+with the gateway's routing replayed on the held-out items (`simulate`), what clients would be
+served agrees with the teacher no worse than under the serving student, less
+`max_served_quality_drop`, and no more of them escalate (the candidate's threshold is re-fitted
+first, `fit_threshold`; one raised above the configured threshold must escalate fewer); and, on
 the anchor set, its agreement drops by no more than `anchor_max_agreement_drop` and its NLL
 rises by no more than `anchor_max_nll_rise`. Pure decision over measured numbers; measuring
 is the trainer's, and routing the gateway's.
@@ -43,7 +43,7 @@ def sign_test(serving: Sequence[float], candidate: Sequence[float]) -> Paired:
 
     A mean over a handful of items moves with one flipped answer; the stream benchmark promoted
     two students on such a flip (6 items, agreement 0.667 -> 0.750) that then served worse live.
-    The sign test asks whether the items moved together: 5 wins and no losses give p = 1/32.
+    The sign test asks whether the items moved together: 4 wins and no losses give p = 1/16.
     """
     wins = sum(c > s for s, c in zip(serving, candidate, strict=True))
     losses = sum(c < s for s, c in zip(serving, candidate, strict=True))
