@@ -193,12 +193,21 @@ def read_stream(path: Path) -> list[StreamItem]:
 
 
 # -- probe ---------------------------------------------------------------------------------------
-async def _answers(backend: Any, questions: Sequence[str], max_tokens: int) -> list[str]:
+async def _answers(backend: Any, questions: Sequence[str], max_tokens: int, label: str) -> list[str]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     from models import ChatMessage, SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
-    gens = await asyncio.gather(*(backend.generate((ChatMessage("user", q),), params) for q in questions))
-    return [g.text.strip() for g in gens]
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
+        task = bar.add_task(label, total=len(questions))
+
+        async def one(question: str) -> str:
+            gen = await backend.generate((ChatMessage("user", question),), params)
+            bar.advance(task)
+            return str(gen.text).strip()
+
+        return list(await asyncio.gather(*(one(q) for q in questions)))
 
 
 async def probe(
@@ -243,7 +252,7 @@ async def probe(
         await backend.start()
         start = time.perf_counter()
         try:
-            answers = await _answers(backend, questions, max_tokens)
+            answers = await _answers(backend, questions, max_tokens, name)
         finally:
             await backend.aclose()
         scores = [key_fact_recall(a, k.key_facts) for a, (k, _, _) in zip(answers, items, strict=True)]
