@@ -4,7 +4,7 @@ and the request stream, and probe how well each tier answers it.
 The stream is built deterministically (seeded) from `bench/data/kb.jsonl`; nothing here starts a
 gateway. `probe` loads the real models in-process (`models.LocalBackend`) and never trains.
 
-    python -m bench.kb stream [--length 240] [--intents 10] [--out bench/data/stream.jsonl]
+    python -m bench.kb stream [--length 480] [--intents 10] [--out bench/data/stream.jsonl]
     python -m bench.kb prompt [--style faq|transcript|qa] [--intents ID ...]   # a teacher prompt
     python -m bench.kb probe [--stream FILE] [--splits train heldout]   # key-fact recall per tier
 """
@@ -21,7 +21,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 DATA = Path(__file__).parent / "data"
 DEFAULT_KB = DATA / "kb.jsonl"
@@ -118,7 +118,7 @@ def key_fact_recall(answer: str, facts: Sequence[str]) -> float:
 
 
 def teacher_prompt(kb: Sequence[Intent], style: PromptStyle = "transcript") -> str:
-    """The teacher's static system prompt: the whole knowledge base.
+    """The teacher's static system prompt: every entry of `kb`.
 
     `faq`: every known phrasing of every entry (its `train` paraphrases, never the held-out ones)
     as a past "Customer:/Agent:" exchange, like a support FAQ that lists how customers ask.
@@ -173,6 +173,12 @@ def build_stream(
             StreamItem(({"role": "user", "content": question},), intent.answer, intent.key_facts, split, intent.id)
         )
     return out
+
+
+def asked_intents(kb: Sequence[Intent], items: Sequence[StreamItem]) -> list[Intent]:
+    """The entries a stream asks about (by its items' `intent`); all of `kb` when it names none."""
+    asked = {i.intent for i in items if i.intent}
+    return [k for k in kb if k.id in asked] if asked else list(kb)
 
 
 def write_stream(path: Path, items: Sequence[StreamItem]) -> None:
@@ -286,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--intents", type=int, default=10, help="a seeded subset of this many intents (0: all)")
     s.add_argument("--seed", type=int, default=0)
     pr = sub.add_parser("prompt", help="print the teacher's system prompt")
-    pr.add_argument("--style", choices=["faq", "transcript", "qa"], default="faq")
+    pr.add_argument("--style", choices=get_args(PromptStyle), default="faq")
     pr.add_argument("--intents", nargs="*", default=None, help="only these intent ids (default: all)")
     pb = sub.add_parser("probe", help="key-fact recall of each tier on the held-out questions")
     setups = ["teacher+faq", "teacher+kb", "teacher+kb_qa", "student", "student+kb"]
@@ -314,8 +320,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.stdout.write(teacher_prompt(scoped, args.style) + "\n")
     else:
         if args.stream is not None:
-            asked = {i.intent for i in read_stream(args.stream)}
-            kb = [k for k in kb if k.id in asked]
+            kb = asked_intents(kb, read_stream(args.stream))
         result = asyncio.run(probe(kb, args.setups, args.max_tokens, args.limit, args.splits))
         result["intents"] = [k.id for k in kb]
         args.out = args.out or RESULTS / ("kb_probe_stream.json" if args.stream else "kb_probe.json")

@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -40,6 +40,7 @@ from bench.kb import (
     Intent,
     PromptStyle,
     StreamItem,
+    asked_intents,
     build_stream,
     key_fact_recall,
     load_kb,
@@ -793,9 +794,7 @@ def teacher_prompt_for(items: list[StreamItem], kb: list[Intent], style: PromptS
 
     Gemma-3-270M copies the right line far more often from a short FAQ than from all 41 entries
     (bench/README.md has the probe); a stream without intent ids gets the whole base."""
-    asked = {i.intent for i in items if i.intent}
-    scoped = [k for k in kb if k.id in asked] if scope == "stream" and asked else kb
-    return kb_teacher_prompt(scoped, style)
+    return kb_teacher_prompt(asked_intents(kb, items) if scope == "stream" else kb, style)
 
 
 def load_items(args: argparse.Namespace) -> tuple[list[StreamItem], str]:
@@ -831,7 +830,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kb", type=Path, default=DEFAULT_KB, help="knowledge base for the teacher prompt")
     p.add_argument(
         "--teacher-prompt",
-        choices=["faq", "transcript", "qa"],
+        choices=get_args(PromptStyle),
         default="faq",
         help="how the knowledge base is written into the teacher's prompt (bench.kb.teacher_prompt)",
     )

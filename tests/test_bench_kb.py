@@ -6,6 +6,8 @@ or the trained traffic, and a fact must be found only as a whole word or number.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from bench.kb import DEFAULT_STREAM, build_stream, fact_present, key_fact_recall, load_kb, read_stream, teacher_prompt
 from bench.stream_distill import teacher_prompt_for
 
@@ -36,7 +38,7 @@ def test_the_benchmark_teacher_knows_the_streams_intents() -> None:
     assert {k.id for k in kb if k.answer in scoped} == asked
     assert teacher_prompt_for(items, kb, "faq", "all") == teacher_prompt(kb, "faq")
     # A user's stream without intent ids gets the whole knowledge base.
-    anonymous = [type(i)(i.messages, i.reference, i.key_facts, i.split, None) for i in items]
+    anonymous = [replace(i, intent=None) for i in items]
     assert teacher_prompt_for(anonymous, kb, "faq", "stream") == teacher_prompt(kb, "faq")
 
 
