@@ -199,7 +199,8 @@ class DistillLoop:
         until = time.time()
         data = build_run_data(self.signal_path, self.config, self.state.last_cut, until, seed=self.state.runs)
         self.state.last_run_at = until
-        skip = None if any(e.kind != "anchor" for e in data.train) else "no_training_data"
+        from_records = sum(e.kind != "anchor" for e in data.train)  # the anchor set is always there
+        skip = None if from_records else "no_training_data"
         if skip is None and len(data.heldout) < self.config.gate.min_heldout:
             # The gate would refuse any candidate: do not spend a training run to learn that.
             # The records stay in the store, for replay and for later runs' held-out sets.
@@ -207,7 +208,7 @@ class DistillLoop:
         if skip is not None:
             self.state.last_cut = until
             self.state.save(self._state_path)
-            log.info("distillation run skipped: %s (%d train, %d held-out)", skip, len(data.train), len(data.heldout))
+            log.info("distillation run skipped: %s (%d train, %d held-out)", skip, from_records, len(data.heldout))
             return self._done(RunOutcome("skipped", skip))
         serving = self.registry.current()
         trainer = StudentTrainer(
