@@ -35,6 +35,10 @@ class Sample:
     # The teacher's logprobs of each student-draft token (vLLM prompt_logprobs), where enabled:
     # where the teacher finds the draft unlikely is where the student went wrong.
     draft_scores: tuple[TokenLogprob, ...] = ()
+    # How many requests this record stands for, as sampled: 1 for an escalation (all are
+    # logged), 1/audit_fraction for an audit, with the fraction in force when it was sampled.
+    # None: unknown (records written before the store kept it); readers assume their own fraction.
+    sampling_weight: float | None = None
 
 
 def logprobs_to_json(lps: tuple[TokenLogprob, ...]) -> list[dict[str, Any]]:

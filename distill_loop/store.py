@@ -67,6 +67,9 @@ MIGRATIONS: tuple[str, ...] = (
     "ALTER TABLE signal ADD COLUMN critique TEXT",
     # v3: the teacher's per-token logprobs of the student's draft (JSON), where enabled.
     "ALTER TABLE signal ADD COLUMN draft_scores TEXT",
+    # v4: how many requests the record stands for as sampled (1/audit fraction for audits);
+    # NULL on older rows, whose audit fraction was not kept.
+    "ALTER TABLE signal ADD COLUMN sampling_weight REAL",
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -123,6 +126,7 @@ def _row(s: Sample) -> tuple[Any, ...]:
         _json(dict(s.metadata)),
         s.critique,
         _json(logprobs_to_json(s.draft_scores)) if s.draft_scores else None,
+        s.sampling_weight,
     )
 
 
@@ -142,14 +146,15 @@ def _sample(r: sqlite3.Row | tuple[Any, ...]) -> Sample:
         metadata=json.loads(r[11]),
         critique=r[12] if len(r) > 12 else None,
         draft_scores=logprobs_from_json(json.loads(r[13])) if len(r) > 13 and r[13] else (),
+        sampling_weight=r[14] if len(r) > 14 else None,  # spill lines written before v4 are shorter
     )
 
 
 _COLUMNS = (
     "id, created_at, tenant, kind, reason, messages, student, confidence, features, teacher, threshold, metadata, "
-    "critique, draft_scores"
+    "critique, draft_scores, sampling_weight"
 )
-_INSERT = f"INSERT INTO signal ({_COLUMNS}) VALUES ({', '.join('?' * 14)})"
+_INSERT = f"INSERT INTO signal ({_COLUMNS}) VALUES ({', '.join('?' * 15)})"
 
 
 class SignalStore:

@@ -410,6 +410,9 @@ class TieredService:
             teacher=answer,
             threshold=decision.threshold if decision else self.policies.threshold(DEFAULT_TENANT),
             metadata=dict(call.metadata),
+            # Every escalation is logged; an audit stands for the 1/fraction confident requests
+            # `_maybe_audit` drew it from. Stored, so a reader with another fraction weights it right.
+            sampling_weight=1.0 / self.settings.signal.audit_fraction if kind == "audit" else 1.0,
         )
         if self.settings.signal.score_drafts and draft is not None and draft.text:
             scorer = getattr(self.tiers["teacher"], "score", None)

@@ -132,6 +132,10 @@ class Tuning:
         return METRICS[gate.metric](s.student.text, s.teacher.text) >= gate.agree_at
 
     def weight(self, s: Sample) -> float:
+        """How many requests `s` stands for: the weight stored when it was sampled. Only records
+        written before the store kept it fall back to this process's `signal.audit_fraction`."""
+        if s.sampling_weight is not None:
+            return s.sampling_weight
         fraction = self.settings.signal.audit_fraction
         return 1.0 / fraction if s.kind == "audit" and fraction > 0 else 1.0
 
