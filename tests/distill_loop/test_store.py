@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 import time
@@ -13,7 +14,7 @@ from distill_loop import SCHEMA_VERSION, Sample, SignalConfig, SignalStore, Stor
 from models import ChatMessage, Generation, TokenLogprob, TopLogprob, Usage
 
 
-def sample(i: int, kind: str = "escalation") -> Sample:
+def sample(i: int, kind: str = "escalation", sampling_weight: float | None = None) -> Sample:
     draft = Generation("draft", "stop", Usage(5, 1), "student", (7,), (TokenLogprob("draft", -2.5, 7),), "v1")
     answer = Generation(
         "teacher answer",
@@ -37,6 +38,7 @@ def sample(i: int, kind: str = "escalation") -> Sample:
         teacher=answer,
         threshold=0.35,
         metadata={"queue": "billing"},
+        sampling_weight=sampling_weight,
     )
 
 
@@ -51,12 +53,13 @@ def test_records_round_trip_with_all_fields(tmp_path: Path) -> None:
     events: list[tuple[str, int]] = []
     store = open_store(tmp_path, events)
     for i in range(3):
-        assert store.submit(sample(i))
+        assert store.submit(sample(i, sampling_weight=1.0))
+    assert store.submit(sample(3, kind="audit", sampling_weight=20.0))
     store.close()
     got = list(read_samples(store.config.path))
-    assert [s.id for s in got] == ["r0", "r1", "r2"]
-    assert got[0] == sample(0)
-    assert sum(n for e, n in events if e == "written") == 3
+    assert [s.id for s in got] == ["r0", "r1", "r2", "r3"]
+    assert got[0] == sample(0, sampling_weight=1.0) and got[3] == sample(3, kind="audit", sampling_weight=20.0)
+    assert sum(n for e, n in events if e == "written") == 4
 
 
 def test_wal_mode_and_schema_version(tmp_path: Path) -> None:
@@ -161,6 +164,38 @@ def test_v1_database_migrates_and_keeps_its_rows(tmp_path: Path) -> None:
     conn.close()
     store = open_store(tmp_path)
     store.close()
-    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     (got,) = list(read_samples(path))
-    assert got == sample(7) and got.critique is None
+    assert got == sample(7) and got.critique is None and got.sampling_weight is None
+
+
+def test_v3_database_migrates_and_its_rows_read_back_with_an_unknown_sampling_weight(tmp_path: Path) -> None:
+    from distill_loop.store import MIGRATIONS, _row
+
+    path = tmp_path / "db" / "signal.db"
+    path.parent.mkdir()
+    conn = sqlite3.connect(path)
+    conn.executescript(";\n".join(MIGRATIONS[:3]) + ";\nPRAGMA user_version=3;")
+    old = sample(7, kind="audit", sampling_weight=20.0)
+    conn.execute(f"INSERT INTO signal VALUES ({', '.join('?' * 14)})", _row(old)[:14])  # no weight column yet
+    conn.commit()
+    conn.close()
+    store = open_store(tmp_path)
+    store.submit(sample(8, kind="audit", sampling_weight=5.0))
+    store.close()
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+    got = {s.id: s for s in read_samples(path)}
+    # The fraction the old audit was drawn with was never stored: unknown, not guessed.
+    assert got["r7"] == dataclasses.replace(old, sampling_weight=None)
+    assert got["r8"].sampling_weight == 5.0
+
+
+def test_spill_lines_from_before_the_weight_column_still_replay(tmp_path: Path) -> None:
+    from distill_loop.store import _row
+
+    spill = tmp_path / "db" / "signal.spill.jsonl"
+    spill.parent.mkdir()
+    spill.write_text(json.dumps(list(_row(sample(1)))[:14]) + "\n")  # a v3 gateway's spill
+    open_store(tmp_path).close()
+    (got,) = list(read_samples(tmp_path / "db" / "signal.db"))
+    assert got == sample(1) and got.sampling_weight is None
