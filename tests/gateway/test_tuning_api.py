@@ -3,8 +3,10 @@ through the admin API over logged records."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import random
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +14,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from distill_loop import read_samples
 from gateway import Settings, create_app
 from models import BackendConfig, ChatMessage, FakeBackend, Scripted
 
@@ -182,3 +185,61 @@ def test_learned_router_refits_from_records_and_skips_the_student_on_hard_prompt
         assert easy.headers["x-tiergate-tier"] == "student" and easy.json()["tiergate"]["scorer"] == "learned"
         metrics = c.get("/metrics").text
     assert 'tiergate_escalations_total{reason="predicted_hard"} 1.0' in metrics
+
+
+class EvenDraws(random.Random):
+    """Audit draws spread evenly over [0, 1): of every 20 confident requests, exactly
+    20 * audit_fraction are audited, so a weighted estimate can be checked exactly."""
+
+    def __init__(self) -> None:
+        super().__init__(0)
+        self.n = 0
+
+    def random(self) -> float:
+        self.n += 1
+        return ((self.n - 1) % 20 + 0.5) / 20
+
+
+def test_whatif_weights_each_audit_by_the_fraction_it_was_sampled_at(tmp_path: Path) -> None:
+    def reply(messages: tuple[ChatMessage, ...]) -> Scripted:
+        hard = messages[-1].content.startswith("hard")
+        return Scripted("no idea" if hard else "refunds take five days", -3.0 if hard else -0.1)
+
+    def gateway(**signal: object) -> TestClient:
+        settings = Settings(
+            server={"admin_api_key": ADMIN},
+            router={"threshold": 0.3},
+            signal={"path": tmp_path / "s.db", **signal},
+            distill={"registry_dir": tmp_path / "registry"},
+        )
+        student = FakeBackend(BackendConfig(kind="fake", model="s"), reply)
+        teacher = FakeBackend(BackendConfig(kind="fake", model="t"), lambda _m: Scripted("refunds take five days"))
+        return TestClient(create_app(settings, student=student, teacher=teacher))
+
+    escalated: list[bool] = []
+    # One gateway audits 1 in 5 confident requests, a later one on the same database 1 in 20.
+    for fraction, hard, easy in ((0.2, 20, 60), (0.05, 60, 120)):
+        with gateway(audit_fraction=fraction) as c:
+            c.app.state.service._rng = EvenDraws()  # type: ignore[attr-defined]
+            for k in range(hard + easy):
+                text = f"hard {k}" if k < hard else f"easy {k}"
+                r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": text}]})
+                escalated.append(r.headers["x-tiergate-escalated"] == "true")
+    records = list(read_samples(tmp_path / "s.db"))
+    assert sorted({(s.kind, s.sampling_weight) for s in records}) == [
+        ("audit", 5.0),
+        ("audit", 20.0),
+        ("escalation", 1.0),
+    ]
+    assert len(records) == 20 + 60 + 60 // 5 + 120 // 20
+    true_rate = sum(escalated) / len(escalated)  # 80 of 260
+    # Read by a process at the default fraction (0.05), as `python -m gateway.tune` would be.
+    # Weighting every audit by the reader's fraction would say 80 / (80 + 18 * 20) = 18%.
+    with gateway() as reader:
+        current = reader.get("/admin/whatif", headers=AUTH).json()["current"]
+        tuning = reader.app.state.tuning  # type: ignore[attr-defined]
+        audit = next(s for s in records if s.sampling_weight == 5.0)
+        assert tuning.weight(audit) == 5.0
+        assert tuning.weight(dataclasses.replace(audit, sampling_weight=None)) == 20.0  # a pre-v4 row
+    assert current["threshold"] == 0.3
+    assert current["escalation_rate"] == pytest.approx(true_rate) == pytest.approx(80 / 260)
