@@ -15,9 +15,9 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import orjson
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -353,9 +353,35 @@ async def metrics(request: Request) -> Response:
     return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
+M = TypeVar("M", bound=BaseModel)
+
+
+def json_body(model: type[M]) -> Callable[[Request], Awaitable[M]]:
+    """A dependency that validates an admin body as `model` straight from its JSON bytes, whatever
+    the Content-Type, as the chat route does: `curl -d` sends a form type, which FastAPI's own
+    body parameters reject. Errors are the usual 400; oversized bodies get 413."""
+
+    async def parse(request: Request) -> M:
+        raw = await read_body(request, _service(request).settings.server.max_body_bytes)
+        try:
+            return model.model_validate_json(raw)
+        except ValidationError as exc:
+            raise RequestValidationError(exc.errors(include_url=False)) from None
+
+    return parse
+
+
+def body_doc(model: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI request body for a route that reads `json_body(model)`."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+
+
 class RollbackIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     version: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
+
+
+RollbackBody = Annotated[RollbackIn, Depends(json_body(RollbackIn))]
 
 
 @router.get("/admin/student/versions")
@@ -369,8 +395,10 @@ async def student_versions(request: Request, _admin: str = Depends(require_admin
     }
 
 
-@router.post("/admin/student/rollback")
-async def student_rollback(body: RollbackIn, request: Request, admin: str = Depends(require_admin)) -> dict[str, str]:
+@router.post("/admin/student/rollback", openapi_extra=body_doc(RollbackIn))
+async def student_rollback(
+    request: Request, admin: str = Depends(require_admin), *, body: RollbackBody
+) -> dict[str, str]:
     old, new = await request.app.state.students.rollback(body.version, admin)
     log.info("student rolled back by %s: %s -> %s", admin, old, new)
     return {"previous": old, "current": new, "serving": _service(request).student_version()}
@@ -381,13 +409,18 @@ class ThresholdIn(BaseModel):
     threshold: float = Field(ge=0.0, le=1.0)
 
 
+ThresholdBody = Annotated[ThresholdIn, Depends(json_body(ThresholdIn))]
+
+
 @router.get("/admin/threshold")
 async def get_threshold(request: Request, _admin: str = Depends(require_admin)) -> dict[str, float]:
     return {"threshold": _service(request).policies.threshold(DEFAULT_TENANT)}
 
 
-@router.put("/admin/threshold")
-async def put_threshold(body: ThresholdIn, request: Request, admin: str = Depends(require_admin)) -> dict[str, float]:
+@router.put("/admin/threshold", openapi_extra=body_doc(ThresholdIn))
+async def put_threshold(
+    request: Request, admin: str = Depends(require_admin), *, body: ThresholdBody
+) -> dict[str, float]:
     """Set the default policy to a fixed threshold (the common case of PUT /admin/policy)."""
     service = _service(request)
     old = service.policies.threshold(DEFAULT_TENANT)
@@ -407,6 +440,9 @@ class PolicyIn(BaseModel):
     window: int = Field(default=500, ge=20, le=100_000)
 
 
+PolicyBody = Annotated[PolicyIn, Depends(json_body(PolicyIn))]
+
+
 def _tuning(request: Request) -> Tuning:
     tuning: Tuning = request.app.state.tuning
     return tuning
@@ -424,9 +460,13 @@ async def get_policies(request: Request, _admin: str = Depends(require_admin)) -
     return {"policies": _service(request).policies.all()}
 
 
-@router.put("/admin/policy")
+@router.put("/admin/policy", openapi_extra=body_doc(PolicyIn))
 async def put_policy(
-    body: PolicyIn, request: Request, hours: float | None = None, admin: str = Depends(require_admin)
+    request: Request,
+    hours: float | None = None,
+    admin: str = Depends(require_admin),
+    *,
+    body: PolicyBody,
 ) -> dict[str, Any]:
     """Apply a fixed, target-rate or target-quality policy for a tenant (or "*"), audited."""
     policy, predicted = await asyncio.to_thread(_resolve, body, request, hours)
@@ -438,9 +478,13 @@ async def put_policy(
     return {"tenant": body.tenant, "previous": old, "policy": policy.to_json(), "predicted": predicted}
 
 
-@router.post("/admin/policy/dry-run")
+@router.post("/admin/policy/dry-run", openapi_extra=body_doc(PolicyIn))
 async def dry_run_policy(
-    body: PolicyIn, request: Request, hours: float | None = None, _admin: str = Depends(require_admin)
+    request: Request,
+    hours: float | None = None,
+    _admin: str = Depends(require_admin),
+    *,
+    body: PolicyBody,
 ) -> dict[str, Any]:
     """What a policy would do on logged traffic, without applying it."""
     policy, predicted = await asyncio.to_thread(_resolve, body, request, hours)
