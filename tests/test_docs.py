@@ -183,3 +183,20 @@ def test_metrics_page_matches_what_the_app_exports(tmp_path: Path) -> None:
     assert sorted(set(exported) - set(documented)) == [], "exported but not in docs/metrics.md"
     for name, (kind, labels) in exported.items():
         assert documented[name] == (kind, labels), name
+
+
+def test_escalation_reasons_are_documented_as_the_app_declares_them(tmp_path: Path) -> None:
+    """The one typed set of reasons, as the app's registry pre-declares them, in the metrics
+    table and in the README's x-tiergate-reason row."""
+    settings = Settings(signal={"path": tmp_path / "s.db"})
+    fake = BackendConfig(kind="fake", model="f")
+    app = create_app(settings, student=FakeBackend(fake), teacher=FakeBackend(fake))
+    with TestClient(app):
+        (family,) = [f for f in app.state.service.metrics.registry.collect() if f.name == "tiergate_escalations"]
+    declared = {s.labels["reason"] for s in family.samples if s.name == "tiergate_escalations_total"}
+    row = next(
+        line for line in (ROOT / "docs" / "metrics.md").read_text().splitlines() if "`tiergate_escalations" in line
+    )
+    assert set(re.findall(r"`(\w+)`", row.split("|")[4])) == declared
+    readme = next(line for line in (ROOT / "README.md").read_text().splitlines() if "`x-tiergate-reason`" in line)
+    assert declared <= set(re.findall(r"`(\w+)`", readme))
