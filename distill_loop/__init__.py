@@ -7,15 +7,34 @@ from typing import TYPE_CHECKING
 from distill_loop.config import DistillConfig, GateSettings, LoraSettings, LossSettings, SignalConfig
 from distill_loop.errors import DistillError, SignalStoreError, StoreClosed
 from distill_loop.metrics import METRICS
-from distill_loop.registry import BASE, Registry, UnknownVersion, VersionMeta
+from distill_loop.registry import BASE, Registry, RoutingState, UnknownVersion, VersionMeta
 from distill_loop.sample import Sample, to_chat_jsonl
+from distill_loop.settings import (
+    DEFAULT_STUDENT,
+    DEFAULT_TEACHER,
+    DEFAULT_TEACHER_PROMPT,
+    RuntimeConfig,
+    SharedSettings,
+    TuningConfig,
+    load_settings_as,
+    load_shared_settings,
+    training_student,
+)
 from distill_loop.store import SCHEMA_VERSION, SignalStore, export_jsonl, read_samples
 
 if TYPE_CHECKING:
-    from distill_loop.loop import DistillLoop, Judge, RunOutcome, training_student
+    from distill_loop.loop import DistillLoop, RunOutcome
     from distill_loop.publish import LocalPublisher, VllmPublisher
 
 __all__ = [
+    "DEFAULT_STUDENT",
+    "DEFAULT_TEACHER",
+    "DEFAULT_TEACHER_PROMPT",
+    "RuntimeConfig",
+    "SharedSettings",
+    "TuningConfig",
+    "load_settings_as",
+    "load_shared_settings",
     "BASE",
     "METRICS",
     "SCHEMA_VERSION",
@@ -23,11 +42,11 @@ __all__ = [
     "DistillError",
     "DistillLoop",
     "GateSettings",
-    "Judge",
     "LocalPublisher",
     "LoraSettings",
     "LossSettings",
     "Registry",
+    "RoutingState",
     "RunOutcome",
     "Sample",
     "SignalConfig",
@@ -46,10 +65,8 @@ __all__ = [
 _LAZY = {
     "DistillLoop": "distill_loop.loop",
     "RunOutcome": "distill_loop.loop",
-    "Judge": "distill_loop.loop",
     "LocalPublisher": "distill_loop.publish",
     "VllmPublisher": "distill_loop.publish",
-    "training_student": "distill_loop.loop",
 }
 
 

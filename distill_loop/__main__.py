@@ -2,7 +2,8 @@
 
 `python -m distill_loop run` trains against the same signal database and registry as the
 gateway (shared disk), so training can live on another machine; the gateway's watcher
-hot-swaps whatever CURRENT names. Settings come from the gateway's YAML and TIERGATE_* vars.
+hot-swaps whatever CURRENT names. Settings come from the gateway's YAML and TIERGATE_* vars,
+read through the shared settings (distill_loop/settings.py); nothing here imports the gateway.
 """
 
 from __future__ import annotations
@@ -13,26 +14,22 @@ import logging
 import signal
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
 from distill_loop.registry import Registry
+from distill_loop.settings import SharedSettings, load_shared_settings
 from distill_loop.store import export_jsonl
-
-if TYPE_CHECKING:
-    from gateway.settings import Settings
 
 app = typer.Typer(add_completion=False, help="tiergate distillation tools")
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="the gateway's YAML config")]
 
 
-def _settings(config: Path | None) -> Settings:
-    # An entry point composes like gateway/__main__.py: it reads the one settings loader, so the
-    # trainer process and the gateway agree on every path and default. Library code never does.
-    from gateway.settings import load_settings
-
-    return load_settings(config)
+def _settings(config: Path | None) -> SharedSettings:
+    # The gateway's config file and TIERGATE_* variables, through the settings every process
+    # shares: the trainer and the gateways agree on every path and default.
+    return load_shared_settings(config)
 
 
 @app.callback()
@@ -43,31 +40,18 @@ def _main() -> None:
 @app.command()
 def run(config: ConfigOpt = None, once: Annotated[bool, typer.Option(help="one run now, then exit")] = False) -> None:
     """Run the distillation loop in this process (same store and registry as the gateway)."""
-    from distill_loop.loop import DistillLoop, training_student
+    from distill_loop.loop import DistillLoop
 
     settings = _settings(config)
-    student = training_student(settings.student, settings.distill)
-    if student is None:
-        raise typer.BadParameter("a remote student needs distill.student_base (its weights, held locally)")
     logging.basicConfig(level=settings.runtime.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def show(event: str, data: dict[str, object]) -> None:
         if event != "step":
             typer.echo(f"{event}: {json.dumps(data, default=str)}")
 
-    # The gate replays the gateway's routing: its scorer and configured threshold (a policy set
-    # at runtime through the admin API lives in the gateway's process, not here).
-    from router import ConfidenceRouter
-
-    router = ConfidenceRouter.from_config(settings.router)
-    loop = DistillLoop(
-        settings.distill,
-        settings.signal.path,
-        student,
-        cache_dir=settings.runtime.cache_dir,
-        listener=show,
-        judge=lambda draft: (router.decide(draft).confidence, settings.router.threshold),
-    )
+    loop = DistillLoop.from_settings(settings, listener=show)
+    if loop is None:
+        raise typer.BadParameter("a remote student needs distill.student_base (its weights, held locally)")
     if once:
         outcome = loop.run_once()
         typer.echo(f"{outcome.result}: {outcome.reason} {outcome.version or ''}")

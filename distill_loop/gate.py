@@ -3,13 +3,13 @@
 Pass when, on the held-out set, the candidate's NLL of teacher answers falls by at least
 `min_nll_gain`, its agreement with the teacher does not fall, and it agrees better on more
 items than it agrees worse, by a one-sided sign test at `max_p_value` (`sign_test`); when,
-with the gateway's routing replayed on the held-out items (`simulate`), what clients would be
-served agrees with the teacher no worse than under the serving student, less
+with the gateway's routing replayed on the held-out items (`router.route_at`), what clients
+would be served agrees with the teacher no worse than under the serving student, less
 `max_served_quality_drop`, and no more of them escalate (the candidate's threshold is re-fitted
-first, `fit_threshold`; one raised above the configured threshold must escalate fewer); and, on
+first, `router.fit_threshold`; one raised above the configured threshold must escalate fewer); and, on
 the anchor set, its agreement drops by no more than `anchor_max_agreement_drop` and its NLL
 rises by no more than `anchor_max_nll_rise`. Pure decision over measured numbers; measuring
-is the trainer's, and routing the gateway's.
+is the trainer's, and routing replay router/'s.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from distill_loop.config import GateSettings
+from router import Routed
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,50 +51,6 @@ def sign_test(serving: Sequence[float], candidate: Sequence[float]) -> Paired:
     n = wins + losses
     p = sum(math.comb(n, k) for k in range(wins, n + 1)) / 2**n
     return Paired(wins, losses, p)
-
-
-@dataclass(frozen=True, slots=True)
-class Routed:
-    """One student's held-out answers routed as the gateway would route them live.
-
-    A kept answer is served as is; an escalated one is replaced by the teacher's, which agrees
-    with itself. A more confident student that keeps wrong answers thus scores lower here even
-    when its own answers improved: the failure the stream benchmark showed.
-    """
-
-    served_quality: float  # mean agreement with the teacher of what would be served
-    escalation_rate: float
-    n: int
-
-
-def simulate(kept: Sequence[bool], scores: Sequence[float]) -> Routed:
-    """`kept[i]`: the router serves item i's draft; `scores[i]`: that draft's agreement."""
-    if not kept:
-        return Routed(math.nan, math.nan, 0)
-    served = [score if keep else 1.0 for keep, score in zip(kept, scores, strict=True)]
-    return Routed(sum(served) / len(served), 1 - sum(kept) / len(kept), len(kept))
-
-
-def route_at(threshold: float, confidences: Sequence[float], scores: Sequence[float]) -> Routed:
-    """The gateway's rule: a draft is kept when its confidence is at least the threshold."""
-    return simulate([c >= threshold for c in confidences], scores)
-
-
-def fit_threshold(
-    confidences: Sequence[float], scores: Sequence[float], floor: float, target: float
-) -> tuple[float, Routed]:
-    """The lowest threshold, not below `floor`, at which the routed quality reaches `target`.
-
-    Re-fitting the threshold per version is what keeps a promoted student's higher confidence
-    from buying escalations with quality: the candidate is held to the serving student's
-    served quality and gains only where it is confidently right. `inf` (escalate everything)
-    always reaches the target, since the teacher then answers all.
-    """
-    for t in sorted({floor, *(c for c in confidences if c > floor)}):
-        routed = route_at(t, confidences, scores)
-        if routed.served_quality >= target:
-            return t, routed
-    return math.inf, route_at(math.inf, confidences, scores)
 
 
 @dataclass(frozen=True, slots=True)

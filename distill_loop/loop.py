@@ -27,50 +27,34 @@ from typing import TYPE_CHECKING, Any
 
 from distill_loop.buffer import Example, build_run_data
 from distill_loop.config import DistillConfig
-from distill_loop.gate import GateReport, Measured, Routed, decide, fit_threshold, route_at, sign_test
+from distill_loop.gate import GateReport, Measured, decide, sign_test
 from distill_loop.loss import LossWeights, dynamic_weights
 from distill_loop.metrics import METRICS
 from distill_loop.registry import Registry, VersionMeta
+from distill_loop.settings import training_student
 from distill_loop.store import pending_since, read_samples, set_critique
 from models import (
     Backend,
     BackendConfig,
     BackendError,
     ChatMessage,
-    Generation,
     SamplingParams,
     resolve_model_dir,
 )
+from router import JudgeSource, Routed, effective_threshold, fit_threshold, route_at
 
 if TYPE_CHECKING:
+    from distill_loop.settings import SharedSettings
     from distill_loop.trainer import EvalResult
 
 log = logging.getLogger(__name__)
 
 Listener = Callable[[str, dict[str, Any]], None]
-# The gateway's router on one draft: (its confidence, the threshold it would be routed with).
-# Passed in by the composition root (distill_loop does not depend on router/).
-Judge = Callable[[Generation], tuple[float, float]]
 Transform = Callable[[Sequence[Example]], Sequence[Example]]
 CRITIQUE_PROMPT = (
     "A customer asked: {question}\nA junior agent answered: {draft}\nThe correct answer is: {answer}\n"
     "In one or two sentences, say what was wrong in the junior agent's answer and why."
 )
-
-
-def training_student(student: BackendConfig, config: DistillConfig) -> BackendConfig | None:
-    """The local model the loop trains for this student, or None when it cannot train one.
-
-    An in-process student trains as itself. A remote (vLLM) student trains from
-    `distill.student_base`, the same weights held locally, rendered with its chat template.
-    """
-    if student.kind == "local":
-        return student
-    if config.student_base:
-        return student.model_copy(
-            update={"kind": "local", "model": config.student_base, "prompt_format": "chat_template"}
-        )
-    return None
 
 
 def _gate_line(gate: GateReport) -> str:
@@ -128,8 +112,9 @@ class DistillLoop:
         cache_dir: Path | None = None,
         listener: Listener | None = None,
         critic: Backend | None = None,
-        judge: Judge | None = None,
+        judging: JudgeSource | None = None,
     ) -> None:
+        """`judging`: how the gate replays the gateway's routing (None: it does not)."""
         self.config = config
         self.signal_path = signal_path
         self.student = student
@@ -139,9 +124,28 @@ class DistillLoop:
         self.state = LoopState.load(self._state_path)
         self._emit = listener or (lambda _e, _d: None)
         self.critic = critic
-        self.judge = judge
+        self.judging = judging
         self._running = asyncio.Lock()
         self._cancel = threading.Event()
+
+    @classmethod
+    def from_settings(
+        cls, settings: SharedSettings, *, listener: Listener | None = None, critic: Backend | None = None
+    ) -> DistillLoop | None:
+        """The loop for these settings, built the same way inside the gateway and in
+        `python -m distill_loop run`; None when the student cannot be trained here."""
+        student = training_student(settings.student, settings.distill)
+        if student is None:
+            return None
+        return cls(
+            settings.distill,
+            settings.signal.path,
+            student,
+            cache_dir=settings.runtime.cache_dir,
+            listener=listener,
+            critic=critic,
+            judging=settings.judge_source(),
+        )
 
     def cancel(self) -> None:
         """Abandon a run in progress at its next training step (shutdown)."""
@@ -291,14 +295,14 @@ class DistillLoop:
         """The gateway's routing on the held-out drafts: the serving student at its threshold
         (raised to its own floor), the candidate at the lowest threshold, not below the
         configured one, that keeps the serving student's served quality."""
-        if self.judge is None or not h_serving.drafts:
+        if self.judging is None or not h_serving.drafts:
             return None, None, None
-        s_conf, thresholds = zip(*(self.judge(d) for d in h_serving.drafts), strict=True)
-        c_conf = [self.judge(d)[0] for d in h_cand.drafts]
-        configured = max(thresholds)
-        floor = self.registry.routing_floor(serving)
-        serving_at = configured if floor is None else max(configured, floor)
-        rs = route_at(serving_at, s_conf, h_serving.scores)
+        state = self.registry.routing_state(serving)
+        judge = self.judging.judge(state.calibrator)
+        s_conf = [judge(d)[0] for d in h_serving.drafts]
+        c_conf = [judge(d)[0] for d in h_cand.drafts]
+        configured = judge.threshold
+        rs = route_at(effective_threshold(configured, state.floor), s_conf, h_serving.scores)
         target = rs.served_quality - self.config.gate.max_served_quality_drop
         fitted, rc = fit_threshold(c_conf, h_cand.scores, configured, target)
         return (rs, rc), (fitted if math.isfinite(fitted) else None), configured

@@ -5,10 +5,14 @@
     <root>/CURRENT                     the serving version's name ("base" = no adapter)
     <root>/history.jsonl               every pointer change: time, from, to, reason
     <root>/COUNTER                     last version number handed out; names are never reused
+    <root>/routing/<name>.json         the version's routing state (floor, calibrator), which
+                                       changes after promotion, so it lives outside the version
 
 Writers are the loop (promote) and rollback (admin endpoint, CLI, auto-rollback); readers are
 the gateway's publisher, which hot-swaps when CURRENT changes. A version is written to a
-temporary folder and renamed into place, so a reader never sees half a version.
+temporary folder and renamed into place, so a reader never sees half a version, and is never
+written again: what is learned about it later (a calibrator fitted on its live traffic) goes
+into its routing state, replaced whole by an atomic rename.
 """
 
 from __future__ import annotations
@@ -26,12 +30,17 @@ from pathlib import Path
 from typing import Any
 
 from distill_loop.errors import DistillError
+from router import IDENTITY, Calibrator
 
 BASE = "base"
 
 
 class UnknownVersion(DistillError, LookupError):
-    """No such version in the registry (or it was pruned)."""
+    """No such version in the registry (or it was pruned). To a client: 404."""
+
+    http_status = 404
+    error_type = "invalid_request_error"
+    code = "version_not_found"
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +51,26 @@ class VersionMeta:
     data_window: dict[str, Any] = field(default_factory=dict)
     gate: dict[str, Any] = field(default_factory=dict)
     base_model: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingState:
+    """How the gateway routes one student version, beyond the tenant's threshold."""
+
+    # The lowest threshold the version may be routed with (None: no floor). Set at promotion
+    # from the gate's routing replay (its report's `routing_threshold`).
+    floor: float | None = None
+    # Raw confidence -> P(answer acceptable), fitted on this version's own traffic.
+    calibrator: Calibrator = IDENTITY
+
+    def to_json(self) -> dict[str, Any]:
+        return {"floor": self.floor, "calibrator": self.calibrator.to_json()}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RoutingState:
+        floor = data.get("floor")
+        cal = data.get("calibrator")
+        return cls(None if floor is None else float(floor), Calibrator.from_json(cal) if cal else IDENTITY)
 
 
 class Registry:
@@ -80,13 +109,20 @@ class Registry:
             raise UnknownVersion(f"version {name!r} is not in the registry")
         return VersionMeta(**json.loads(path.read_text()))
 
-    def routing_floor(self, name: str) -> float | None:
-        """The lowest threshold the gate promoted `name` with (its report's `routing_threshold`);
-        None for the base model and for versions promoted without a routing replay."""
+    def routing_state(self, name: str) -> RoutingState:
+        """The version's routing state as last saved; before any save, its floor is the
+        threshold the gate promoted it with (none for the base model or without a replay)."""
+        try:
+            return RoutingState.from_json(json.loads(self._routing_path(name).read_text()))
+        except FileNotFoundError:
+            pass
         if name == BASE:
-            return None
+            return RoutingState()
         floor = (self.meta(name).gate or {}).get("routing_threshold")
-        return None if floor is None else float(floor)
+        return RoutingState(floor=None if floor is None else float(floor))
+
+    def _routing_path(self, name: str) -> Path:
+        return self.root / "routing" / f"{name}.json"
 
     def versions(self) -> list[str]:
         """Kept versions, oldest first (by version number)."""
@@ -125,6 +161,14 @@ class Registry:
         (staging / "meta.json").write_text(json.dumps(_asdict(meta), indent=2))
         os.replace(staging, target)
 
+    def save_routing_state(self, name: str, state: RoutingState) -> None:
+        """Replace a version's routing state whole (atomic rename); the version stays untouched."""
+        if name != BASE:
+            self.meta(name)
+        path = self._routing_path(name)
+        path.parent.mkdir(exist_ok=True)
+        _atomic_write(path, json.dumps(state.to_json()))
+
     def set_current(self, name: str, reason: str) -> str:
         """Point CURRENT at `name` (which must exist); returns the old pointer."""
         if name != BASE:
@@ -145,6 +189,7 @@ class Registry:
         for name in names[: max(0, len(names) - self.keep)]:
             if name not in protected:
                 shutil.rmtree(self.root / "versions" / name)
+                self._routing_path(name).unlink(missing_ok=True)
                 removed.append(name)
         return removed
 
@@ -154,6 +199,6 @@ def _asdict(meta: VersionMeta) -> dict[str, Any]:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # two writer processes never share one
     tmp.write_text(text)
     os.replace(tmp, path)

@@ -1,37 +1,43 @@
 """All gateway settings, from one YAML file, `TIERGATE_<SECTION>__<KEY>` variables and CLI flags.
 
-Precedence, highest first: CLI flags, environment, YAML file, defaults. This is the only
-module that reads the environment; every inner package gets its frozen config passed in.
+The sections every process shares live in `distill_loop/settings.py`; this adds the HTTP
+server and pricing, and refuses unknown keys. Precedence, highest first: CLI flags,
+environment, YAML file, defaults. Inner packages never read the environment; every inner
+package gets its frozen config passed in.
 """
 
 from __future__ import annotations
 
-from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
-from pydantic_settings import (
-    BaseSettings,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-    YamlConfigSettingsSource,
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic_settings import SettingsConfigDict
+
+from distill_loop import (
+    DEFAULT_STUDENT,
+    DEFAULT_TEACHER,
+    DEFAULT_TEACHER_PROMPT,
+    RuntimeConfig,
+    SharedSettings,
+    TuningConfig,
+    load_settings_as,
 )
-
-from distill_loop import DistillConfig, SignalConfig
 from models import BUNDLED, BackendConfig
-from router import RouterConfig
 
-DEFAULT_TEACHER_PROMPT = (
-    "The following is a conversation between a customer and a support agent. "
-    "The agent answers in one short, accurate, friendly sentence.\n\n"
-    "Customer: Can I change the delivery address of my order?\n"
-    "Agent: Yes, you can change it under Orders > Edit address until the order ships."
-)
-
-
-DEFAULT_STUDENT = BackendConfig(model="smollm2-135m-instruct", prompt_format="chat_template")
-DEFAULT_TEACHER = BackendConfig(model="gemma-3-270m", prompt_format="transcript", system_prompt=DEFAULT_TEACHER_PROMPT)
+__all__ = [
+    "DEFAULT_STUDENT",
+    "DEFAULT_TEACHER",
+    "DEFAULT_TEACHER_PROMPT",
+    "PricingConfig",
+    "RuntimeConfig",
+    "ServerConfig",
+    "Settings",
+    "TierPrice",
+    "TuningConfig",
+    "cli_overrides",
+    "load_settings",
+]
 
 
 class ServerConfig(BaseModel):
@@ -80,92 +86,13 @@ class PricingConfig(BaseModel):
     teacher: TierPrice = TierPrice(input_per_mtok=1.25, output_per_mtok=5.0)
 
 
-class TuningConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+class Settings(SharedSettings):
+    """The gateway's settings: the shared sections plus its own. Unknown keys are errors."""
 
-    # SQLite file with per-tenant policies and their audit trail (default: beside signal.path).
-    policy_db: Path | None = None
-    # Route on calibrated P(student answer acceptable) instead of the raw score; refit after
-    # every swap and every `refit_s` from audit and escalation records.
-    calibrate: bool = False
-    # Use a learned scikit-learn router (confidence + prompt features) instead of the scorer.
-    learned_router: bool = False
-    # With the learned router: prompts it rates at least this likely to need the teacher skip the student.
-    skip_student_above: float = Field(default=0.95, ge=0.0, le=1.0)
-    # Seconds between scheduled refits.
-    refit_s: float = Field(default=600.0, gt=0)
-    # Hours of logged traffic used by refits and what-if (0 = everything).
-    window_hours: float = Field(default=168.0, ge=0)
-
-
-class RuntimeConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    # torch intra-op threads for in-process models. 1 is fastest on a busy 2-core machine.
-    torch_threads: int = Field(default=1, ge=1)
-    # Where bundled GGUF models are converted to transformers folders, once.
-    cache_dir: Path = Path.home() / ".cache" / "tiergate" / "models"
-    # Python log level.
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    # Once both tiers are up, take the start-up heap out of the garbage collector's reach
-    # (gc.freeze), and collect the youngest generation every this many allocations instead of
-    # Python's 700 (0 keeps Python's). Together they cut the gateway's CPU per request by a
-    # quarter and its p99 by three quarters under load (bench/README.md).
-    gc_freeze: bool = True
-    gc_gen0_threshold: int = Field(default=20_000, ge=0)
-
-    @field_validator("cache_dir")
-    @classmethod
-    def _expand(cls, v: Path) -> Path:
-        return v.expanduser()
-
-
-_yaml_file: ContextVar[Path | None] = ContextVar("tiergate_yaml_file", default=None)
-
-
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="TIERGATE_", env_nested_delimiter="__", extra="forbid", frozen=True)
+    model_config = SettingsConfigDict(extra="forbid")
 
     server: ServerConfig = ServerConfig()
-    # The tier that answers first. Default: SmolLM2-135M-Instruct in-process.
-    student: BackendConfig = DEFAULT_STUDENT
-    # The tier low-confidence requests escalate to. Default: Gemma-3-270M in-process,
-    # prompted as a support agent (it is a base model, so a transcript prompt).
-    teacher: BackendConfig = DEFAULT_TEACHER
-    router: RouterConfig = RouterConfig()
-    signal: SignalConfig = SignalConfig()
-    distill: DistillConfig = DistillConfig()
-    tuning: TuningConfig = TuningConfig()
     pricing: PricingConfig = PricingConfig()
-    runtime: RuntimeConfig = RuntimeConfig()
-
-    @field_validator("student", "teacher", mode="before")
-    @classmethod
-    def _merge_tier_defaults(cls, v: Any, info: Any) -> Any:
-        # `teacher: {device: cuda}` changes the device only; it must not reset the model.
-        if isinstance(v, dict):
-            defaults = (DEFAULT_STUDENT if info.field_name == "student" else DEFAULT_TEACHER).model_dump()
-            return {**defaults, **v}
-        return v
-
-    @property
-    def policy_db(self) -> Path:
-        return self.tuning.policy_db or self.signal.path.with_name("policies.db")
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        path = _yaml_file.get()
-        if path is not None:
-            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
-        return tuple(sources)
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
@@ -173,13 +100,7 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
 
     `overrides` are nested dicts by section, e.g. `router={"threshold": 0.4}`; they win.
     """
-    if config_file is not None and not config_file.is_file():
-        raise FileNotFoundError(f"config file {config_file} does not exist")
-    token = _yaml_file.set(config_file)
-    try:
-        return Settings(**overrides)
-    finally:
-        _yaml_file.reset(token)
+    return load_settings_as(Settings, config_file, **overrides)
 
 
 def cli_overrides(

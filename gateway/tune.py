@@ -18,8 +18,8 @@ from rich.console import Console
 from rich.table import Table
 
 from gateway.settings import load_settings
-from gateway.tuning import DEFAULT_TENANT, PolicyBook, Tuning
-from router import ConfidenceRouter
+from gateway.tuning import Tuning
+from router import DEFAULT_TENANT, ConfidenceRouter, PolicyBook
 
 app = typer.Typer(add_completion=False, help="what-if analysis of escalation thresholds")
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="the gateway's YAML config")]

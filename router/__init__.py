@@ -2,17 +2,41 @@
 
 from __future__ import annotations
 
-from router.base import ConfidenceScorer, Decision, Router, should_escalate
+from router.base import (
+    ESCALATION_REASONS,
+    ROUTE_REASONS,
+    ConfidenceScorer,
+    Decision,
+    EscalationReason,
+    Router,
+    RouteReason,
+    should_escalate,
+)
 from router.calibrate import IDENTITY, Calibrator, expected_calibration_error, fit_calibrator
 from router.confidence import SCORERS, LogprobScorer, logprob_features, quantile
 from router.config import RouterConfig
 from router.errors import RouterError, UnknownScorer
+from router.judge import Judge, JudgeSource
 from router.learned import LearnedRouter, fit_learned_router
-from router.policy import FixedThreshold, Policy, TargetRate, policy_from_json
+from router.policy import DEFAULT_TENANT, FixedThreshold, Policy, PolicyBook, TargetRate, policy_from_json
+from router.replay import Routed, effective_threshold, fit_threshold, route_at, simulate
 from router.threshold import ConfidenceRouter, check_threshold
 from router.whatif import CurvePoint, Observation, curve, point, threshold_for_quality
 
 __all__ = [
+    "ESCALATION_REASONS",
+    "ROUTE_REASONS",
+    "EscalationReason",
+    "RouteReason",
+    "DEFAULT_TENANT",
+    "Judge",
+    "JudgeSource",
+    "PolicyBook",
+    "Routed",
+    "effective_threshold",
+    "fit_threshold",
+    "route_at",
+    "simulate",
     "IDENTITY",
     "SCORERS",
     "Calibrator",

@@ -9,11 +9,36 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, get_args, runtime_checkable
 
 from models import Generation
 
+if TYPE_CHECKING:
+    from router.learned import LearnedRouter
+
+# What the confidence router decides on a draft.
 Reason = Literal["confident", "low_confidence", "empty_answer"]
+# Why a request was answered by the tier that answered it: the one set of reasons, used in the
+# `x-tiergate-reason` header, the `tiergate` body object, metrics labels, records and docs.
+#   confident            the draft's confidence met the threshold; the student answered
+#   low_confidence       the draft's confidence fell below the threshold; escalated
+#   empty_answer         the student produced no tokens; escalated
+#   predicted_hard       the learned router rated the prompt hard; escalated without a draft
+#   student_error        the student failed (unavailable, timeout, upstream error); escalated
+#   forced               the client named a tier (`student` or `teacher`); no routing
+#   teacher_unavailable  escalated, but the teacher failed; the student's draft was served
+RouteReason = Literal[
+    "confident",
+    "low_confidence",
+    "empty_answer",
+    "predicted_hard",
+    "student_error",
+    "forced",
+    "teacher_unavailable",
+]
+ROUTE_REASONS: tuple[RouteReason, ...] = get_args(RouteReason)
+EscalationReason = Literal["low_confidence", "empty_answer", "predicted_hard", "student_error"]
+ESCALATION_REASONS: tuple[EscalationReason, ...] = get_args(EscalationReason)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +70,10 @@ class ConfidenceScorer(Protocol):
 class Router(Protocol):
     @property
     def threshold(self) -> float: ...
+
+    @property
+    def learned(self) -> LearnedRouter | None:
+        """A learned router, when one is fitted: it can rate a prompt hard before any draft."""
 
     def set_threshold(self, value: float) -> float:
         """Set the threshold; returns the previous one. Raises ValueError outside [0, 1]."""

@@ -7,16 +7,30 @@
 - `TargetQuality`: chosen offline (by what-if) as the lowest escalation rate whose estimated
   acceptable rate meets the target with a confidence bound; it then acts as a fixed threshold.
 
-Policies are small mutable objects owned by the gateway's event loop (no locks needed there).
+`PolicyBook` holds one policy per tenant ("*" is the default) and each student version's
+routing floor, and answers the one question routing asks: `effective_threshold(tenant,
+version)`. It persists policies in a small SQLite file with an append-only audit trail (who,
+when, old, new); writes run in a worker thread, never on the event loop. Policies are small
+mutable objects owned by the gateway's event loop (no locks needed there).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+import sqlite3
+import time
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from router.confidence import quantile
+from router.replay import effective_threshold
+
+DEFAULT_TENANT = "*"
 
 
 @dataclass
@@ -85,3 +99,85 @@ def policy_from_json(data: dict[str, Any], *, initial: float) -> Policy:
     if kind == "target_rate":
         return TargetRate(float(data["rate"]), window=int(data.get("window", 500)), initial=initial)
     raise ValueError(f"unknown policy kind {kind!r}")
+
+
+class PolicyBook:
+    """Per-tenant escalation policies and per-version routing floors, owned by the event loop."""
+
+    def __init__(self, path: Path, default_threshold: float) -> None:
+        self.path = path
+        self._policies: dict[str, Policy] = {DEFAULT_TENANT: FixedThreshold(default_threshold)}
+        # Per student version, the lowest threshold it may be routed with (the registry's routing
+        # state); replaced whole at each swap, so a reader sees the old or the new map.
+        self.floors: Mapping[str, float] = {}
+
+    def open(self) -> None:
+        """Create the file if needed and load the persisted policies (blocking: call in a thread)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.closing(sqlite3.connect(self.path)) as conn, conn:
+            conn.execute("CREATE TABLE IF NOT EXISTS policy (tenant TEXT PRIMARY KEY, body TEXT NOT NULL)")
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS policy_audit (seq INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL,"
+                " actor TEXT NOT NULL, tenant TEXT NOT NULL, old TEXT, new TEXT NOT NULL)"
+            )
+            rows = conn.execute("SELECT tenant, body FROM policy").fetchall()
+        default = self._policies[DEFAULT_TENANT].current()
+        for tenant, body in rows:
+            self._policies[tenant] = policy_from_json(json.loads(body), initial=default)
+
+    @classmethod
+    def load(cls, path: Path, default_threshold: float) -> PolicyBook:
+        """The persisted book, as another process (a trainer) sees it. Blocking."""
+        book = cls(path, default_threshold)
+        if path.exists():
+            book.open()
+        return book
+
+    def policy(self, tenant: str) -> Policy:
+        return self._policies.get(tenant) or self._policies[DEFAULT_TENANT]
+
+    def threshold(self, tenant: str) -> float:
+        """The tenant's policy threshold, before any version floor."""
+        return self.policy(tenant).current()
+
+    def effective_threshold(self, tenant: str, version: str) -> float:
+        """What a request of `tenant` answered by student `version` is routed with."""
+        return effective_threshold(self.threshold(tenant), self.floors.get(version))
+
+    def observe(self, tenant: str, confidence: float) -> None:
+        self.policy(tenant).observe(confidence)
+
+    def reset(self) -> None:
+        for p in self._policies.values():
+            p.reset()
+
+    def all(self) -> dict[str, dict[str, Any]]:
+        return {tenant: p.to_json() for tenant, p in self._policies.items()}
+
+    async def set(self, tenant: str, policy: Policy, actor: str) -> dict[str, Any] | None:
+        """Persist a policy with who changed what (in a thread), then apply it. Returns the old
+        policy's JSON."""
+        old = self._policies.get(tenant)
+        old_json = old.to_json() if old is not None else None
+        await asyncio.to_thread(self._write, tenant, old_json, policy.to_json(), actor)
+        self._policies[tenant] = policy
+        return old_json
+
+    def _write(self, tenant: str, old: dict[str, Any] | None, new: dict[str, Any], actor: str) -> None:
+        with contextlib.closing(sqlite3.connect(self.path)) as conn, conn:
+            conn.execute("INSERT OR REPLACE INTO policy (tenant, body) VALUES (?, ?)", (tenant, json.dumps(new)))
+            conn.execute(
+                "INSERT INTO policy_audit (at, actor, tenant, old, new) VALUES (?, ?, ?, ?, ?)",
+                (time.time(), actor, tenant, json.dumps(old) if old else None, json.dumps(new)),
+            )
+
+    def audit(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The newest audit rows first (blocking: call in a thread)."""
+        with contextlib.closing(sqlite3.connect(self.path)) as conn:
+            rows = conn.execute(
+                "SELECT seq, at, actor, tenant, old, new FROM policy_audit ORDER BY seq DESC LIMIT ?", (limit,)
+            ).fetchall()
+        return [
+            {"seq": s, "at": at, "actor": a, "tenant": t, "old": json.loads(o) if o else None, "new": json.loads(n)}
+            for s, at, a, t, o, n in rows
+        ]

@@ -3,9 +3,9 @@
 Each observation is one logged request with its confidence, whether the student's own answer
 was acceptable, its costs, and a weight that undoes the logging's selection: escalations are
 all logged (weight 1) but confident requests only through the audit slice (weight 1/audit
-fraction), so the weighted sample stands for all traffic. At threshold t, requests with
-confidence < t are served by the teacher (counted acceptable: it is the reference), the rest by
-the student. Pure arithmetic over the observations; building them is the caller's job.
+fraction), so the weighted sample stands for all traffic. At threshold t, requests that
+escalate (router/base.py's rule) are served by the teacher (counted acceptable: it is the
+reference), the rest by the student. Pure arithmetic over the observations; building them is the caller's job.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from router.base import should_escalate
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,9 +53,10 @@ def point(obs: Sequence[Observation], threshold: float, z: float = 1.645) -> Cur
     total = sum(o.weight for o in obs)
     if total <= 0:
         return CurvePoint(threshold, math.nan, math.nan, math.nan, math.nan, math.nan)
-    escalated = sum(o.weight for o in obs if o.confidence < threshold)
-    good = escalated + sum(o.weight for o in obs if o.confidence >= threshold and o.acceptable)
-    cost = sum(o.weight * (o.student_cost + (o.teacher_cost if o.confidence < threshold else 0.0)) for o in obs)
+    up = [should_escalate(o.confidence, threshold) for o in obs]
+    escalated = sum(o.weight for o, e in zip(obs, up, strict=True) if e)
+    good = escalated + sum(o.weight for o, e in zip(obs, up, strict=True) if not e and o.acceptable)
+    cost = sum(o.weight * (o.student_cost + (o.teacher_cost if e else 0.0)) for o, e in zip(obs, up, strict=True))
     teacher_only = sum(o.weight * o.teacher_cost for o in obs)
     n_eff = total * total / sum(o.weight * o.weight for o in obs)
     quality = good / total

@@ -7,7 +7,8 @@ import math
 import pytest
 
 from distill_loop import GateSettings
-from distill_loop.gate import Measured, Paired, decide, fit_threshold, route_at, sign_test, simulate
+from distill_loop.gate import Measured, Paired, decide, sign_test
+from router import fit_threshold, route_at, simulate
 
 CFG = GateSettings(min_nll_gain=0.05, anchor_max_agreement_drop=0.05, anchor_max_nll_rise=0.1, min_heldout=4)
 SERVING = Measured(nll=2.0, agreement=0.5)

@@ -19,6 +19,7 @@ from distill_loop.publish import LocalPublisher
 from distill_loop.trainer import StudentTrainer
 from models import BackendConfig, ChatMessage, Generation, SamplingParams, TokenLogprob, TopLogprob, Usage
 from models.local import LocalBackend
+from router import DEFAULT_TENANT, FixedThreshold, JudgeSource, PolicyBook, RouterConfig
 from tests.fakes import intent_samples
 
 PROMPT = (ChatMessage("user", "please help with refund"),)
@@ -60,14 +61,14 @@ def shuffled_answers(examples: Sequence[Example]) -> list[Example]:
 async def test_loop_trains_promotes_swaps_rejects_and_rolls_back(tiny_model_dir: Path, tmp_path: Path) -> None:
     db = tmp_path / "signal.db"
     write(db, intent_samples())
-    # A router sure of every draft: each is kept, so served agreement is the student's own.
-    judged: list[Generation] = []
-
-    def judge(draft: Generation) -> tuple[float, float]:
-        judged.append(draft)
-        return 1.0, 0.5
-
-    loop = DistillLoop(loop_config(tmp_path), db, student_cfg(tiny_model_dir), judge=judge)
+    # The default tenant's persisted policy routes at 0.0 (the configured threshold is 0.5): every
+    # draft is kept, so served agreement is the student's own. The judge reads the policy file,
+    # as a trainer in another process would.
+    policies = PolicyBook(tmp_path / "policies.db", 0.5)
+    policies.open()
+    await policies.set(DEFAULT_TENANT, FixedThreshold(0.0), "test")
+    judging = JudgeSource(RouterConfig(threshold=0.5), policies.path, calibrated=False)
+    loop = DistillLoop(loop_config(tmp_path), db, student_cfg(tiny_model_dir), judging=judging)
     assert loop.due()
 
     backend = LocalBackend(student_cfg(tiny_model_dir))
@@ -85,10 +86,9 @@ async def test_loop_trains_promotes_swaps_rejects_and_rolls_back(tiny_model_dir:
         assert first.gate.heldout_candidate.agreement > first.gate.heldout_serving.agreement
         assert first.gate.routed_candidate is not None and first.gate.routed_serving is not None
         assert first.gate.routed_candidate.escalation_rate == 0.0  # the rule kept everything
-        assert first.gate.routing_threshold == 0.5  # quality held at the configured threshold
-        assert loop.registry.routing_floor("v0001") == 0.5 and loop.registry.routing_floor(BASE) is None
+        assert first.gate.routing_threshold == 0.0  # quality held at the policy's threshold
+        assert loop.registry.routing_state("v0001").floor == 0.0 and loop.registry.routing_state(BASE).floor is None
         assert first.gate.routed_candidate.served_quality == pytest.approx(first.gate.heldout_candidate.agreement)
-        assert len(judged) == 2 * first.gate.n_heldout and all(d.logprobs for d in judged)
         assert loop.registry.current() == "v0001"
         meta = loop.registry.meta("v0001")
         assert meta.parent == BASE and meta.gate["passed"] and meta.data_window["new_records"] == 32
