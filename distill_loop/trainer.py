@@ -98,6 +98,9 @@ class StudentTrainer:
             # Warm start: the candidate begins as a copy of the serving adapter.
             self.model.load_adapter(serving_adapter, adapter_name="candidate", is_trainable=True)
         else:
+            # LoRA's A matrices start random: seed them, so a run's candidate depends on its data
+            # and config alone, not on what else the process drew (a gateway vs a trainer).
+            torch.manual_seed(config.lora.seed)
             self.model = get_peft_model(base, lora, adapter_name="candidate")
         self.model.set_adapter("candidate")
         for name, param in self.model.named_parameters():

@@ -25,9 +25,9 @@ from gateway.routes import router as http_routes
 from gateway.service import TieredService
 from gateway.settings import RuntimeConfig, Settings
 from gateway.student import StudentManager
-from gateway.tuning import DEFAULT_TENANT, PolicyBook, Tuning
-from models import Backend, BackendError, Generation, build_backend
-from router import ConfidenceRouter
+from gateway.tuning import Tuning
+from models import Backend, BackendError, build_backend
+from router import DEFAULT_TENANT, ConfidenceRouter, PolicyBook
 
 log = logging.getLogger(__name__)
 
@@ -65,18 +65,7 @@ def create_app(settings: Settings, *, student: Backend | None = None, teacher: B
     policies = PolicyBook(settings.policy_db, settings.router.threshold)
     service = TieredService(settings, student, teacher, router, store, metrics, policies=policies)
     tuning = Tuning(settings, router, policies)
-
-    def judge(draft: Generation) -> tuple[float, float]:
-        """The router's confidence in a draft and the default tenant's threshold: what the
-        distillation gate replays on held-out drafts."""
-        threshold = policies.threshold(DEFAULT_TENANT)
-        return router.decide(draft, threshold).confidence, threshold
-
-    async def on_swap(version: str) -> None:
-        service.version_floors = await asyncio.to_thread(manager.version_floors)
-        await tuning.on_swap(version)  # policies re-fit to the new student's confidences
-
-    manager = StudentManager(settings, student, teacher, metrics, on_swap=on_swap, judge=judge)
+    manager = StudentManager(settings, student, teacher, metrics, on_serving=tuning.on_serving)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -86,7 +75,7 @@ def create_app(settings: Settings, *, student: Backend | None = None, teacher: B
             torch.set_num_threads(settings.runtime.torch_threads)
         await asyncio.to_thread(store.open)
         await asyncio.to_thread(policies.open)
-        metrics.threshold.set(policies.threshold("*"))
+        metrics.threshold.set(policies.threshold(DEFAULT_TENANT))
         starters = [
             asyncio.create_task(_start_until_ready(name, backend, metrics), name=f"start-{name}")
             for name, backend in service.tiers.items()

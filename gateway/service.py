@@ -19,7 +19,6 @@ from typing import Any, Literal
 from distill_loop import Sample, SignalStore, StoreClosed
 from gateway.metrics import Metrics
 from gateway.settings import Settings
-from gateway.tuning import DEFAULT_TENANT, PolicyBook
 from models import (
     Backend,
     BackendError,
@@ -27,13 +26,14 @@ from models import (
     BackendTimeout,
     BackendUnavailable,
     ChatMessage,
+    DraftScorer,
     Generation,
     GenerationDelta,
     InvalidGenerationRequest,
     SamplingParams,
     collect,
 )
-from router import Decision, Router
+from router import DEFAULT_TENANT, Decision, PolicyBook, Router, RouteReason
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class Route:
 
     tier: Tier
     escalated: bool
-    reason: str  # confident | low_confidence | empty_answer | student_error | forced | teacher_unavailable
+    reason: RouteReason
     threshold: float
     student_version: str
     decision: Decision | None = None
@@ -152,9 +152,6 @@ class TieredService:
         self._background: set[asyncio.Task[None]] = set()
         self._spent = 0.0
         self._teacher_only = 0.0
-        # Per student version, the lowest threshold it may be routed with: set at promotion by
-        # the distillation gate, which found its served quality held only from there up.
-        self.version_floors: dict[str, float] = {}
 
     # -- public ------------------------------------------------------------------------------
     def student_version(self) -> str:
@@ -209,14 +206,15 @@ class TieredService:
 
     # -- routing -----------------------------------------------------------------------------
     def _routeless(self, call: ChatCall, tier: Tier) -> Route:
-        return Route(tier, False, "forced", self.policies.threshold(call.tenant), self.student_version())
+        version = self.student_version()
+        return Route(tier, False, "forced", self.policies.effective_threshold(call.tenant, version), version)
 
     async def _route(self, call: ChatCall) -> tuple[Route, Generation | None]:
-        threshold = self.policies.threshold(call.tenant)
         if call.alias == "teacher":
             return self._routeless(call, "teacher"), None
+        threshold = self.policies.effective_threshold(call.tenant, self.student_version())
         prompt = next((m.content for m in reversed(call.messages) if m.role == "user"), "")
-        learned = getattr(self.router, "learned", None)
+        learned = self.router.learned
         if (
             call.alias == "tiered"
             and self.settings.tuning.learned_router
@@ -233,7 +231,7 @@ class TieredService:
                 raise
             self.metrics.escalations.labels("student_error").inc()
             return Route("teacher", True, "student_error", threshold, self.student_version()), None
-        decision = self.router.decide(draft, self._effective(threshold, draft.version), prompt)
+        decision = self.router.decide(draft, self.policies.effective_threshold(call.tenant, draft.version), prompt)
         self.metrics.confidence.observe(decision.confidence)
         if call.alias == "tiered":
             self.policies.observe(call.tenant, decision.confidence)
@@ -243,10 +241,6 @@ class TieredService:
             self.metrics.escalations.labels(decision.reason).inc()
             return Route("teacher", True, decision.reason, decision.threshold, draft.version, decision), draft
         return Route("student", False, "confident", decision.threshold, draft.version, decision), draft
-
-    def _effective(self, threshold: float, version: str) -> float:
-        """The tenant's threshold, raised to the serving version's floor where it has one."""
-        return max(threshold, self.version_floors.get(version, 0.0))
 
     def _teacher_params(self, call: ChatCall) -> SamplingParams:
         k = max(call.params.top_logprobs, self.settings.signal.teacher_top_logprobs)
@@ -351,7 +345,7 @@ class TieredService:
         self._finish(call, route, gen)
         if tier == "student":
             # A forced-student stream is scored after the fact, for metrics and the last chunk.
-            threshold = self._effective(self.policies.threshold(call.tenant), gen.version)
+            threshold = self.policies.effective_threshold(call.tenant, gen.version)
             handle.decision = self.router.decide(gen, threshold)
             self.metrics.confidence.observe(handle.decision.confidence)
         elif route.escalated:
@@ -414,17 +408,16 @@ class TieredService:
             # `_maybe_audit` drew it from. Stored, so a reader with another fraction weights it right.
             sampling_weight=1.0 / self.settings.signal.audit_fraction if kind == "audit" else 1.0,
         )
-        if self.settings.signal.score_drafts and draft is not None and draft.text:
-            scorer = getattr(self.tiers["teacher"], "score", None)
-            if scorer is not None:
-                # Off the client's path: the record is written once the teacher has scored the draft.
-                self._spawn(self._score_then_submit(sample, draft.text, scorer), call.request_id)
-                return
+        teacher = self.tiers["teacher"]
+        if self.settings.signal.score_drafts and draft is not None and draft.text and isinstance(teacher, DraftScorer):
+            # Off the client's path: the record is written once the teacher has scored the draft.
+            self._spawn(self._score_then_submit(sample, draft.text, teacher), call.request_id)
+            return
         self._submit(sample)
 
-    async def _score_then_submit(self, sample: Sample, draft: str, scorer: Any) -> None:
+    async def _score_then_submit(self, sample: Sample, draft: str, scorer: DraftScorer) -> None:
         try:
-            scores = await scorer(sample.messages, draft, top_k=self.settings.signal.teacher_top_logprobs or 1)
+            scores = await scorer.score(sample.messages, draft, top_k=self.settings.signal.teacher_top_logprobs or 1)
             sample = replace(sample, draft_scores=tuple(scores))
         except BackendError as exc:  # the record matters more than its scores
             log.warning("teacher could not score draft %s: %s", sample.id, exc)

@@ -2,8 +2,11 @@
 
 The same registry is written by the in-gateway loop, by `python -m distill_loop run` on
 another machine, and by rollbacks (admin endpoint, CLI, auto). A watcher polls CURRENT and
-hot-swaps the student when it changes, so every writer takes effect the same way: an
-in-process student swaps models between batches, a vLLM student swaps runtime LoRA adapters.
+hot-swaps the student when it changes, so every writer takes effect the same way. What a
+student can do is asked through the capability protocols in models/base.py, never its class:
+a `SwappableStudent` (in-process) loads versions itself between batches, a
+`RuntimeLoraStudent` (vLLM server or in-process AsyncLLM) swaps runtime LoRA adapters. Nothing
+here imports torch: the loop and publishers load only when this student needs them.
 """
 
 from __future__ import annotations
@@ -12,22 +15,20 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
-from distill_loop import (
-    DistillLoop,
-    Judge,
-    LocalPublisher,
-    Registry,
-    UnknownVersion,
-    VllmPublisher,
-    training_student,
-)
+from distill_loop import Registry, UnknownVersion, training_student
 from gateway.metrics import Metrics
 from gateway.settings import Settings
-from models import Backend, LocalBackend, RemoteBackend
+from models import Backend, RuntimeLoraStudent, SwappableStudent
+
+if TYPE_CHECKING:
+    from distill_loop import DistillLoop, LocalPublisher, VllmPublisher
 
 log = logging.getLogger(__name__)
 WATCH_S = 1.0
+# Called with the serving version once the student is up (`swapped` False) and after each swap.
+OnServing = Callable[[str, bool], Awaitable[None]]
 
 
 class StudentManager:
@@ -37,57 +38,55 @@ class StudentManager:
         student: Backend,
         teacher: Backend,
         metrics: Metrics,
-        on_swap: Callable[[str], Awaitable[None]] | None = None,
-        judge: Judge | None = None,
+        on_serving: OnServing | None = None,
     ) -> None:
-        """`judge` is the gateway's routing rule, replayed by the distillation gate."""
         self.settings = settings
-        self._on_swap = on_swap
+        self._on_serving = on_serving
         self.metrics = metrics
         self.student = student
         cfg = settings.distill
         self.registry: Registry | None = None
         self.publisher: LocalPublisher | VllmPublisher | None = None
-        train_as = training_student(settings.student, cfg)
-        if isinstance(student, LocalBackend):
+        trainable = training_student(settings.student, cfg) is not None
+        if isinstance(student, SwappableStudent):
+            from distill_loop import LocalPublisher
+
             self.registry = Registry(cfg.registry_dir, keep=cfg.keep_versions)
-            self.publisher = LocalPublisher(self.registry, student, settings.runtime.cache_dir)
-        elif isinstance(student, RemoteBackend) and train_as is not None:
-            # The publisher is made once the server has told us its model name (start()).
+            self.publisher = LocalPublisher(self.registry, student)
+        elif isinstance(student, RuntimeLoraStudent) and trainable:
+            # The publisher is made once the engine has told us its model name (start()).
             self.registry = Registry(cfg.registry_dir, keep=cfg.keep_versions)
-        else:
-            train_as = None
         self.loop: DistillLoop | None = None
-        if cfg.enabled and train_as is not None:
-            self.loop = DistillLoop(
-                cfg,
-                settings.signal.path,
-                train_as,
-                cache_dir=settings.runtime.cache_dir,
-                listener=metrics.on_distill_event,
-                critic=teacher if cfg.losses.critique else None,
-                judge=judge,
-            )
+        if cfg.enabled and self.registry is not None:
+            from distill_loop import DistillLoop
+
+            critic = teacher if cfg.losses.critique else None
+            self.loop = DistillLoop.from_settings(settings, listener=metrics.on_distill_event, critic=critic)
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self, student_started: asyncio.Task[None]) -> None:
         """Once the student is loaded: serve CURRENT, then watch it and run the loop."""
-        if self.registry is None:
-            return
 
         async def begin() -> None:
             await student_started
-            if self.publisher is None and isinstance(self.student, RemoteBackend):
-                self.publisher = VllmPublisher(self.registry, self.student)  # type: ignore[arg-type]
-            await self.sync()
+            if self.registry is not None and self.publisher is None and isinstance(self.student, RuntimeLoraStudent):
+                from distill_loop import VllmPublisher
+
+                self.publisher = VllmPublisher(self.registry, self.student)
+            if await self.sync(initial=True) is None and self._on_serving is not None:
+                await self._on_serving(self.student.info.version, False)
+            if self.registry is None:
+                return
             self._tasks.append(asyncio.create_task(self._watch(), name="student-watch"))
             if self.loop is not None:
                 self._tasks.append(asyncio.create_task(self.loop.run_forever(self._stop), name="distill-loop"))
 
         self._tasks.append(asyncio.create_task(begin(), name="student-begin"))
 
-    async def sync(self) -> str | None:
+    async def sync(self, *, initial: bool = False) -> str | None:
+        """Serve the registry's CURRENT if it is not served yet; returns the version swapped to.
+        `initial`: the start-up sync, which restores what was served rather than changing it."""
         if self.publisher is None:
             return None
         name = await self.publisher.sync()
@@ -95,8 +94,8 @@ class StudentManager:
             hist = self.publisher.registry.history()
             reason = str(hist[-1]["reason"]) if hist else "start"
             self.metrics.on_swap(name, self.student.info.name, reason)
-            if self._on_swap is not None:
-                await self._on_swap(name)  # policies re-fit to the new student's confidences
+            if self._on_serving is not None:
+                await self._on_serving(name, not initial)  # routing state and policies follow the student
         return name
 
     async def _watch(self) -> None:
@@ -107,14 +106,6 @@ class StudentManager:
                 log.exception("student swap failed; still serving %s", self.student.info.version)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), timeout=WATCH_S)
-
-    def version_floors(self) -> dict[str, float]:
-        """Each kept version's routing floor, from its gate report (promoted with one)."""
-        registry = self.registry
-        if registry is None:
-            return {}
-        floors = {name: registry.routing_floor(name) for name in registry.versions()}
-        return {name: floor for name, floor in floors.items() if floor is not None}
 
     def require_registry(self) -> Registry:
         if self.registry is None:
@@ -129,8 +120,9 @@ class StudentManager:
 
     async def stop(self, timeout: float) -> None:
         self._stop.set()
-        if isinstance(self.publisher, VllmPublisher):
-            await self.publisher.drain()
+        drain = getattr(self.publisher, "drain", None)
+        if drain is not None:
+            await drain()
         if self.loop is not None:
             self.loop.cancel()
         if self._tasks:

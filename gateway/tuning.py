@@ -1,106 +1,44 @@
-"""Threshold tuning for product teams: per-tenant policies with an audit trail, calibration and
-learned-router refits, and what-if curves over logged traffic.
+"""Threshold tuning for product teams: calibration and learned-router refits, each version's
+routing state, and what-if curves over logged traffic.
 
-Policies live in a small SQLite file (`tuning.policy_db`): one row per tenant ("*" is the
-default) and an append-only audit table (who, when, old, new). Refits read the signal store,
-judge each student draft against the teacher's answer with the gate's metric, weight audits by
-1/audit fraction, and replace the router's calibrator / learned model whole. A swap resets
-target-rate controllers and refits, since a new student moves the confidence distribution.
+Policies and their audit trail are router/'s `PolicyBook`. Refits read the signal store, judge
+each student draft against the teacher's answer with the gate's metric, weight audits by their
+sampling weight, and replace the router's calibrator / learned model whole. The calibrator is
+saved as the version's routing state in the registry, and the serving version's routing state
+(calibrator, and every version's floor) is applied at start-up and at each swap. A swap also
+resets target-rate controllers and refits, since a new student moves the confidence distribution.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import dataclasses
 import logging
-import sqlite3
 import time
 from collections import defaultdict
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from distill_loop import METRICS, Registry, Sample, read_samples
+from distill_loop import BASE, METRICS, Registry, Sample, read_samples
 from gateway.settings import Settings
 from router import (
+    DEFAULT_TENANT,
     ConfidenceRouter,
     FixedThreshold,
     Observation,
     Policy,
+    PolicyBook,
     TargetRate,
     curve,
     fit_calibrator,
     fit_learned_router,
     point,
-    policy_from_json,
     quantile,
     threshold_for_quality,
 )
 
 log = logging.getLogger(__name__)
-DEFAULT_TENANT = "*"
-
-
-class PolicyBook:
-    """Per-tenant escalation policies, owned by the event loop, persisted with an audit trail."""
-
-    def __init__(self, path: Path, default_threshold: float) -> None:
-        self.path = path
-        self._policies: dict[str, Policy] = {DEFAULT_TENANT: FixedThreshold(default_threshold)}
-
-    def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.closing(sqlite3.connect(self.path)) as conn, conn:
-            conn.execute("CREATE TABLE IF NOT EXISTS policy (tenant TEXT PRIMARY KEY, body TEXT NOT NULL)")
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS policy_audit (seq INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL,"
-                " actor TEXT NOT NULL, tenant TEXT NOT NULL, old TEXT, new TEXT NOT NULL)"
-            )
-            rows = conn.execute("SELECT tenant, body FROM policy").fetchall()
-        default = self._policies[DEFAULT_TENANT].current()
-        for tenant, body in rows:
-            self._policies[tenant] = policy_from_json(json.loads(body), initial=default)
-
-    def policy(self, tenant: str) -> Policy:
-        return self._policies.get(tenant) or self._policies[DEFAULT_TENANT]
-
-    def threshold(self, tenant: str) -> float:
-        return self.policy(tenant).current()
-
-    def observe(self, tenant: str, confidence: float) -> None:
-        self.policy(tenant).observe(confidence)
-
-    def reset(self) -> None:
-        for p in self._policies.values():
-            p.reset()
-
-    def all(self) -> dict[str, dict[str, Any]]:
-        return {tenant: p.to_json() for tenant, p in self._policies.items()}
-
-    def set(self, tenant: str, policy: Policy, actor: str) -> dict[str, Any] | None:
-        """Apply a policy now and record who changed what. Returns the old policy's JSON."""
-        old = self._policies.get(tenant)
-        old_json = old.to_json() if old is not None else None
-        new_json = policy.to_json()
-        with contextlib.closing(sqlite3.connect(self.path)) as conn, conn:
-            conn.execute("INSERT OR REPLACE INTO policy (tenant, body) VALUES (?, ?)", (tenant, json.dumps(new_json)))
-            conn.execute(
-                "INSERT INTO policy_audit (at, actor, tenant, old, new) VALUES (?, ?, ?, ?, ?)",
-                (time.time(), actor, tenant, json.dumps(old_json) if old_json else None, json.dumps(new_json)),
-            )
-        self._policies[tenant] = policy
-        return old_json
-
-    def audit(self, limit: int = 100) -> list[dict[str, Any]]:
-        with contextlib.closing(sqlite3.connect(self.path)) as conn:
-            rows = conn.execute(
-                "SELECT seq, at, actor, tenant, old, new FROM policy_audit ORDER BY seq DESC LIMIT ?", (limit,)
-            ).fetchall()
-        return [
-            {"seq": s, "at": at, "actor": a, "tenant": t, "old": json.loads(o) if o else None, "new": json.loads(n)}
-            for s, at, a, t, o, n in rows
-        ]
 
 
 class Tuning:
@@ -110,6 +48,7 @@ class Tuning:
         self.settings = settings
         self.router = router
         self.policies = policies
+        self._registry: Registry | None = None
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.last_refit: dict[str, Any] = {}
@@ -174,7 +113,9 @@ class Tuning:
             policy: Policy = FixedThreshold(_unit(body.get("threshold"), "threshold"))
         elif kind == "target_rate":
             rate = _unit(body.get("rate"), "rate")
-            policy = TargetRate(rate, window=int(body.get("window", 500)), initial=_weighted_quantile(obs, rate))
+            # With no logged traffic yet, start where the default policy routes now.
+            start = _weighted_quantile(obs, rate) if obs else self.policies.threshold(DEFAULT_TENANT)
+            policy = TargetRate(rate, window=int(body.get("window", 500)), initial=start)
         elif kind == "target_quality":
             quality = _unit(body.get("quality"), "quality")
             best = threshold_for_quality(obs, quality)
@@ -222,7 +163,8 @@ class Tuning:
             calibrator = fit_calibrator(raw, labels, weights)
             self.router.calibrator = calibrator
             report["calibrator"] = calibrator.to_json()
-            self._store_calibrator(version, calibrator.to_json())
+            state = self.registry.routing_state(version)
+            self.registry.save_routing_state(version, dataclasses.replace(state, calibrator=calibrator))
         if self.settings.tuning.learned_router:
             prompts = [next((m.content for m in reversed(s.messages) if m.role == "user"), "") for s in samples]
             learned = fit_learned_router([s.features for s in samples], prompts, [not x for x in labels], weights)
@@ -232,19 +174,33 @@ class Tuning:
         self.last_refit = report
         return report
 
-    def _store_calibrator(self, version: str, data: dict[str, Any]) -> None:
-        registry = Registry(self.settings.distill.registry_dir)
-        folder = registry.root / "versions" / version
-        if not folder.is_dir():  # "base", or a student without a registry: keep it beside the registry
-            folder = registry.root / "calibration" / version
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "calibrator.json").write_text(json.dumps(data))
+    @property
+    def registry(self) -> Registry:
+        """Where versions' routing state lives (opened on first use: a gateway that never
+        refits or swaps never creates the folder)."""
+        if self._registry is None:
+            cfg = self.settings.distill
+            self._registry = Registry(cfg.registry_dir, keep=cfg.keep_versions)
+        return self._registry
 
-    async def on_swap(self, version: str) -> None:
-        self.policies.reset()
-        await asyncio.to_thread(self.refit, version)
+    def routing_floors(self) -> dict[str, float]:
+        """Every kept version's routing floor (blocking)."""
+        registry = self.registry
+        states = {name: registry.routing_state(name) for name in (BASE, *registry.versions())}
+        return {name: st.floor for name, st in states.items() if st.floor is not None}
 
-    async def run(self, current_version: Any) -> None:
+    async def on_serving(self, version: str, swapped: bool) -> None:
+        """Route `version` by its routing state: every version's floor, and its calibrator.
+        After a swap (not at start-up), reset target-rate policies and refit."""
+        self.policies.floors = await asyncio.to_thread(self.routing_floors)
+        if self.settings.tuning.calibrate:
+            state = await asyncio.to_thread(self.registry.routing_state, version)
+            self.router.calibrator = state.calibrator
+        if swapped:
+            self.policies.reset()
+            await asyncio.to_thread(self.refit, version)
+
+    async def run(self, current_version: Callable[[], str]) -> None:
         """Refit on a schedule (`tuning.refit_s`) until stopped."""
         while not self._stop.is_set():
             with contextlib.suppress(TimeoutError):
@@ -256,7 +212,7 @@ class Tuning:
             except Exception:  # noqa: BLE001 - a failed refit keeps the current models
                 log.exception("tuning refit failed")
 
-    def start(self, current_version: Any) -> None:
+    def start(self, current_version: Callable[[], str]) -> None:
         if self.settings.tuning.calibrate or self.settings.tuning.learned_router:
             self._task = asyncio.create_task(self.run(current_version), name="tuning-refit")
 
@@ -277,7 +233,5 @@ def _unit(value: Any, name: str) -> float:
 
 
 def _weighted_quantile(obs: Sequence[Observation], q: float) -> float:
-    if not obs:
-        return 0.35
     expanded = [o.confidence for o in obs for _ in range(max(1, round(o.weight)))]
     return quantile(expanded, q)

@@ -217,10 +217,10 @@ def test_a_student_versions_routing_floor_raises_the_threshold(client: TestClien
     kept = chat(client, body)
     assert kept.headers["x-tiergate-tier"] == "student" and kept.headers["x-tiergate-threshold"] == "0.5000"
     service = client.app.state.service  # type: ignore[attr-defined]
-    service.version_floors = {kept.headers["x-tiergate-student-version"]: 0.99}
+    service.policies.floors = {kept.headers["x-tiergate-student-version"]: 0.99}
     raised = chat(client, body)
     assert raised.headers["x-tiergate-tier"] == "teacher" and raised.headers["x-tiergate-threshold"] == "0.9900"
-    service.version_floors = {"some-other-version": 0.99}
+    service.policies.floors = {"some-other-version": 0.99}
     assert chat(client, body).headers["x-tiergate-tier"] == "student"
 
 

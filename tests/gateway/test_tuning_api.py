@@ -8,13 +8,14 @@ import hashlib
 import json
 import random
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
-from distill_loop import read_samples
+from distill_loop import Registry, read_samples
 from gateway import Settings, create_app
 from models import BackendConfig, ChatMessage, FakeBackend, Scripted
 
@@ -114,7 +115,7 @@ def test_policy_requests_are_validated(client: TestClient) -> None:
     assert client.put("/admin/policy", json={"kind": "fixed", "threshold": 0.5}).status_code == 401
 
 
-def test_calibration_refits_and_is_stored_with_the_version(tmp_path: Path) -> None:
+def test_calibration_refits_is_stored_with_the_version_and_survives_a_restart(tmp_path: Path) -> None:
     with make(tmp_path, calibrate=True) as c:
         traffic(c, 120)
         tuning = c.app.state.tuning  # type: ignore[attr-defined]
@@ -123,8 +124,15 @@ def test_calibration_refits_and_is_stored_with_the_version(tmp_path: Path) -> No
         assert c.app.state.service.router.calibrator.method == "platt"  # type: ignore[attr-defined]
         headers = traffic(c, 1)[0]
     assert 0.0 <= float(headers["x-tiergate-confidence"]) <= 1.0
-    stored = json.loads((tmp_path / "registry" / "calibration" / "base" / "calibrator.json").read_text())
-    assert stored == report["calibrator"]  # kept with the student version it was fitted for
+    # Kept as the version's routing state in the registry, beside (not inside) the version.
+    stored = Registry(tmp_path / "registry").routing_state("base").calibrator
+    assert stored.to_json() == report["calibrator"]
+    with make(tmp_path, calibrate=True) as c:  # a restart routes with the same calibration
+        router = c.app.state.service.router  # type: ignore[attr-defined]
+        deadline = time.monotonic() + 10
+        while router.calibrator != stored and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert router.calibrator == stored
 
 
 def test_cli_prints_a_table_writes_a_png_and_dry_runs(tmp_path: Path) -> None:
