@@ -2,17 +2,23 @@
 
     GatewayError
     ├── InvalidRequest (ValueError)     400 invalid_request_error
-    ├── Unauthorized (PermissionError)  401 authentication_error
+    │   └── PayloadTooLarge             413 invalid_request_error / request_too_large
+    ├── Unauthorized (PermissionError)  401 authentication_error (with a Bearer or Basic challenge)
     ├── Forbidden (PermissionError)     403 permission_error
-    └── ModelNotFound (LookupError)     404 model_not_found
+    └── ModelNotFound (LookupError)     404 invalid_request_error / model_not_found
 
-Backend errors map as: InvalidGenerationRequest 400, BackendUnavailable 503 (with
-Retry-After), BackendTimeout 504, any other error 500. FastAPI's 422 becomes a 400.
+An exception says what it means to a client itself, as httpx's do: `http_status`, the OpenAI
+error `type` and `code` are class attributes, on these and on the backend errors
+(models/errors.py: 400, 429 with the upstream's Retry-After, 502, 503 with Retry-After, 504)
+and the registry's `UnknownVersion` (404). `describe` reads them; nothing here matches on an
+exception family. Any other exception is a bug: it is logged with its traceback and answered
+500. FastAPI's 422 becomes a 400.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -20,13 +26,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from models import BackendError, BackendTimeout, BackendUnavailable, InvalidGenerationRequest
+from distill_loop import DistillError
+from models import BackendError
 
 log = logging.getLogger(__name__)
 
 
 class GatewayError(Exception):
-    status_code = 500
+    http_status = 500
     error_type = "server_error"
     code: str | None = None
 
@@ -36,28 +43,34 @@ class GatewayError(Exception):
 
 
 class InvalidRequest(GatewayError, ValueError):
-    status_code = 400
+    http_status = 400
     error_type = "invalid_request_error"
 
 
 class PayloadTooLarge(InvalidRequest):
-    status_code = 413
+    http_status = 413
     code = "request_too_large"
 
 
 class Unauthorized(GatewayError, PermissionError):
-    status_code = 401
+    http_status = 401
     error_type = "authentication_error"
     code = "invalid_api_key"
 
+    def __init__(self, message: str, *, scheme: str = "Bearer") -> None:
+        """`scheme`: the challenge sent back, Bearer for API keys, Basic where a browser may
+        ask a person for the admin key (the dashboard)."""
+        super().__init__(message)
+        self.challenge = f'{scheme} realm="tiergate"'
+
 
 class Forbidden(GatewayError, PermissionError):
-    status_code = 403
+    http_status = 403
     error_type = "permission_error"
 
 
 class ModelNotFound(GatewayError, LookupError):
-    status_code = 404
+    http_status = 404
     error_type = "invalid_request_error"
     code = "model_not_found"
 
@@ -67,23 +80,30 @@ def error_body(message: str, error_type: str, param: str | None = None, code: st
 
 
 def describe(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]:
-    """Status, OpenAI error body and extra headers for any exception."""
-    if isinstance(exc, Unauthorized):  # lets a browser ask for the admin key (dashboard)
-        body = error_body(str(exc), exc.error_type, exc.param, exc.code)
-        return 401, body, {"www-authenticate": 'Basic realm="tiergate"'}
-    if isinstance(exc, GatewayError):
-        return exc.status_code, error_body(str(exc), exc.error_type, exc.param, exc.code), {}
-    if isinstance(exc, LookupError):  # e.g. distill_loop.UnknownVersion
-        return 404, error_body(str(exc), "invalid_request_error", code="not_found"), {}
-    if isinstance(exc, InvalidGenerationRequest):
-        return 400, error_body(str(exc), "invalid_request_error"), {}
-    if isinstance(exc, BackendUnavailable):
-        return 503, error_body(str(exc), "service_unavailable", code="backend_unavailable"), {"retry-after": "2"}
-    if isinstance(exc, BackendTimeout):
-        return 504, error_body(str(exc), "timeout", code="backend_timeout"), {}
-    if isinstance(exc, BackendError):
-        return 502, error_body(str(exc), "upstream_error", code="backend_error"), {}
-    return 500, error_body("internal error", "server_error"), {"x-should-retry": "false"}
+    """Status, OpenAI error body and extra headers for any exception.
+
+    Meaning comes from the exception class's `http_status`, `error_type` and `code`; an
+    exception without them is unexpected, and gets an opaque 500.
+    """
+    status = getattr(exc, "http_status", None)
+    if not isinstance(status, int):
+        return 500, error_body("internal error", "server_error"), {"x-should-retry": "false"}
+    body = error_body(
+        str(exc), getattr(exc, "error_type", "server_error"), getattr(exc, "param", None), getattr(exc, "code", None)
+    )
+    headers: dict[str, str] = {}
+    challenge = getattr(exc, "challenge", None)
+    if challenge:
+        headers["www-authenticate"] = challenge
+    retry_after = getattr(exc, "retry_after", None)
+    if retry_after is not None:
+        headers["retry-after"] = str(max(1, math.ceil(retry_after)))
+    return status, body, headers
+
+
+def is_unexpected(exc: BaseException) -> bool:
+    """A bug rather than an outcome: no exception class of ours says what it means."""
+    return not isinstance(getattr(exc, "http_status", None), int)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -110,13 +130,17 @@ def install_handlers(app: FastAPI) -> None:
 
     async def _any(request: Request, exc: Exception) -> JSONResponse:
         status, body, headers = describe(exc)
-        if status >= 500:
-            log.error("request failed with %d: %s", status, exc, exc_info=status == 500)
+        if is_unexpected(exc):
+            log.error("request %s %s failed", request.method, request.url.path, exc_info=exc)
+        elif status >= 500:
+            log.error("request failed with %d: %s", status, exc)
         request_id = getattr(request.state, "request_id", None)
         if request_id:
             headers["x-request-id"] = request_id
         return JSONResponse(body, status_code=status, headers=headers)
 
-    # Our own and backend errors are expected outcomes; Exception is the last resort (500).
-    for exc_type in (GatewayError, BackendError, LookupError, Exception):
+    # Starlette sends a handler registered for Exception itself to its server-error middleware,
+    # which re-raises after answering: right for bugs (uvicorn logs them too), noise for the
+    # expected errors of our own packages, which are registered by their base classes.
+    for exc_type in (GatewayError, BackendError, DistillError, Exception):
         app.add_exception_handler(exc_type, _any)

@@ -10,6 +10,8 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from router import ESCALATION_REASONS
+
 TIERS = ("student", "teacher")
 # OTel's duration buckets extended for CPU-bound generation.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80, 160)
@@ -58,7 +60,7 @@ class Metrics:
         )
         self.escalations = Counter(
             "tiergate_escalations_total",
-            "Requests sent on to the teacher, by reason (low_confidence, empty_answer, student_error).",
+            f"Requests sent on to the teacher, by reason ({', '.join(ESCALATION_REASONS)}).",
             ["reason"],
             registry=r,
         )
@@ -147,6 +149,8 @@ class Metrics:
         self._usage = {
             t: (self.prompt_tokens.labels(t), self.completion_tokens.labels(t), self.cost.labels(t)) for t in TIERS
         }
+        for reason in ESCALATION_REASONS:
+            self.escalations.labels(reason)
         for result in ("written", "failed", "dropped"):
             self.signal_records.labels(result)
         for result in ("ok", "failed"):

@@ -40,9 +40,9 @@ from gateway.protocol import (
     usage_json,
 )
 from gateway.service import AnswerStream, ChatCall, TieredService, new_request_id
-from gateway.tuning import DEFAULT_TENANT, Tuning
+from gateway.tuning import Tuning
 from models import ChatMessage, SamplingParams
-from router import FixedThreshold, Policy
+from router import DEFAULT_TENANT, FixedThreshold, Policy
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -109,7 +109,9 @@ async def require_admin(request: Request) -> str:
         raise Forbidden("admin API disabled: set server.admin_api_key (TIERGATE_SERVER__ADMIN_API_KEY)")
     token = _bearer(request) or _basic_password(request)
     if token is None or not hmac.compare_digest(_digest(token), admin):
-        raise Unauthorized("admin API needs 'Authorization: Bearer <admin key>' (or Basic auth, key as password)")
+        raise Unauthorized(
+            "admin API needs 'Authorization: Bearer <admin key>' (or Basic auth, key as password)", scheme="Basic"
+        )
     return key_id(token)
 
 
@@ -291,7 +293,7 @@ async def _sse(
         yield {"data": "[DONE]"}
     except Exception as exc:  # noqa: BLE001 - after the first byte, errors go in-band
         status, err, _ = describe(exc)
-        log.warning("stream %s failed after start (%d): %s", call.request_id, status, exc)
+        log.warning("stream %s failed after start (%d)", call.request_id, status, exc_info=exc)
         yield {"data": json.dumps(err)}
         yield {"data": "[DONE]"}
     finally:
@@ -424,7 +426,7 @@ async def put_threshold(
     """Set the default policy to a fixed threshold (the common case of PUT /admin/policy)."""
     service = _service(request)
     old = service.policies.threshold(DEFAULT_TENANT)
-    service.policies.set(DEFAULT_TENANT, FixedThreshold(body.threshold), admin)
+    await service.policies.set(DEFAULT_TENANT, FixedThreshold(body.threshold), admin)
     service.metrics.threshold.set(body.threshold)
     log.info("threshold changed by %s: %.4f -> %.4f", admin, old, body.threshold)
     return {"threshold": body.threshold, "previous": old}
@@ -471,7 +473,7 @@ async def put_policy(
     """Apply a fixed, target-rate or target-quality policy for a tenant (or "*"), audited."""
     policy, predicted = await asyncio.to_thread(_resolve, body, request, hours)
     service = _service(request)
-    old = service.policies.set(body.tenant, policy, admin)
+    old = await service.policies.set(body.tenant, policy, admin)
     if body.tenant == DEFAULT_TENANT:
         service.metrics.threshold.set(policy.current())
     log.info("policy for %s changed by %s: %s -> %s", body.tenant, admin, old, policy.to_json())
