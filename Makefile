@@ -55,7 +55,8 @@ typecheck: install
 test: models vllm-venv browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# No torch model loads or trainings, no vLLM, and no browser needed: passes on a fresh checkout.
+# Leaves out slow tests (torch models, vLLM) and skips the browser test without Chromium, so it
+# passes on a fresh checkout.
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow" --allow-missing-browser $(PYTEST_ARGS)
 
