@@ -236,3 +236,69 @@ def test_an_oversized_body_is_413_in_openai_shape(tmp_path: Path) -> None:
 
         assert_openai_error(client.post("/v1/chat/completions", content=chunked()), 413)
         assert chat(client, {"messages": [{"role": "user", "content": "hi"}]}).status_code == 200
+
+
+def test_a_bug_is_a_logged_500_never_a_404_or_an_escalation(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A KeyError raised by a backend is a bug: 500 with its traceback in the log. It used to
+    be a silent 404 (any LookupError), and a student bug used to escalate as student_error."""
+    settings = Settings(signal={"path": tmp_path / "s.db", "audit_fraction": 0.0})
+    student = FakeBackend(BackendConfig(kind="fake", model="s"))
+    teacher = FakeBackend(BackendConfig(kind="fake", model="t"))
+    app = create_app(settings, student=student, teacher=teacher)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        student.fail_with = KeyError("a bug")
+        for model in ("tiered", "student"):
+            caplog.clear()
+            resp = chat(c, {"model": model, "messages": [{"role": "user", "content": "x"}]})
+            err = assert_openai_error(resp, 500)
+            assert err["type"] == "server_error" and "a bug" not in resp.text  # no internals leak
+            bug = [r for r in caplog.records if r.exc_info and isinstance(r.exc_info[1], KeyError)]
+            assert bug, "the bug's traceback is logged"
+        assert teacher.calls == 0  # never escalated
+
+
+def test_an_upstream_429_is_a_429_with_its_retry_after(client: TestClient) -> None:
+    from models import BackendRateLimited
+
+    teacher = client.app.state.service.tiers["teacher"]  # type: ignore[attr-defined]
+    teacher.fail_with = BackendRateLimited("teacher: slow down", retry_after=7.2)
+    resp = chat(client, {"model": "teacher", "messages": [{"role": "user", "content": "x"}]})
+    err = assert_openai_error(resp, 429)
+    assert err["type"] == "rate_limit_error" and err["code"] == "rate_limit_exceeded"
+    assert resp.headers["retry-after"] == "8"  # whole seconds, rounded up
+
+
+def test_401_challenges_bearer_on_the_api_and_basic_on_the_admin_api(tmp_path: Path) -> None:
+    with make_client(tmp_path, api_keys=[KEY]) as c:
+        data = chat(c, {"messages": [{"role": "user", "content": "x"}]})
+        assert data.status_code == 401 and data.headers["www-authenticate"] == 'Bearer realm="tiergate"'
+        admin = c.get("/admin/threshold")
+        assert admin.status_code == 401 and admin.headers["www-authenticate"] == 'Basic realm="tiergate"'
+
+
+def test_an_unknown_version_is_404_through_its_own_meaning(client: TestClient) -> None:
+    resp = client.post(
+        "/admin/student/rollback", json={"version": "v9999"}, headers={"authorization": f"Bearer {ADMIN}"}
+    )
+    err = assert_openai_error(resp, 404)
+    assert err["code"] == "version_not_found"
+
+
+def test_a_stream_that_fails_after_its_first_byte_logs_the_traceback(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from models import BackendUnavailable, GenerationDelta
+
+    class DiesMidStream(FakeBackend):
+        async def stream(self, messages: Any, params: Any) -> Any:  # type: ignore[override]
+            yield GenerationDelta(text="partial")
+            raise BackendUnavailable("teacher died mid-stream")
+
+    settings = Settings(signal={"path": tmp_path / "s.db", "audit_fraction": 0.0})
+    fake = BackendConfig(kind="fake", model="f")
+    with TestClient(create_app(settings, student=FakeBackend(fake), teacher=DiesMidStream(fake))) as c:
+        body = {"model": "teacher", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+        resp = chat(c, body)
+    assert resp.status_code == 200 and '"error"' in resp.text and resp.text.rstrip().endswith("data: [DONE]")
+    logged = [r for r in caplog.records if "failed after start" in r.getMessage()]
+    assert logged and logged[0].exc_info is not None and isinstance(logged[0].exc_info[1], BackendUnavailable)
