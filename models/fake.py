@@ -20,7 +20,7 @@ from models.base import (
     TokenLogprob,
     TopLogprob,
     Usage,
-    collect,
+    generate_from_stream,
 )
 from models.config import BackendConfig
 from models.errors import BackendUnavailable
@@ -63,8 +63,7 @@ class FakeBackend:
         self._ready = False
 
     async def generate(self, messages: tuple[ChatMessage, ...], params: SamplingParams) -> Generation:
-        deltas = [d async for d in self.stream(messages, params)]
-        return collect(deltas, model=self.config.name, version=self.version)
+        return await generate_from_stream(self.stream(messages, params), model=self.config.name, version=self.version)
 
     async def stream(self, messages: tuple[ChatMessage, ...], params: SamplingParams) -> AsyncIterator[GenerationDelta]:
         if not self._ready:
