@@ -1,100 +1,43 @@
 """Student hot-swap: serve whatever the registry's CURRENT names, in-process or on vLLM.
 
-`LocalPublisher.sync()` builds the named version (base weights + its LoRA adapter, merged) off
-the event loop and hands it to the backend's owner thread between batches: in-flight batches
-finish on the old model, the next batch uses the new one, and no request fails. The object
-that served traffic is never mutated; a new one replaces it. `VllmPublisher` does the same
-through vLLM's runtime LoRA endpoints.
+`LocalPublisher.sync()` asks an in-process student to build the named version (base weights +
+its LoRA adapter, merged) and swap to it between batches: in-flight batches finish on the old
+model, the next batch uses the new one, and no request fails. The object that served traffic is
+never mutated; a new one replaces it. `VllmPublisher` does the same through vLLM's runtime LoRA.
+Neither imports torch: building weights is the student's job (`models.SwappableStudent`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from pathlib import Path
-from typing import Any, Protocol
-
-import torch
 
 from distill_loop.registry import BASE, Registry
-from models import LoadedModel, resolve_model_dir
+from models import RuntimeLoraStudent, SwappableStudent
 
 log = logging.getLogger(__name__)
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class SwappableStudent(Protocol):
-    config: Any
-
-    @property
-    def info(self) -> Any: ...
-
-    @property
-    def loaded(self) -> LoadedModel | None: ...
-
-    async def swap(self, loaded: LoadedModel) -> None: ...
-
-
-def build_version(
-    registry: Registry, name: str, model: str, dtype: str, device: Any, cache_dir: Path | None
-) -> LoadedModel:
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    base_dir = resolve_model_dir(model, cache_dir)
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    net: Any = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    adapter = registry.adapter_dir(name)
-    if adapter is not None:
-        net = PeftModel.from_pretrained(net, adapter).merge_and_unload()
-    net = net.to(dtype=_DTYPES[dtype]).to(device)
-    net.eval()
-    return LoadedModel(net, tokenizer, name)
 
 
 class LocalPublisher:
-    def __init__(self, registry: Registry, student: SwappableStudent, cache_dir: Path | None = None) -> None:
+    def __init__(self, registry: Registry, student: SwappableStudent) -> None:
         self.registry = registry
         self.student = student
-        self.cache_dir = cache_dir
         self._lock = asyncio.Lock()  # two syncs never build or swap at once
 
     async def sync(self) -> str | None:
         """Swap to the registry's CURRENT if it differs from what is served; returns the new name."""
         async with self._lock:
             target = self.registry.current()
-            loaded = self.student.loaded
-            if loaded is None or loaded.version == target:
+            serving = self.student.info
+            if not serving.ready or serving.version == target:
                 return None
-            device = next(loaded.model.parameters()).device
-            cfg = self.student.config
-            new = await asyncio.to_thread(
-                build_version, self.registry, target, cfg.model, cfg.dtype, device, self.cache_dir
-            )
-            await self.student.swap(new)
-            log.info("student hot-swapped %s -> %s", loaded.version, target)
+            await self.student.load_version(target, self.registry.adapter_dir(target))
+            log.info("student hot-swapped %s -> %s", serving.version, target)
             return target
 
 
-class RuntimeLoraStudent(Protocol):
-    """A student on a vLLM server with runtime LoRA (models.remote.RemoteBackend)."""
-
-    @property
-    def served_model(self) -> str: ...
-
-    def use_model(self, model: str, version: str | None = None) -> None: ...
-
-    def inflight(self, model: str) -> int: ...
-
-    async def wait_idle(self, model: str, timeout: float = 120.0) -> bool: ...
-
-    async def load_adapter(self, name: str, path: str) -> None: ...
-
-    async def unload_adapter(self, name: str) -> None: ...
-
-
 class VllmPublisher:
-    """Hot-swap for a student on a vLLM server, through its runtime LoRA endpoints.
+    """Hot-swap for a student on vLLM (a server, or the in-process engine), through runtime LoRA.
 
     Each load uses a name that is never reused (`student-<version>-<n>`): reloading a name in
     place risks serving stale prefix-cache entries (vllm #42125). The gateway switches to the

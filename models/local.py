@@ -5,7 +5,9 @@ Requests from any coroutine are queued; the owner thread takes every request wai
 stop strings and deadlines, and sends tokens back to each caller's event loop as they come.
 Torch never runs on the event loop. Finished rows leave the batch at once; requests that
 arrive during a batch wait for the next one (no mid-batch joins: that needs paged KV, which is
-vLLM's job, see `models/remote.py`). It knows nothing about tiers or routing.
+vLLM's job, see `models/remote.py`). Running out of memory is a BackendError; anything else
+raised while decoding is a bug, and reaches each caller in the batch as it is. It knows
+nothing about tiers or routing.
 """
 
 from __future__ import annotations
@@ -34,11 +36,12 @@ from models.base import (
     TokenLogprob,
     TopLogprob,
     Usage,
-    collect,
+    check_prompt_fits,
+    generate_from_stream,
 )
 from models.config import BackendConfig
 from models.convert import resolve_model_dir
-from models.errors import BackendError, BackendTimeout, BackendUnavailable, InvalidGenerationRequest
+from models.errors import BackendError, BackendTimeout, BackendUnavailable
 from models.prompt import Prompt, build_prompt
 
 log = logging.getLogger(__name__)
@@ -106,14 +109,25 @@ class LoadedModel:
 _LOAD_LOCK = threading.Lock()
 
 
-def load_model(path: Path, device: torch.device, dtype: torch.dtype, version: str = "base") -> LoadedModel:
+def load_model(
+    path: Path, device: torch.device, dtype: torch.dtype, version: str = "base", adapter: Path | None = None
+) -> LoadedModel:
+    """The base weights at `path`, with the peft LoRA `adapter` merged in when given."""
     with _LOAD_LOCK:
-        return _load_model(path, device, dtype, version)
+        return _load_model(path, device, dtype, version, adapter)
 
 
-def _load_model(path: Path, device: torch.device, dtype: torch.dtype, version: str) -> LoadedModel:
+def _load_model(
+    path: Path, device: torch.device, dtype: torch.dtype, version: str, adapter: Path | None
+) -> LoadedModel:
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)  # type: ignore[arg-type]
+    # An adapter is merged in float32 and the sum cast once: merging in bfloat16 rounds twice.
+    model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=dtype if adapter is None else torch.float32)
+    if adapter is not None:
+        from peft import PeftModel  # only a student that swaps versions needs peft
+
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    model = model.to(dtype=dtype, device=device)
     model.eval()
     return LoadedModel(model, tokenizer, version)
 
@@ -134,6 +148,7 @@ class LocalBackend:
         self._dtype = _DTYPES[config.dtype]
         self._inbox: queue.Queue[_Job | _Call | None] = queue.Queue()
         self._thread: threading.Thread | None = None
+        self._path: Path | None = None  # the base weights, resolved once by start()
         self._loaded: LoadedModel | None = None
         self._closed = False
         self.batches_run = 0  # observable in tests and benchmarks: proves requests were batched
@@ -158,7 +173,7 @@ class LocalBackend:
     async def start(self) -> None:
         if self._thread is not None:
             return
-        path = await asyncio.to_thread(resolve_model_dir, self.config.model, self._cache_dir)
+        path = self._path = await asyncio.to_thread(resolve_model_dir, self.config.model, self._cache_dir)
         self._thread = threading.Thread(target=self._owner, name=f"tiergate-{self.config.name}", daemon=True)
         self._thread.start()
         await self.call_on_owner(lambda: self._install(load_model(path, self._device, self._dtype)))
@@ -179,6 +194,21 @@ class LocalBackend:
         """Serve `loaded` from the next batch on; batches already running finish on the old one."""
         await self.call_on_owner(lambda: self._install(loaded))
 
+    async def load_version(self, version: str, adapter: Path | None) -> None:
+        """Build `version` (the base weights, plus `adapter` merged in) off the owner thread, so
+        serving goes on meanwhile, then `swap` to it. Raises BackendError; the old model serves on.
+        """
+        path = self._path
+        if path is None or self._closed:
+            raise BackendUnavailable(f"{self.config.name} is not running")
+        try:
+            loaded = await asyncio.to_thread(load_model, path, self._device, self._dtype, version, adapter)
+        except torch.OutOfMemoryError as exc:
+            raise BackendUnavailable(f"{self.config.name}: out of memory building version {version}") from exc
+        except (OSError, ValueError) as exc:  # missing or unreadable files; an adapter that does not fit
+            raise BackendError(f"{self.config.name}: cannot build version {version}: {exc}") from exc
+        await self.swap(loaded)
+
     async def aclose(self) -> None:
         if self._closed:
             return
@@ -189,9 +219,9 @@ class LocalBackend:
 
     # -- public generation API ---------------------------------------------------------------
     async def generate(self, messages: tuple[ChatMessage, ...], params: SamplingParams) -> Generation:
-        deltas = [d async for d in self.stream(messages, params)]
         loaded = self._loaded
-        return collect(deltas, model=self.config.name, version=loaded.version if loaded else "base")
+        version = loaded.version if loaded else "base"
+        return await generate_from_stream(self.stream(messages, params), model=self.config.name, version=version)
 
     async def stream(self, messages: tuple[ChatMessage, ...], params: SamplingParams) -> AsyncIterator[GenerationDelta]:
         loaded = self._loaded
@@ -224,11 +254,7 @@ class LocalBackend:
     ) -> tuple[list[int], Prompt]:
         prompt = build_prompt(self.config, loaded.tokenizer, messages)
         ids: list[int] = loaded.tokenizer(prompt.text, add_special_tokens=prompt.add_special_tokens)["input_ids"]
-        if len(ids) + params.max_tokens > self.config.max_model_len:
-            raise InvalidGenerationRequest(
-                f"prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds "
-                f"{self.config.name}'s max_model_len of {self.config.max_model_len}"
-            )
+        check_prompt_fits(self.config, len(ids), params)
         return ids, prompt
 
     # -- owner thread ------------------------------------------------------------------------
@@ -292,11 +318,22 @@ class LocalBackend:
         try:
             with torch.inference_mode():
                 _decode(loaded, jobs, self._device)
+        except torch.OutOfMemoryError as exc:
+            log.warning("batch of %d ran out of memory on %s", len(jobs), self.config.name)
+            error = BackendUnavailable(f"{self.config.name}: out of memory ({len(jobs)} requests)")
+            error.__cause__ = exc
+            self._fail(jobs, error)
         except Exception as exc:  # noqa: BLE001 - one bad batch must not kill the owner thread
-            log.exception("batch of %d failed on %s", len(jobs), self.config.name)
-            err = exc if isinstance(exc, BackendError) else BackendError(f"generation failed: {exc}")
-            for job in jobs:
-                job.emit(err)
+            # Anything else is a bug, not a backend failure: each caller gets the exception
+            # itself, with its traceback, and the gateway logs it and answers 500 rather than
+            # escalating it as a student error.
+            self._fail(jobs, exc)
+
+    @staticmethod
+    def _fail(jobs: list[_Job], error: BaseException) -> None:
+        """Send `error` to every request of a batch (one that already has its answer never reads it)."""
+        for job in jobs:
+            job.emit(error)
 
 
 def _decode(loaded: LoadedModel, jobs: list[_Job], device: torch.device) -> None:

@@ -1,4 +1,4 @@
-"""The in-process backend on a tiny random Llama: logprobs, batching, stops, seeds, swaps."""
+"""The in-process backend on a tiny random Llama: logprobs, batching, stops, seeds, swaps, faults."""
 
 from __future__ import annotations
 
@@ -9,8 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import BackendConfig, BackendUnavailable, ChatMessage, InvalidGenerationRequest, SamplingParams
-from models.local import LocalBackend, load_model
+from models import (
+    BackendConfig,
+    BackendError,
+    BackendUnavailable,
+    ChatMessage,
+    InvalidGenerationRequest,
+    SamplingParams,
+    SwappableStudent,
+)
+from models.local import LoadedModel, LocalBackend, load_model
+from tests.fakes import make_adapter
 
 pytestmark = pytest.mark.anyio
 MSG = (ChatMessage("user", "Where is my refund?"),)
@@ -123,3 +132,69 @@ async def test_unknown_model_is_a_clear_error(tmp_path: Path) -> None:
     b = LocalBackend(BackendConfig(kind="local", model=str(tmp_path / "nothing"), device="cpu"))
     with pytest.raises(BackendUnavailable, match="neither a bundled model"):
         await b.start()
+
+
+async def test_load_version_merges_the_adapter_and_base_restores_the_outputs(
+    backend: LocalBackend, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    assert isinstance(backend, SwappableStudent)
+    params = SamplingParams(max_tokens=8, temperature=0)
+    before = await backend.generate(MSG, params)
+    await backend.load_version("v1", make_adapter(tiny_model_dir, tmp_path / "adapter", seed=3))
+    tuned = await backend.generate(MSG, params)
+    assert tuned.version == backend.info.version == "v1"
+    assert tuned.logprobs != before.logprobs
+    await backend.load_version("base", None)
+    after = await backend.generate(MSG, params)
+    assert after.version == "base"
+    assert (after.token_ids, after.logprobs) == (before.token_ids, before.logprobs)
+
+
+async def test_a_version_that_cannot_be_built_is_a_backend_error_and_the_old_one_serves_on(
+    backend: LocalBackend, tmp_path: Path
+) -> None:
+    with pytest.raises(BackendError, match="cannot build version v9"):
+        await backend.load_version("v9", tmp_path / "no-such-adapter")
+    assert backend.info.version == "base"
+    assert (await backend.generate(MSG, SamplingParams(max_tokens=2))).version == "base"
+
+
+class _FaultyModel:
+    """Stands in for the transformers model: every forward pass raises `fault`."""
+
+    def __init__(self, model: object, fault: BaseException) -> None:
+        self.config = model.config  # type: ignore[attr-defined]
+        self.generation_config = model.generation_config  # type: ignore[attr-defined]
+        self.fault = fault
+
+    def __call__(self, **_: object) -> object:
+        raise self.fault
+
+
+class _DecodeBug(Exception):
+    """A programming error in decode (not TypeError or IndexError, so nothing else can raise it)."""
+
+
+@pytest.mark.parametrize(
+    ("fault", "caller_sees"),
+    [
+        (_DecodeBug("bug in decode"), _DecodeBug),  # a bug: the caller gets it as it is
+        (torch.OutOfMemoryError("out of memory"), BackendUnavailable),  # expected: a backend error
+    ],
+)
+async def test_a_failed_batch_fails_every_row_and_the_owner_thread_serves_on(
+    backend: LocalBackend, fault: BaseException, caller_sees: type[BaseException]
+) -> None:
+    good = backend.loaded
+    assert good is not None
+    await backend.swap(LoadedModel(_FaultyModel(good.model, fault), good.tokenizer, "faulty"))
+    params = SamplingParams(max_tokens=4, temperature=0)
+    prompts = [(ChatMessage("user", f"question {i}"),) for i in range(3)]
+    batches_before = backend.batches_run
+    results = await asyncio.gather(*[backend.generate(p, params) for p in prompts], return_exceptions=True)
+    assert backend.batches_run - batches_before < len(prompts)  # some batch held several rows
+    assert all(type(r) is caller_sees for r in results), results
+    if caller_sees is _DecodeBug:
+        assert results[0] is fault and not isinstance(results[0], BackendError)
+    await backend.swap(good)
+    assert (await backend.generate(MSG, params)).usage.completion_tokens > 0
