@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator, Iterator
+import datetime
+import email.utils
+import math
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
 import aiohttp
@@ -20,6 +24,7 @@ from yarl import URL
 
 from models.base import (
     BackendInfo,
+    Candidate,
     ChatMessage,
     FinishReason,
     Generation,
@@ -28,17 +33,12 @@ from models.base import (
     TokenLogprob,
     TopLogprob,
     Usage,
+    error_for_status,
+    rank_position,
 )
 from models.config import BackendConfig
-from models.errors import (
-    BackendError,
-    BackendRateLimited,
-    BackendResponseError,
-    BackendTimeout,
-    BackendUnavailable,
-    InvalidGenerationRequest,
-)
-from models.served import ServedNames
+from models.errors import BackendError, BackendResponseError, BackendTimeout, BackendUnavailable
+from models.served import ServedByName, ServedNames
 
 MAX_RESPONSE_BYTES = 8 * 1024 * 1024  # a completion larger than this is garbage, not an answer
 MAX_LINE_BYTES = 1024 * 1024  # one SSE line (a chunk with top-20 logprobs is a few KiB)
@@ -62,21 +62,35 @@ def map_client_errors(name: str) -> Iterator[None]:
         raise BackendResponseError(f"{name}: {exc}") from exc
 
 
-def _status_error(name: str, status: int, body: bytes) -> BackendError:
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """A Retry-After header in seconds from `now` (default: the wall clock): delta-seconds or
+    an HTTP-date (RFC 9110, 10.2.3). None when absent or unreadable: a garbage header is
+    ignored, not passed on."""
+    if value is None or not value.strip():
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        pass
+    else:
+        return seconds if math.isfinite(seconds) and seconds >= 0 else None
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:  # no zone, or "-0000": HTTP-dates are always UTC
+        when = when.replace(tzinfo=datetime.UTC)
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def _status_error(name: str, status: int, body: bytes, headers: Mapping[str, str]) -> BackendError:
     try:
         message = orjson.loads(body)["error"]["message"]
     except (ValueError, KeyError, TypeError):
         message = body[:300].decode("utf-8", "replace")
-    text = f"{name} answered {status}: {message}"
-    if status == 429:
-        return BackendRateLimited(text, status_code=status)
-    if status in (400, 413, 422):
-        return InvalidGenerationRequest(text)
-    if status in (502, 503):
-        return BackendUnavailable(text)
-    if status == 504:
-        return BackendTimeout(text)
-    return BackendResponseError(text, status_code=status)
+    retry_after = retry_after_seconds(headers.get("retry-after")) if status == 429 else None
+    return error_for_status(f"{name} answered {status}: {message}", status, retry_after=retry_after)
 
 
 def _token(raw: Any) -> tuple[str, int | None]:
@@ -109,7 +123,7 @@ def _finish(value: Any) -> FinishReason:
     return "length" if value == "length" else "stop"
 
 
-class RemoteBackend:
+class RemoteBackend(ServedByName):
     """A tier served by an OpenAI-compatible HTTP server."""
 
     def __init__(self, config: BackendConfig) -> None:
@@ -150,19 +164,23 @@ class RemoteBackend:
             url = self._urls[path] = URL(self._base + path)
         return url
 
-    async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, bytes]:
-        """One request; returns status and body, capped at MAX_RESPONSE_BYTES."""
+    async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> bytes:
+        """One request; returns the body of a 200, capped at MAX_RESPONSE_BYTES, and raises the
+        typed error for any other status."""
+        name = self.config.name
         data = orjson.dumps(body) if body is not None else None
-        with map_client_errors(self.config.name):
+        with map_client_errors(name):
             async with self._session().request(
                 method, self._url(path), data=data, headers=JSON_HEADERS if data is not None else None
             ) as resp:
                 if (resp.content_length or 0) > MAX_RESPONSE_BYTES:
-                    raise BackendResponseError(
-                        f"{self.config.name}: response of {resp.content_length} bytes exceeds the cap"
-                    )
+                    raise BackendResponseError(f"{name}: response of {resp.content_length} bytes exceeds the cap")
                 content = await resp.read()
-                return resp.status, content
+                if resp.status != 200:
+                    raise _status_error(name, resp.status, content, resp.headers)
+                if len(content) > MAX_RESPONSE_BYTES:  # no Content-Length (chunked), and over the cap
+                    raise BackendResponseError(f"{name}: response of {len(content)} bytes exceeds the cap")
+                return content
 
     @property
     def info(self) -> BackendInfo:
@@ -176,9 +194,7 @@ class RemoteBackend:
 
     async def start(self) -> None:
         """Check the server answers `/models`; resolve model "auto" to its first model."""
-        status, content = await self._call("GET", "/models")
-        if status != 200:
-            raise _status_error(self.config.name, status, content)
+        content = await self._call("GET", "/models")
         if self._names.model == "auto":
             try:
                 self._base_model = str(orjson.loads(content)["data"][0]["id"])
@@ -192,25 +208,7 @@ class RemoteBackend:
         if self._http is not None:
             await self._http.close()
 
-    @property
-    def served_model(self) -> str:
-        return self._names.model
-
-    def use_model(self, model: str, version: str | None = None) -> None:
-        """Send later requests to another served model name (a LoRA adapter, for instance).
-
-        One assignment, so a request sees the old or the new name, never a mix. Requests
-        already sent finish on the name they started with.
-        """
-        self._names.use(model, version)
-
-    def inflight(self, model: str) -> int:
-        """Requests now running against a served model name."""
-        return self._names.inflight(model)
-
-    async def wait_idle(self, model: str, timeout: float = 120.0) -> bool:
-        return await self._names.wait_idle(model, timeout)
-
+    # -- runtime LoRA (`served_model`, `use_model`, `inflight`, `wait_idle` from ServedByName) ---
     async def load_adapter(self, name: str, path: str) -> None:
         """vLLM runtime LoRA: register an adapter folder (readable by the server) under `name`."""
         await self._admin("/load_lora_adapter", {"lora_name": name, "lora_path": path})
@@ -219,15 +217,14 @@ class RemoteBackend:
         await self._admin("/unload_lora_adapter", {"lora_name": name})
 
     async def _admin(self, path: str, body: dict[str, Any]) -> None:
-        status, content = await self._call("POST", path, body)
-        if status != 200:
-            raise _status_error(self.config.name, status, content)
+        await self._call("POST", path, body)
 
     async def score(self, messages: tuple[ChatMessage, ...], draft: str, top_k: int = 1) -> tuple[TokenLogprob, ...]:
         """The server's logprobs of `draft` as the assistant reply (vLLM `prompt_logprobs`).
 
         Two prefills: the prompt alone (to find where the draft starts) and prompt + draft.
-        Returns one entry per draft token, with up to `top_k` alternatives.
+        Returns one entry per draft token, with up to `top_k` alternatives. A draft token whose
+        own logprob the server left out is a BackendResponseError: no score is made up for it.
         """
         base = self._body(messages, SamplingParams(max_tokens=1, temperature=0), False)
         base.pop("logprobs", None)
@@ -244,23 +241,21 @@ class RemoteBackend:
                 "return_token_ids": True,
             },
         )
-        for status, content in (head, full):
-            if status != 200:
-                raise _status_error(self.config.name, status, content)
         try:
-            start = len(orjson.loads(head[1])["prompt_token_ids"])
-            data = orjson.loads(full[1])
+            start = len(orjson.loads(head)["prompt_token_ids"])
+            data = orjson.loads(full)
             ids = data["prompt_token_ids"]
             rows = data["prompt_logprobs"]
             out = []
             for pos in range(start, len(ids)):
-                entries = rows[pos] or {}
-                own = entries.get(str(ids[pos])) or {}
-                ranked = sorted(entries.items(), key=lambda kv: kv[1].get("rank", 1 << 30))[:top_k]
-                top = tuple(TopLogprob(str(v.get("decoded_token", "")), float(v["logprob"]), int(k)) for k, v in ranked)
-                out.append(
-                    TokenLogprob(str(own.get("decoded_token", "")), float(own.get("logprob", -9999.0)), ids[pos], top)
-                )
+                table = {
+                    int(k): Candidate(str(v.get("decoded_token") or ""), float(v["logprob"]), v.get("rank"))
+                    for k, v in (rows[pos] or {}).items()
+                }
+                scored = rank_position(int(ids[pos]), table, top_k)
+                if scored is None:
+                    raise BackendResponseError(f"{self.config.name}: prompt_logprobs omit draft token {pos - start}")
+                out.append(scored)
             return tuple(out)
         except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
             raise BackendResponseError(f"{self.config.name}: malformed prompt_logprobs: {exc!r}") from exc
@@ -297,11 +292,7 @@ class RemoteBackend:
     async def generate(self, messages: tuple[ChatMessage, ...], params: SamplingParams) -> Generation:
         name = self.config.name
         with self._names.using(self._names.model) as (model, version):
-            status, body = await self._call("POST", "/chat/completions", self._body(messages, params, False, model))
-        if status != 200:
-            raise _status_error(name, status, body)
-        if len(body) > MAX_RESPONSE_BYTES:
-            raise BackendResponseError(f"{name}: response of {len(body)} bytes exceeds the cap")
+            body = await self._call("POST", "/chat/completions", self._body(messages, params, False, model))
         try:
             data = orjson.loads(body)
             choice = data["choices"][0]
@@ -328,7 +319,7 @@ class RemoteBackend:
             data = orjson.dumps(self._body(messages, params, True, model))
             async with self._session().post(self._url("/chat/completions"), data=data, headers=JSON_HEADERS) as resp:
                 if resp.status != 200:
-                    raise _status_error(name, resp.status, await resp.content.read(64 * 1024))
+                    raise _status_error(name, resp.status, await resp.content.read(64 * 1024), resp.headers)
                 async for raw in resp.content:
                     received += len(raw)
                     line = raw.decode("utf-8").rstrip("\r\n")

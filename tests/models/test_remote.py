@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import email.utils
 import socket
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 
 from models import (
     BackendConfig,
@@ -13,10 +19,14 @@ from models import (
     BackendTimeout,
     BackendUnavailable,
     ChatMessage,
+    DraftScorer,
     SamplingParams,
+    TokenLogprob,
+    TopLogprob,
 )
-from models.remote import RemoteBackend
+from models.remote import RemoteBackend, retry_after_seconds
 from tests.fakes import UpstreamScript
+from tests.servers import serve_in_thread
 
 pytestmark = pytest.mark.anyio
 MSG = (ChatMessage("user", "Where is my refund?"),)
@@ -104,3 +114,117 @@ async def test_refused_connection_is_unavailable() -> None:
     with pytest.raises(BackendUnavailable):
         await b.start()
     await b.aclose()
+
+
+NOW = 1_700_000_000.0
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [
+        ("120", 120.0),
+        (" 7 ", 7.0),
+        ("1.5", 1.5),
+        (email.utils.formatdate(NOW + 30, usegmt=True), 30.0),
+        (email.utils.formatdate(NOW - 30, usegmt=True), 0.0),  # already past: retry now
+        (None, None),
+        ("", None),
+        ("soon", None),
+        ("-5", None),
+        ("nan", None),
+        ("inf", None),
+        ("Wed, 21 Oct 2015 25:28:00 GMT", None),
+    ],
+)
+def test_retry_after_is_seconds_or_an_http_date_and_garbage_is_ignored(
+    header: str | None, seconds: float | None
+) -> None:
+    assert retry_after_seconds(header, now=NOW) == (pytest.approx(seconds) if seconds is not None else None)
+
+
+def scoring_upstream(prompt_logprobs: list[Any], retry_after: str | None = None) -> FastAPI:
+    """A vLLM-like server whose prompt is tokens [1, 2, 3] and whose draft is [7, 8]; with
+    `retry_after` set it answers every request 429 with that Retry-After."""
+    app = FastAPI()
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": "scorer", "object": "model", "created": 0, "owned_by": "t"}]}
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat(request: Request) -> Any:
+        body = await request.json()
+        if retry_after is not None:
+            error = {"message": "slow down", "type": "rate_limit_error", "param": None, "code": None}
+            return JSONResponse({"error": error}, status_code=429, headers={"retry-after": retry_after})
+        if "prompt_logprobs" not in body:
+            return {"prompt_token_ids": [1, 2, 3]}
+        return {"prompt_token_ids": [1, 2, 3, 7, 8], "prompt_logprobs": prompt_logprobs}
+
+    return app
+
+
+def entry(token: str, logprob: float, rank: int) -> dict[str, Any]:
+    return {"logprob": logprob, "rank": rank, "decoded_token": token}
+
+
+@pytest.fixture
+def scored_rows() -> list[Any]:
+    return [
+        None,
+        {"2": entry("b", -0.1, 1)},
+        {"3": entry("c", -0.1, 1)},
+        {"7": entry("Your", -1.0, 2), "5": entry("Our", -0.5, 1), "6": entry("A", -2.0, 3)},
+        {"8": entry(" refund", -0.2, 1), "9": entry(" order", -1.7, 2)},
+    ]
+
+
+@contextlib.contextmanager
+def scoring_server(rows: list[Any], retry_after: str | None = None) -> Iterator[str]:
+    with serve_in_thread(scoring_upstream(rows, retry_after)) as url:
+        yield url + "/v1"
+
+
+async def test_score_ranks_alternatives_and_keeps_each_draft_tokens_own_logprob(scored_rows: list[Any]) -> None:
+    with scoring_server(scored_rows) as url:
+        b = remote(url)
+        assert isinstance(b, DraftScorer)
+        await b.start()
+        try:
+            scores = await b.score(MSG, "Your refund", top_k=2)
+        finally:
+            await b.aclose()
+    assert scores == (
+        TokenLogprob("Your", -1.0, 7, (TopLogprob("Our", -0.5, 5), TopLogprob("Your", -1.0, 7))),
+        TokenLogprob(" refund", -0.2, 8, (TopLogprob(" refund", -0.2, 8), TopLogprob(" order", -1.7, 9))),
+    )
+
+
+async def test_a_draft_token_without_its_own_logprob_is_an_error_not_a_made_up_score(
+    scored_rows: list[Any],
+) -> None:
+    scored_rows[4] = {"9": entry(" order", -1.7, 1)}  # the server left out draft token 8
+    with scoring_server(scored_rows) as url:
+        b = remote(url)
+        await b.start()
+        try:
+            with pytest.raises(BackendResponseError, match="omit draft token 1"):
+                await b.score(MSG, "Your refund", top_k=2)
+        finally:
+            await b.aclose()
+
+
+@pytest.mark.parametrize(("header", "seconds"), [("3", 3.0), ("whenever", None)])
+async def test_429_passes_on_the_upstreams_retry_after(header: str, seconds: float | None) -> None:
+    with scoring_server([], retry_after=header) as url:
+        b = remote(url)
+        await b.start()
+        try:
+            with pytest.raises(BackendRateLimited) as generated:
+                await b.generate(MSG, SamplingParams())
+            with pytest.raises(BackendRateLimited) as streamed:
+                _ = [d async for d in b.stream(MSG, SamplingParams())]
+        finally:
+            await b.aclose()
+        for caught in (generated.value, streamed.value):
+            assert caught.retry_after == seconds and caught.http_status == 429 and "slow down" in str(caught)
