@@ -45,7 +45,7 @@ class BackendConfig(BaseModel):
     api_key: SecretStr | None = None
     # remote: seconds to open a connection.
     connect_timeout_s: float = Field(default=5.0, gt=0)
-    # remote: seconds between bytes from the server; local: whole-generation deadline.
+    # remote: seconds between bytes from the server; local and vllm: whole-generation deadline.
     read_timeout_s: float = Field(default=60.0, gt=0)
     # remote: most simultaneous connections to the server.
     max_connections: int = Field(default=256, ge=1)

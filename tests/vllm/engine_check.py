@@ -1,16 +1,18 @@
 """Run by the vLLM venv's python (tests/vllm/test_vllm.py): the in-process AsyncLLM backend on the
-real SmolLM2, with logprobs, streaming and a runtime LoRA swap. Prints one JSON object."""
+real SmolLM2, with logprobs, streaming, a runtime LoRA swap, a request vLLM rejects, and one past
+its deadline. Prints one JSON object."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import sys
+from collections.abc import Awaitable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from models import BackendConfig, ChatMessage, SamplingParams  # noqa: E402
+from models import BackendConfig, BackendError, ChatMessage, SamplingParams  # noqa: E402
 from models.vllm_engine import VllmEngineBackend  # noqa: E402
 
 
@@ -40,6 +42,14 @@ async def main(adapter: str) -> dict[str, object]:
         backend.use_model("base", None)
         await backend.unload_adapter("student-v1-1")
         again = await backend.generate(msgs, greedy)
+        rejected = await error_of(backend.generate(msgs, SamplingParams(max_tokens=4, top_logprobs=21)))
+        serving = backend.config
+        # The same engine with a deadline no machine meets for a long story; then the usual one.
+        backend.config = serving.model_copy(update={"read_timeout_s": 0.02})
+        story = (ChatMessage("user", "Tell me a long story about a dragon and a knight."),)
+        late = await error_of(backend.generate(story, SamplingParams(max_tokens=256, temperature=0)))
+        backend.config = serving
+        after_late = await backend.generate(msgs, greedy)
     finally:
         await backend.aclose()
     return {
@@ -54,7 +64,19 @@ async def main(adapter: str) -> dict[str, object]:
         "tuned_text": tuned.text,
         "tuned_version": tuned.version,
         "after_unload_text": again.text,
+        "rejected": rejected,
+        "late": late,
+        "after_late_text": after_late.text,
     }
+
+
+async def error_of(call: Awaitable[object]) -> str:
+    """The name of the BackendError `call` raised (anything else fails the check)."""
+    try:
+        await call
+    except BackendError as exc:
+        return type(exc).__name__
+    return "no error"
 
 
 if __name__ == "__main__":  # vLLM spawns processes on CPU: the guard is required

@@ -219,3 +219,5 @@ def test_in_process_asyncllm_backend(vllm_python: Path, trained_adapter: Path, t
     assert out["stream_text"] == out["base_text"] and out["stream_finish"] in ("stop", "length")
     assert out["tuned_version"] == "v1" and out["tuned_text"] != out["base_text"]
     assert out["after_unload_text"] == out["base_text"]
+    assert out["rejected"] == "InvalidGenerationRequest"  # vLLM's own validation, translated
+    assert out["late"] == "BackendTimeout" and out["after_late_text"] == out["base_text"]
