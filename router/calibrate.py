@@ -10,11 +10,10 @@ reads records or judges answers.
 from __future__ import annotations
 
 import math
+from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
-
-import numpy as np
 
 ISOTONIC_MIN = 1000
 
@@ -33,7 +32,7 @@ class Calibrator:
             (coef,), (intercept,) = self.params
             return 1.0 / (1.0 + math.exp(-(coef * confidence + intercept)))
         xs, ys = self.params
-        return float(np.interp(confidence, xs, ys))
+        return _interp(confidence, xs, ys)
 
     def to_json(self) -> dict[str, Any]:
         return {"method": self.method, "n": self.n, "params": [list(self.params[0]), list(self.params[1])]}
@@ -47,6 +46,18 @@ class Calibrator:
 IDENTITY = Calibrator("identity", 0, ((), ()))
 
 
+def _interp(x: float, xs: Sequence[float], ys: Sequence[float]) -> float:
+    """numpy.interp for one point, in plain Python: serving a calibrator must not load numpy
+    (a remote-only gateway stays small); only fitting does."""
+    if x <= xs[0]:
+        return float(ys[0])
+    if x >= xs[-1]:
+        return float(ys[-1])
+    i = bisect_right(xs, x)
+    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+    return float(y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0))
+
+
 def fit_calibrator(
     confidences: Sequence[float],
     acceptable: Sequence[bool],
@@ -55,6 +66,7 @@ def fit_calibrator(
     isotonic_min: int = ISOTONIC_MIN,
 ) -> Calibrator:
     """Fit P(acceptable | confidence). `weights` correct for sampling (e.g. 1/audit fraction)."""
+    import numpy as np
     from sklearn.isotonic import IsotonicRegression
     from sklearn.linear_model import LogisticRegression
 
@@ -72,6 +84,8 @@ def fit_calibrator(
 
 def expected_calibration_error(probs: Sequence[float], labels: Sequence[bool], bins: int = 10) -> float:
     """ECE: the label-weighted gap between predicted and observed acceptance, over equal-width bins."""
+    import numpy as np
+
     p = np.asarray(probs, dtype=float)
     y = np.asarray(labels, dtype=float)
     if len(p) == 0:

@@ -4,7 +4,8 @@ Two models share one training set of logged outcomes: a full model over confiden
 plus prompt features (after the student drafted), and a prompt-only model usable before
 generation, so prompts it rates hard skip the student. Samples are weighted to undo the
 selection between escalations (all logged) and audits (a random slice of confident traffic).
-Immutable once fitted: a refit builds a new object that replaces the old one.
+Immutable once fitted: a refit builds a new object that replaces the old one. numpy and
+scikit-learn load on first use, so a gateway without a learned router never loads them.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-
-import numpy as np
 
 FEATURES = ("mean_logprob", "min_logprob", "p10_logprob", "p25_logprob", "n_tokens")
 _DIGIT = re.compile(r"\d")
@@ -42,10 +41,14 @@ class LearnedRouter:
     n: int
 
     def p_escalate(self, features: Mapping[str, float], prompt: str) -> float:
+        import numpy as np
+
         x = np.array([confidence_features(features) + prompt_features(prompt)])
         return float(self.full.predict_proba(x)[0, 1])
 
     def p_hard_prompt(self, prompt: str) -> float:
+        import numpy as np
+
         return float(self.prompt_only.predict_proba(np.array([prompt_features(prompt)]))[0, 1])
 
 
@@ -56,6 +59,7 @@ def fit_learned_router(
     weights: Sequence[float],
 ) -> LearnedRouter | None:
     """Fit on logged outcomes; None when there is too little or one-class data."""
+    import numpy as np
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
