@@ -121,13 +121,15 @@ def _load_model(
     path: Path, device: torch.device, dtype: torch.dtype, version: str, adapter: Path | None
 ) -> LoadedModel:
     tokenizer = AutoTokenizer.from_pretrained(path)
-    # An adapter is merged in float32 and the sum cast once: merging in bfloat16 rounds twice.
-    model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=dtype if adapter is None else torch.float32)
+    # Loaded in the serving dtype, and the adapter merged there: `.to(dtype)` afterwards would
+    # also cast the buffers transformers keeps in float32 (RoPE's inv_freq), so a version would
+    # not compute like the base model it was built on.
+    model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     if adapter is not None:
         from peft import PeftModel  # only a student that swaps versions needs peft
 
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    model = model.to(dtype=dtype, device=device)
+    model = model.to(device)
     model.eval()
     return LoadedModel(model, tokenizer, version)
 

@@ -150,6 +150,23 @@ async def test_load_version_merges_the_adapter_and_base_restores_the_outputs(
     assert (after.token_ids, after.logprobs) == (before.token_ids, before.logprobs)
 
 
+async def test_a_bfloat16_version_keeps_the_buffers_transformers_keeps_in_float32(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    b = LocalBackend(BackendConfig(kind="local", model=str(tiny_model_dir), dtype="bfloat16", device="cpu"))
+    await b.start()
+    try:
+        assert b.loaded is not None
+        base = {name: t.dtype for name, t in b.loaded.model.named_buffers()}
+        await b.load_version("v1", make_adapter(tiny_model_dir, tmp_path / "adapter", seed=3))
+        assert b.loaded.version == "v1"
+        assert {name: t.dtype for name, t in b.loaded.model.named_buffers()} == base
+        assert torch.float32 in base.values()  # RoPE's inv_freq: what a cast of the whole model would round
+        assert {p.dtype for p in b.loaded.model.parameters()} == {torch.bfloat16}
+    finally:
+        await b.aclose()
+
+
 async def test_a_version_that_cannot_be_built_is_a_backend_error_and_the_old_one_serves_on(
     backend: LocalBackend, tmp_path: Path
 ) -> None:
