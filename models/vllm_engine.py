@@ -69,7 +69,7 @@ def import_vllm() -> VllmApi:
         from vllm.lora.request import LoRARequest
         from vllm.v1.engine.exceptions import EngineDeadError
     except ImportError as exc:
-        raise BackendUnavailable("kind 'vllm' needs the vllm package in this environment") from exc
+        raise BackendUnavailable(f"kind 'vllm' needs vllm 0.32 or later in this environment ({exc})") from exc
     return VllmApi(
         build_engine=lambda args: AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**args)),
         sampling_params=VllmSampling,
