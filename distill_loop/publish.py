@@ -35,6 +35,9 @@ class LocalPublisher:
             log.info("student hot-swapped %s -> %s", serving.version, target)
             return target
 
+    async def drain(self) -> None:
+        """Nothing outlives a swap in-process: the old weights go when their last batch ends."""
+
 
 class VllmPublisher:
     """Hot-swap for a student on vLLM (a server, or the in-process engine), through runtime LoRA.

@@ -120,9 +120,8 @@ class StudentManager:
 
     async def stop(self, timeout: float) -> None:
         self._stop.set()
-        drain = getattr(self.publisher, "drain", None)
-        if drain is not None:
-            await drain()
+        if self.publisher is not None:
+            await self.publisher.drain()  # a vLLM student's pending adapter unloads
         if self.loop is not None:
             self.loop.cancel()
         if self._tasks:

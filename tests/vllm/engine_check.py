@@ -1,18 +1,28 @@
 """Run by the vLLM venv's python (tests/vllm/test_vllm.py): the in-process AsyncLLM backend on the
-real SmolLM2, with logprobs, streaming, a runtime LoRA swap, a request vLLM rejects, and one past
-its deadline. Prints one JSON object."""
+real SmolLM2, with logprobs, streaming, a hot-swap to a registry version and back through the
+same publisher a vLLM server's student uses, a request vLLM rejects, and one past its deadline.
+Prints one JSON object."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import sys
+import tempfile
 from collections.abc import Awaitable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from models import BackendConfig, BackendError, ChatMessage, SamplingParams  # noqa: E402
+from distill_loop import BASE, Registry, VersionMeta, VllmPublisher  # noqa: E402
+from models import (  # noqa: E402
+    BackendConfig,
+    BackendError,
+    ChatMessage,
+    RuntimeLoraStudent,
+    SamplingParams,
+    SwappableStudent,
+)
 from models.vllm_engine import VllmEngineBackend  # noqa: E402
 
 
@@ -30,17 +40,22 @@ async def main(adapter: str) -> dict[str, object]:
             },
         )
     )
+    # The gateway's StudentManager picks a publisher by capability: this one swaps runtime LoRA.
+    capability = isinstance(backend, RuntimeLoraStudent) and not isinstance(backend, SwappableStudent)
     await backend.start()
     msgs = (ChatMessage("user", "Hi"),)
     greedy = SamplingParams(max_tokens=12, temperature=0, top_logprobs=2)
+    registry = Registry(Path(tempfile.mkdtemp()) / "registry")
+    registry.add("v0001", Path(adapter), VersionMeta(name="v0001", parent=BASE, created_at=0.0))
     try:
         base = await backend.generate(msgs, greedy)
         streamed = [d async for d in backend.stream(msgs, greedy)]
-        await backend.load_adapter("student-v1-1", adapter)
-        backend.use_model("student-v1-1", "v1")
+        publisher = VllmPublisher(registry, backend)
+        registry.set_current("v0001", "promoted")
+        swapped = await publisher.sync()
         tuned = await backend.generate(msgs, greedy)
-        backend.use_model("base", None)
-        await backend.unload_adapter("student-v1-1")
+        registry.set_current(BASE, "rollback")
+        rolled_back = await publisher.sync()
         again = await backend.generate(msgs, greedy)
         rejected = await error_of(backend.generate(msgs, SamplingParams(max_tokens=4, top_logprobs=21)))
         serving = backend.config
@@ -61,9 +76,13 @@ async def main(adapter: str) -> dict[str, object]:
         "first_logprob": base.logprobs[0].logprob if base.logprobs else None,
         "stream_text": "".join(d.text for d in streamed),
         "stream_finish": streamed[-1].finish_reason,
+        "capability": capability,
+        "swapped": swapped,
         "tuned_text": tuned.text,
         "tuned_version": tuned.version,
-        "after_unload_text": again.text,
+        "rolled_back": rolled_back,
+        "after_rollback_text": again.text,
+        "after_rollback_version": again.version,
         "rejected": rejected,
         "late": late,
         "after_late_text": after_late.text,

@@ -217,7 +217,10 @@ def test_in_process_asyncllm_backend(vllm_python: Path, trained_adapter: Path, t
     assert out["n_logprobs"] == out["completion_tokens"] > 0 and out["top_k"] == 2
     assert out["first_logprob"] < 0
     assert out["stream_text"] == out["base_text"] and out["stream_finish"] in ("stop", "length")
-    assert out["tuned_version"] == "v1" and out["tuned_text"] != out["base_text"]
-    assert out["after_unload_text"] == out["base_text"]
+    # kind: vllm students hot-swap like remote vLLM ones: the same publisher, the same registry.
+    assert out["capability"] is True
+    assert out["swapped"] == "v0001" and out["tuned_version"] == "v0001" and out["tuned_text"] != out["base_text"]
+    assert out["rolled_back"] == "base" and out["after_rollback_version"] == "base"
+    assert out["after_rollback_text"] == out["base_text"]
     assert out["rejected"] == "InvalidGenerationRequest"  # vLLM's own validation, translated
     assert out["late"] == "BackendTimeout" and out["after_late_text"] == out["base_text"]
