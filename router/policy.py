@@ -56,8 +56,8 @@ class TargetRate:
     """Hold P(confidence < threshold) at `rate` over the last `window` routed requests."""
 
     rate: float
+    initial: float  # the threshold until `min_samples` confidences are seen (the caller's choice)
     window: int = 500
-    initial: float = 0.35
     min_samples: int = 20
     kind: Literal["target_rate"] = "target_rate"
     _recent: deque[float] = field(default_factory=deque, repr=False)
@@ -97,7 +97,7 @@ def policy_from_json(data: dict[str, Any], *, initial: float) -> Policy:
     if kind == "fixed":
         return FixedThreshold(float(data["threshold"]))
     if kind == "target_rate":
-        return TargetRate(float(data["rate"]), window=int(data.get("window", 500)), initial=initial)
+        return TargetRate(float(data["rate"]), initial, window=int(data.get("window", 500)))
     raise ValueError(f"unknown policy kind {kind!r}")
 
 

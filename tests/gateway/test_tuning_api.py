@@ -109,6 +109,13 @@ def test_target_rate_policy_holds_the_rate_on_live_traffic(tmp_path: Path) -> No
     assert abs(sum(escalated) / len(escalated) - 0.25) <= 0.05
 
 
+def test_a_target_rate_policy_without_traffic_starts_at_the_configured_threshold(tmp_path: Path) -> None:
+    with make(tmp_path) as c:
+        r = c.put("/admin/policy", json={"kind": "target_rate", "rate": 0.25}, headers=AUTH)
+        assert r.status_code == 200 and r.json()["policy"]["threshold"] == 0.3  # not a made-up constant
+        assert float(traffic(c, 1)[0]["x-tiergate-threshold"]) == 0.3
+
+
 def test_policy_requests_are_validated(client: TestClient) -> None:
     assert client.put("/admin/policy", json={"kind": "fixed"}, headers=AUTH).status_code == 400
     assert client.put("/admin/policy", json={"kind": "magic"}, headers=AUTH).status_code == 400

@@ -67,7 +67,7 @@ def test_policies_round_trip() -> None:
     with pytest.raises(ValueError):
         policy_from_json({"kind": "nope"}, initial=0.3)
     with pytest.raises(ValueError):
-        TargetRate(1.5)
+        TargetRate(1.5, initial=0.5)
 
 
 def test_whatif_point_by_hand() -> None:
