@@ -261,7 +261,14 @@ class LocalBackend:
 
     # -- owner thread ------------------------------------------------------------------------
     def _owner(self) -> None:
+        # Calls (swaps) met while a batch was filling: they run right after that batch, before
+        # any later job. Put back at the end of the inbox they would wait behind every job that
+        # arrived meanwhile, and under steady load a hot-swap never ran (starved for 60 s+).
+        deferred: list[_Call] = []
         while True:
+            for call in deferred:
+                self._run_call(call)
+            deferred.clear()
             item = self._inbox.get()
             if item is None:
                 break
@@ -281,7 +288,7 @@ class LocalBackend:
                     stop = True
                     break
                 if isinstance(nxt, _Call):
-                    self._inbox.put(nxt)  # runs after this batch
+                    deferred.append(nxt)  # runs after this batch
                     break
                 jobs.append(nxt)
             live = [j for j in jobs if not j.cancelled.is_set()]
@@ -289,7 +296,7 @@ class LocalBackend:
                 self._run_batch(live)
             if stop:
                 break
-        for pending in self._drain_inbox():
+        for pending in [*deferred, *self._drain_inbox()]:
             if isinstance(pending, _Job):
                 pending.emit(BackendUnavailable(f"{self.config.name} is shutting down"))
             else:

@@ -215,3 +215,33 @@ async def test_a_failed_batch_fails_every_row_and_the_owner_thread_serves_on(
         assert results[0] is fault and not isinstance(results[0], BackendError)
     await backend.swap(good)
     assert (await backend.generate(MSG, params)).usage.completion_tokens > 0
+
+
+async def test_a_swap_runs_after_the_batch_it_met_even_under_steady_load(tiny_model_dir: Path) -> None:
+    """A call met while a batch was filling runs right after that batch. It used to be put back
+    at the end of the inbox, behind the jobs that came in meanwhile: with callers arriving all
+    the time (rows finish at different steps), a hot-swap waited until the load stopped."""
+    backend = LocalBackend(BackendConfig(kind="local", model=str(tiny_model_dir), dtype="float32", device="cpu"))
+    await backend.start()
+    stop = asyncio.Event()
+
+    async def client(i: int) -> None:
+        params = SamplingParams(max_tokens=2 + i % 7, temperature=0)  # rows leave the batch at different steps
+        for _ in range(150):  # bounded: with the old queueing a call waited out all of this
+            if stop.is_set():
+                return
+            await backend.generate((ChatMessage("user", f"steady load {i}"),), params)
+
+    clients = [asyncio.create_task(client(i)) for i in range(12)]
+    waits = []
+    try:
+        await asyncio.sleep(0.2)
+        for _ in range(5):
+            before = backend.batches_run
+            await backend.call_on_owner(lambda: None)
+            waits.append(backend.batches_run - before)
+        stop.set()
+        await asyncio.gather(*clients)
+    finally:
+        await backend.aclose()
+    assert max(waits) <= 2, f"calls waited {waits} batches"
