@@ -53,3 +53,16 @@ def test_every_module_opens_with_a_docstring() -> None:
         if p.stat().st_size and ast.get_docstring(ast.parse(p.read_text())) is None
     ]
     assert not missing, missing
+
+
+def test_the_trainer_entry_point_never_imports_the_gateway() -> None:
+    """`python -m distill_loop` reads the shared settings below the gateway (STYLE.md)."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, distill_loop.__main__ as m; m._settings(None); "
+        "print(sorted(n for n in sys.modules if n == 'gateway' or n.startswith('gateway.')))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout

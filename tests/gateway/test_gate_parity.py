@@ -88,4 +88,3 @@ async def test_in_gateway_loop_and_standalone_trainer_reach_the_same_gate_decisi
     assert done.returncode == 0, done.stderr[-3000:]
     assert "promoted: passed v0001" in done.stdout, done.stdout[-3000:]
     assert Registry(settings.distill.registry_dir).meta("v0001").gate == gateway_gate
-    assert "gateway" not in done.stdout  # nothing of the gateway's was needed to get here
