@@ -62,4 +62,5 @@ test-fast: install
 
 bench: install
 	$(BIN)/python -m bench.gateway_overhead
+	$(BIN)/python -m bench.footprint
 	$(BIN)/python -m bench.local_throughput
