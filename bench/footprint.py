@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import shutil
 import statistics
 import tempfile
@@ -35,6 +34,7 @@ from bench.gateway_overhead import (
     console,
     cpu_seconds,
     git_state,
+    machine,
     rss_mib,
     start,
     stop,
@@ -232,11 +232,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "benchmark": "footprint",
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "processor": platform.processor() or platform.machine(),
-            "python": platform.python_version(),
-        },
+        "machine": machine(),
         "git": git_state(),
         "method": {
             "gateway": "python -m gateway --student-url U --teacher-url U; defaults otherwise (distill loop on, "

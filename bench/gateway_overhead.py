@@ -104,6 +104,15 @@ def git_state() -> dict[str, Any]:
     }
 
 
+def machine() -> dict[str, Any]:
+    """What a result file says of the machine it was measured on."""
+    return {
+        "cpus": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+    }
+
+
 def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -626,11 +635,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "benchmark": "gateway_overhead",
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "processor": platform.processor() or platform.machine(),
-            "python": platform.python_version(),
-        },
+        "machine": machine(),
         "git": git_state(),
         "method": {
             "load": "closed loop, aiohttp, one session per cell, keep-alive",

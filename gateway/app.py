@@ -16,14 +16,14 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from distill_loop import SignalStore
+from distill_loop import RuntimeConfig, SignalStore
 from gateway.errors import install_handlers
 from gateway.gc_tuning import release_gc, tune_gc
 from gateway.metrics import Metrics
 from gateway.routes import install_chat_routes
 from gateway.routes import router as http_routes
 from gateway.service import TieredService
-from gateway.settings import RuntimeConfig, Settings
+from gateway.settings import Settings
 from gateway.student import StudentManager
 from gateway.tuning import Tuning
 from models import Backend, BackendError, build_backend

@@ -14,30 +14,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
-from distill_loop import (
-    DEFAULT_STUDENT,
-    DEFAULT_TEACHER,
-    DEFAULT_TEACHER_PROMPT,
-    RuntimeConfig,
-    SharedSettings,
-    TuningConfig,
-    load_settings_as,
-)
+from distill_loop import SharedSettings, load_settings_as
 from models import BUNDLED, BackendConfig
-
-__all__ = [
-    "DEFAULT_STUDENT",
-    "DEFAULT_TEACHER",
-    "DEFAULT_TEACHER_PROMPT",
-    "PricingConfig",
-    "RuntimeConfig",
-    "ServerConfig",
-    "Settings",
-    "TierPrice",
-    "TuningConfig",
-    "cli_overrides",
-    "load_settings",
-]
 
 
 class ServerConfig(BaseModel):

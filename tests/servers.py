@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -55,3 +57,22 @@ def serve_in_thread(app: Any, *, ready_path: str | None = None, timeout: float =
         server.should_exit = True
         thread.join(timeout=60)
         sock.close()
+
+
+def wait_healthy(proc: subprocess.Popen[bytes], url: str, log: Path, timeout: float = 400, poll_s: float = 0.5) -> None:
+    """Wait for a server subprocess's `url` to answer 200; fail with the end of its log if it
+    exits first or does not answer within `timeout` seconds."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url} exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url} not healthy after {timeout}s:\n{log.read_text()[-3000:]}")
+        time.sleep(poll_s)

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from distill_loop import DistillConfig, Sample, SignalConfig, SignalStore
+from distill_loop import DEFAULT_STUDENT, DEFAULT_TEACHER, DistillConfig, Sample, SignalConfig, SignalStore
 from distill_loop.loop import DistillLoop
-from gateway.settings import DEFAULT_STUDENT, DEFAULT_TEACHER
 from models import ChatMessage, SamplingParams
 from models.local import LocalBackend
 

@@ -14,12 +14,12 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
+
+from tests.servers import wait_healthy
 
 ROOT = Path(__file__).resolve().parents[2]
 # What a remote-only gateway with default tuning must not load. numpy alone was 13.7 MiB of RSS.
@@ -89,18 +89,7 @@ def upstream_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"bench.upstream exited {proc.returncode}: {log.read_text()}")
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"bench.upstream did not answer /health within 20 s: {log.read_text()}")
-            time.sleep(0.05)
+        wait_healthy(proc, base + "/health", log, timeout=20, poll_s=0.05)
         yield base + "/v1"
     finally:
         proc.terminate()

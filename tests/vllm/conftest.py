@@ -12,15 +12,14 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
 from models import resolve_model_dir
+from tests.servers import wait_healthy
 
 ROOT = Path(__file__).resolve().parents[2]
 VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
@@ -86,21 +85,6 @@ def start_vllm(
     return proc, f"http://127.0.0.1:{port}"
 
 
-def wait_healthy(proc: subprocess.Popen[bytes], url: str, log: Path, timeout: float = 400) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"vLLM server exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"vLLM server not healthy after {timeout}s:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
-
-
 @pytest.fixture(scope="session")
 def vllm_servers(
     vllm_python: Path, tmp_path_factory: pytest.TempPathFactory
@@ -119,8 +103,8 @@ def vllm_servers(
     )  # fmt: skip
     procs = [student[0], teacher[0]]
     try:
-        wait_healthy(student[0], student[1], logs / "student.log")
-        wait_healthy(teacher[0], teacher[1], logs / "teacher.log")
+        wait_healthy(student[0], student[1] + "/health", logs / "student.log")
+        wait_healthy(teacher[0], teacher[1] + "/health", logs / "teacher.log")
         yield (
             VllmServer(student[1] + "/v1", "smollm2", logs / "student.log"),
             VllmServer(teacher[1] + "/v1", "gemma", logs / "teacher.log"),

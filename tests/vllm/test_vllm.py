@@ -14,12 +14,11 @@ import httpx
 import openai
 import pytest
 
-from distill_loop import DistillConfig, Registry, VersionMeta, read_samples
+from distill_loop import DEFAULT_STUDENT, DEFAULT_TEACHER, DistillConfig, Registry, VersionMeta, read_samples
 from distill_loop.buffer import Example
 from distill_loop.loss import LossWeights
 from distill_loop.trainer import StudentTrainer
 from gateway import Settings, create_app
-from gateway.settings import DEFAULT_STUDENT, DEFAULT_TEACHER
 from models import ChatMessage, resolve_model_dir
 from tests.servers import serve_in_thread
 from tests.vllm.conftest import MAX_LORA_RANK, VllmServer
