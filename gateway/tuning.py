@@ -20,7 +20,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from distill_loop import BASE, METRICS, Registry, Sample, read_samples
+from distill_loop import BASE, METRICS, Registry, RoutingState, Sample, read_samples
 from gateway.settings import Settings
 from router import (
     DEFAULT_TENANT,
@@ -183,19 +183,18 @@ class Tuning:
             self._registry = Registry(cfg.registry_dir, keep=cfg.keep_versions)
         return self._registry
 
-    def routing_floors(self) -> dict[str, float]:
-        """Every kept version's routing floor (blocking)."""
+    def routing_states(self) -> dict[str, RoutingState]:
+        """Every kept version's routing state, base included (blocking)."""
         registry = self.registry
-        states = {name: registry.routing_state(name) for name in (BASE, *registry.versions())}
-        return {name: st.floor for name, st in states.items() if st.floor is not None}
+        return {name: registry.routing_state(name) for name in (BASE, *registry.versions())}
 
     async def on_serving(self, version: str, swapped: bool) -> None:
         """Route `version` by its routing state: every version's floor, and its calibrator.
         After a swap (not at start-up), reset target-rate policies and refit."""
-        self.policies.floors = await asyncio.to_thread(self.routing_floors)
+        states = await asyncio.to_thread(self.routing_states)  # one read of each version's state
+        self.policies.floors = {name: st.floor for name, st in states.items() if st.floor is not None}
         if self.settings.tuning.calibrate:
-            state = await asyncio.to_thread(self.registry.routing_state, version)
-            self.router.calibrator = state.calibrator
+            self.router.calibrator = states.get(version, RoutingState()).calibrator
         if swapped:
             self.policies.reset()
             await asyncio.to_thread(self.refit, version)
