@@ -1,7 +1,7 @@
 """The online-distillation record: one prompt, the student's draft, the teacher's answer.
 
-The gateway builds a `Sample` for every escalation and audited request; this package stores
-and (later) trains on it. Plain frozen values, with JSON (de)serialisation; no I/O here.
+The gateway builds a `Sample` for every escalation, audited request and active label; this
+package stores and (later) trains on it. Plain frozen values, with JSON (de)serialisation; no I/O here.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from models import ChatMessage, Generation, TokenLogprob, TopLogprob, Usage
 
-Kind = Literal["escalation", "audit"]
+Kind = Literal["escalation", "audit", "label"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,7 +22,7 @@ class Sample:
     created_at: float  # unix seconds
     tenant: str  # API-key id (a hash prefix), never the key itself
     kind: Kind
-    reason: str  # why the teacher was asked: low_confidence, student_error, audit, ...
+    reason: str  # why the teacher was asked: low_confidence, student_error, audit, margin, uncovered, ...
     messages: tuple[ChatMessage, ...]
     student: Generation | None  # None when the student failed before drafting
     confidence: float | None
@@ -37,6 +37,7 @@ class Sample:
     draft_scores: tuple[TokenLogprob, ...] = ()
     # How many requests this record stands for, as sampled: 1 for an escalation (all are
     # logged), 1/audit_fraction for an audit, with the fraction in force when it was sampled.
+    # A label is 1.0 but stands for no share of traffic: it was chosen, not drawn.
     # None: unknown (records written before the store kept it); readers assume their own fraction.
     sampling_weight: float | None = None
 

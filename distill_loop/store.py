@@ -70,6 +70,34 @@ MIGRATIONS: tuple[str, ...] = (
     # v4: how many requests the record stands for as sampled (1/audit fraction for audits);
     # NULL on older rows, whose audit fraction was not kept.
     "ALTER TABLE signal ADD COLUMN sampling_weight REAL",
+    # v5: active labels (kind 'label'). SQLite cannot alter a CHECK, so the table is rebuilt
+    # with the same columns in the same order, and its index recreated.
+    """
+    CREATE TABLE signal_v5 (
+        id              TEXT PRIMARY KEY,
+        created_at      REAL NOT NULL,
+        tenant          TEXT NOT NULL,
+        kind            TEXT NOT NULL CHECK (kind IN ('escalation', 'audit', 'label')),
+        reason          TEXT NOT NULL,
+        messages        TEXT NOT NULL,
+        student         TEXT,
+        confidence      REAL,
+        features        TEXT NOT NULL,
+        teacher         TEXT NOT NULL,
+        threshold       REAL NOT NULL,
+        metadata        TEXT NOT NULL,
+        critique        TEXT,
+        draft_scores    TEXT,
+        sampling_weight REAL
+    );
+    INSERT INTO signal_v5 (id, created_at, tenant, kind, reason, messages, student, confidence, features,
+                           teacher, threshold, metadata, critique, draft_scores, sampling_weight)
+        SELECT id, created_at, tenant, kind, reason, messages, student, confidence, features,
+               teacher, threshold, metadata, critique, draft_scores, sampling_weight FROM signal;
+    DROP TABLE signal;
+    ALTER TABLE signal_v5 RENAME TO signal;
+    CREATE INDEX signal_created_at ON signal (created_at);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

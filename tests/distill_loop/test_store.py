@@ -183,7 +183,7 @@ def test_v3_database_migrates_and_its_rows_read_back_with_an_unknown_sampling_we
     store = open_store(tmp_path)
     store.submit(sample(8, kind="audit", sampling_weight=5.0))
     store.close()
-    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     got = {s.id: s for s in read_samples(path)}
     # The fraction the old audit was drawn with was never stored: unknown, not guessed.
     assert got["r7"] == dataclasses.replace(old, sampling_weight=None)
@@ -199,3 +199,39 @@ def test_spill_lines_from_before_the_weight_column_still_replay(tmp_path: Path) 
     open_store(tmp_path).close()
     (got,) = list(read_samples(tmp_path / "db" / "signal.db"))
     assert got == sample(1) and got.sampling_weight is None
+
+
+def test_v4_database_migrates_keeps_its_rows_and_then_takes_labels(tmp_path: Path) -> None:
+    """v5 rebuilds the table (SQLite cannot alter a CHECK): rows, columns, index all survive."""
+    from distill_loop.store import MIGRATIONS, _row
+
+    path = tmp_path / "db" / "signal.db"
+    path.parent.mkdir()
+    conn = sqlite3.connect(path)
+    conn.executescript(";\n".join(MIGRATIONS[:4]) + ";\nPRAGMA user_version=4;")
+    old = [sample(1, sampling_weight=1.0), sample(2, kind="audit", sampling_weight=20.0)]
+    conn.executemany(f"INSERT INTO signal VALUES ({', '.join('?' * 15)})", [_row(s) for s in old])
+    with pytest.raises(sqlite3.IntegrityError):  # what v5 is for
+        conn.execute(f"INSERT INTO signal VALUES ({', '.join('?' * 15)})", _row(sample(3, kind="label")))
+    conn.commit()
+    conn.close()
+    store = open_store(tmp_path)
+    label = dataclasses.replace(sample(3, kind="label", sampling_weight=1.0), reason="margin")
+    assert store.submit(label)
+    store.close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+    indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='index' AND tbl_name='signal'")}
+    assert indexes == {"sqlite_autoindex_signal_1", "signal_created_at"}
+    with pytest.raises(sqlite3.IntegrityError):
+        conn.execute(f"INSERT INTO signal VALUES ({', '.join('?' * 15)})", _row(sample(4, kind="other")))
+    assert list(read_samples(path)) == [*old, label]
+    assert [s.id for s in read_samples(path, kind="label")] == ["r3"]
+
+
+def test_a_label_record_round_trips(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    label = dataclasses.replace(sample(5, kind="label", sampling_weight=1.0), id="r5-label", reason="uncovered")
+    assert store.submit(label)
+    store.close()
+    assert list(read_samples(store.config.path)) == [label]
