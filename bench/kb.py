@@ -1,12 +1,18 @@
-"""The Kestrel Cycles knowledge base: load it, score answers by key facts, build the teacher prompt
-and the request stream, and probe how well each tier answers it.
+"""A support knowledge base: load it, score answers by key facts, build the teacher prompt and the
+request stream, and probe how well each tier answers it.
 
-The stream is built deterministically (seeded) from `bench/data/kb.jsonl`; nothing here starts a
+Two fictional companies ship with the benchmark: Kestrel Cycles, an e-bike maker
+(`bench/data/kb.jsonl`, the default), and Harborline Credit Union, a bank
+(`bench/data/kb_bank.jsonl`). Each row names its company, which the teacher's prompt addresses.
+The stream is built deterministically (seeded) from the knowledge base; nothing here starts a
 gateway. `probe` loads the real models in-process (`models.LocalBackend`) and never trains.
 
-    python -m bench.kb stream [--length 480] [--intents 10] [--out bench/data/stream.jsonl]
-    python -m bench.kb prompt [--style faq|transcript|qa] [--intents ID ...]   # a teacher prompt
-    python -m bench.kb probe [--stream FILE] [--splits train heldout]   # key-fact recall per tier
+    python -m bench.kb [--kb FILE] stream [--length 480] [--intents 14] [--out FILE]
+    python -m bench.kb [--kb FILE] prompt [--style faq|transcript|qa] [--intents ID ...]
+    python -m bench.kb [--kb FILE] probe [--stream FILE] [--splits train heldout] [--out FILE]
+
+`--kb bench/data/kb_bank.jsonl stream` writes `bench/data/stream_bank.jsonl`: a knowledge base
+`kb<tag>.jsonl` pairs with `stream<tag>.jsonl` and, for `probe`, `results/kb_probe<tag>[_stream].json`.
 """
 
 from __future__ import annotations
@@ -31,14 +37,15 @@ RESULTS = Path(__file__).parent / "results"
 Split = Literal["train", "heldout"]
 PromptStyle = Literal["faq", "transcript", "qa"]
 
+# Templates of the teacher prompt's framing; `{company}` is the knowledge base's (see `company_of`).
 # The transcript style scored best in the probe (bench/README.md, "Online distillation on a stream").
 TRANSCRIPT_HEADER = (
-    "Transcripts of Kestrel Cycles customer support chats. "
+    "Transcripts of {company} customer support chats. "
     "The agent answers every question with the facts from the answers below."
 )
-QA_HEADER = "Kestrel Cycles customer support. Knowledge base:"
+QA_HEADER = "{company} customer support. Knowledge base:"
 QA_FOOTER = (
-    "The following is a conversation between a customer and a Kestrel Cycles support agent. "
+    "The following is a conversation between a customer and a {company} support agent. "
     "The agent answers in one sentence, copying the facts from the matching knowledge-base line."
 )
 
@@ -46,6 +53,7 @@ QA_FOOTER = (
 @dataclass(frozen=True, slots=True)
 class Intent:
     id: str
+    company: str  # whose support this is; the same on every row of a knowledge base
     question: str  # canonical question (what the teacher's prompt shows)
     answer: str  # one sentence holding every key fact
     key_facts: tuple[str, ...]  # strings a correct answer must contain
@@ -56,6 +64,7 @@ class Intent:
     def from_json(cls, row: dict[str, Any]) -> Intent:
         return cls(
             id=row["id"],
+            company=row["company"],
             question=row["question"],
             answer=row["answer"],
             key_facts=tuple(row["key_facts"]),
@@ -96,7 +105,33 @@ class StreamItem:
 
 
 def load_kb(path: Path = DEFAULT_KB) -> list[Intent]:
-    return [Intent.from_json(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+    kb = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            kb.append(Intent.from_json(json.loads(line)))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{path}:{n}: not a knowledge-base entry: {exc!r}") from exc
+    company_of(kb)  # one company per file
+    return kb
+
+
+def company_of(kb: Sequence[Intent]) -> str:
+    """The one company whose knowledge `kb` holds."""
+    companies = {k.company for k in kb}
+    if not companies:
+        raise ValueError("an empty knowledge base")
+    if len(companies) != 1:
+        raise ValueError(f"a knowledge base belongs to one company, not {sorted(companies)}")
+    return companies.pop()
+
+
+def paired_name(kb_path: Path, kind: str) -> str:
+    """`kind` tagged like the knowledge base's file name: ("kb.jsonl", "stream") -> "stream",
+    ("kb_bank.jsonl", "stream") -> "stream_bank", ("faq.jsonl", "stream") -> "stream_faq"."""
+    stem = kb_path.stem
+    return kind + (stem[2:] if stem == "kb" or stem.startswith("kb_") else f"_{stem}")
 
 
 def _norm(text: str) -> str:
@@ -126,13 +161,15 @@ def teacher_prompt(kb: Sequence[Intent], style: PromptStyle = "transcript") -> s
     intent plus a one-shot exchange. The gateway's transcript format appends the live
     conversation after it, so the base model's next "Agent:" turn copies from the matching one.
     """
+    company = company_of(kb)
     if style in ("faq", "transcript"):
         asked = (lambda k: k.train) if style == "faq" else (lambda k: (k.question,))
         turns = [f"Customer: {q}\nAgent: {k.answer}" for k in kb for q in asked(k)]
-        return TRANSCRIPT_HEADER + "\n\n" + "\n\n".join(turns)
+        return TRANSCRIPT_HEADER.format(company=company) + "\n\n" + "\n\n".join(turns)
     lines = "\n".join(f"Q: {k.question} A: {k.answer}" for k in kb)
     shot = kb[min(4, len(kb) - 1)]
-    return f"{QA_HEADER}\n{lines}\n\n{QA_FOOTER}\n\nCustomer: {shot.train[3]}\nAgent: {shot.answer}"
+    header, footer = QA_HEADER.format(company=company), QA_FOOTER.format(company=company)
+    return f"{header}\n{lines}\n\n{footer}\n\nCustomer: {shot.train[3]}\nAgent: {shot.answer}"
 
 
 def build_stream(
@@ -286,10 +323,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--kb", type=Path, default=DEFAULT_KB)
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("stream", help="write a request stream built from the knowledge base")
-    s.add_argument("--out", type=Path, default=DEFAULT_STREAM)
+    s.add_argument("--out", type=Path, default=None, help="default: bench/data/stream<tag>.jsonl for kb<tag>.jsonl")
     s.add_argument("--length", type=int, default=480)
     s.add_argument("--heldout-every", type=int, default=4, help="every N-th request is held out (default 4)")
-    s.add_argument("--intents", type=int, default=10, help="a seeded subset of this many intents (0: all)")
+    s.add_argument("--intents", type=int, default=14, help="a seeded subset of this many intents (0: all)")
     s.add_argument("--seed", type=int, default=0)
     pr = sub.add_parser("prompt", help="print the teacher's system prompt")
     pr.add_argument("--style", choices=get_args(PromptStyle), default="faq")
@@ -306,12 +343,13 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="only the intents this stream asks about (what the stream benchmark's teacher knows)",
     )
-    pb.add_argument("--out", type=Path, default=None, help="default results/kb_probe[_stream].json")
+    pb.add_argument("--out", type=Path, default=None, help="default results/kb_probe<tag>[_stream].json")
     args = p.parse_args(argv)
     kb = load_kb(args.kb)
     if args.cmd == "stream":
         intents = args.intents or None
         items = build_stream(kb, length=args.length, heldout_every=args.heldout_every, intents=intents, seed=args.seed)
+        args.out = args.out or args.kb.with_name(paired_name(args.kb, "stream") + ".jsonl")
         write_stream(args.out, items)
         n_held = sum(i.split == "heldout" for i in items)
         print(f"wrote {len(items)} requests ({n_held} held-out) to {args.out}")  # noqa: T201
@@ -323,7 +361,9 @@ def main(argv: list[str] | None = None) -> None:
             kb = asked_intents(kb, read_stream(args.stream))
         result = asyncio.run(probe(kb, args.setups, args.max_tokens, args.limit, args.splits))
         result["intents"] = [k.id for k in kb]
-        args.out = args.out or RESULTS / ("kb_probe_stream.json" if args.stream else "kb_probe.json")
+        args.out = args.out or RESULTS / (
+            paired_name(args.kb, "kb_probe") + ("_stream" if args.stream else "") + ".json"
+        )
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.out}")  # noqa: T201
