@@ -39,6 +39,8 @@ class Example:
     # Teacher token ids and top-k logprobs over `target`, when the teacher logged them.
     teacher_ids: tuple[int, ...] = ()
     teacher_logprobs: tuple[TokenLogprob, ...] = ()
+    # The record's kind (escalation, audit, label) or "anchor": the gate reports its items by source.
+    source: str = "anchor"
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +82,7 @@ def examples_for(sample: Sample, config: DistillConfig) -> list[Example]:
             reference=teacher.text,
             teacher_ids=ids if len(ids) == len(teacher.logprobs) else (),
             teacher_logprobs=teacher.logprobs,
+            source=sample.kind,
         )
     ]
     draft = sample.student
@@ -102,6 +105,7 @@ def examples_for(sample: Sample, config: DistillConfig) -> list[Example]:
                 ),
                 target=f"{critique}{teacher.text}",
                 reference=teacher.text,
+                source=sample.kind,
             )
         )
     return out

@@ -40,11 +40,11 @@ class LoraSettings(BaseModel):
     alpha: int = Field(default=32, ge=1)
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     # AdamW learning rate, passes over the run's data, and examples per optimiser step.
-    lr: float = Field(default=2e-4, gt=0)
-    epochs: int = Field(default=2, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    epochs: int = Field(default=4, ge=1)
     batch_size: int = Field(default=8, ge=1)
     # Cap on optimiser steps per run (keeps a CPU run bounded).
-    max_steps: int = Field(default=200, ge=1)
+    max_steps: int = Field(default=48, ge=1)
     seed: int = 0
 
 
@@ -97,11 +97,11 @@ class GateSettings(BaseModel):
     # Fewest held-out items a decision may rest on; with fewer the run is skipped before
     # training. A sign test on fewer than 4 items cannot reach p <= 0.1, so a run on them
     # could only be refused.
-    min_heldout: int = Field(default=4, ge=1)
+    min_heldout: int = Field(default=20, ge=1)
     # Tokens generated per item when measuring agreement.
     max_new_tokens: int = Field(default=48, ge=1)
     # Most held-out items evaluated per run (keeps CPU gates bounded).
-    max_items: int = Field(default=64, ge=1)
+    max_items: int = Field(default=32, ge=1)
 
 
 class DistillConfig(BaseModel):
@@ -118,13 +118,24 @@ class DistillConfig(BaseModel):
     # How often the loop checks its triggers and the rollback rule (seconds).
     poll_s: float = Field(default=5.0, gt=0)
     # Share of records (by id hash) kept out of training for the gate.
-    holdout_fraction: float = Field(default=0.2, gt=0, lt=1)
+    holdout_fraction: float = Field(default=0.3, gt=0, lt=1)
     # Older records replayed per run (a reservoir sample), against forgetting.
     replay_size: int = Field(default=64, ge=0)
     # JSONL of {"messages": [...], "answer": "..."} guarding general behaviour; None = the shipped set.
     anchor_path: Path | None = None
     # Versions kept on disk (the current and previous are always kept).
     keep_versions: int = Field(default=5, ge=2)
+    # Served quality each version is held to: the share of served answers that agree with the
+    # teacher (the gate's metric and `agree_at`; an escalated request counts as agreeing). A
+    # version's routing floor is the lowest threshold at which the lower confidence bound of
+    # that share, on held-out and audit items, meets it. 0 turns the floor off.
+    quality_target: float = Field(default=0.95, ge=0, le=1)
+    # One-sided confidence of that lower bound (Wilson).
+    quality_confidence: float = Field(default=0.8, gt=0, lt=1)
+    # Teacher answers per hour asked for in the background for served prompts the routing
+    # decision was closest on (margin sampling) and for prompt clusters no record covers yet.
+    # 0 turns active labels off.
+    label_budget_per_hour: float = Field(default=120.0, ge=0)
     # Auto-rollback when the new version's live audit agreement is this much below the previous one's...
     rollback_margin: float = Field(default=0.1, ge=0, le=1)
     # ...measured over at least this many audit samples of each.

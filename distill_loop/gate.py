@@ -8,8 +8,14 @@ would be served agrees with the teacher no worse than under the serving student,
 `max_served_quality_drop`, and no more of them escalate (the candidate's threshold is re-fitted
 first, `router.fit_threshold`; one raised above the configured threshold must escalate fewer); and, on
 the anchor set, its agreement drops by no more than `anchor_max_agreement_drop` and its NLL
-rises by no more than `anchor_max_nll_rise`. Pure decision over measured numbers; measuring
-is the trainer's, and routing replay router/'s.
+rises by no more than `anchor_max_nll_rise`.
+
+With a quality target (`distill.quality_target`), quality is held against the teacher, not
+against the parent: both students are routed at their own quality-target floor on the same
+held-out items (`router.quality_floor`: the lowest threshold whose served-agreement lower
+bound meets the target), so both serve at the target by construction, and the candidate must
+escalate no more than the serving student does there. Pure decision over measured numbers;
+measuring is the trainer's, and routing replay router/'s.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from distill_loop.config import GateSettings
-from router import Routed
+from router import Floor, Routed
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +74,12 @@ class GateReport:
     # The candidate's routing floor: the lowest threshold at which its routed quality held.
     routing_threshold: float | None = None
     paired: Paired | None = None  # None when per-item scores were not measured
+    # How many held-out items came from each source: escalation, audit, label.
+    heldout_sources: dict[str, int] | None = None
+    # With a quality target: each student's floor on the held-out items, and the target.
+    floor_serving: Floor | None = None
+    floor_candidate: Floor | None = None
+    quality_target: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -83,14 +95,24 @@ def decide(
     routing_threshold: float | None = None,
     configured_threshold: float | None = None,
     paired: Paired | None = None,
+    *,
+    sources: dict[str, int] | None = None,
+    floors: tuple[Floor, Floor] | None = None,
+    quality_target: float | None = None,
 ) -> GateReport:
     """`routed`: serving and candidate replayed through the router, the candidate at
-    `routing_threshold` (see `fit_threshold`), which may be above `configured_threshold`."""
+    `routing_threshold` (see `fit_threshold`), which may be above `configured_threshold`.
+    `floors`: with a quality target, both students' floors on these items; `routed` is then
+    each student at max(configured threshold, its floor)."""
     (hs, hc), (as_, ac) = heldout, anchor
     rs, rc = routed or (None, None)
+    fs, fc = floors or (None, None)
 
     def report(passed: bool, reason: str) -> GateReport:
-        return GateReport(passed, reason, hs, hc, as_, ac, n_heldout, n_anchor, rs, rc, routing_threshold, paired)
+        return GateReport(
+            passed, reason, hs, hc, as_, ac, n_heldout, n_anchor, rs, rc, routing_threshold, paired,
+            sources, fs, fc, quality_target,
+        )  # fmt: skip
 
     if n_heldout == 0 or math.isnan(hc.nll):
         return report(False, "no_heldout_data")
@@ -102,7 +124,11 @@ def decide(
         return report(False, "heldout_agreement_fell")
     if paired is not None and paired.p_value > cfg.max_p_value:
         return report(False, "improvement_not_significant")
-    if rs is not None and rc is not None:
+    if rs is not None and rc is not None and fc is not None:
+        # Both meet the target at their floors; the candidate must not cost more to get there.
+        if rc.escalation_rate > rs.escalation_rate:
+            return report(False, "escalation_would_rise")
+    elif rs is not None and rc is not None:
         if rc.served_quality < rs.served_quality - cfg.max_served_quality_drop:
             return report(False, "served_quality_fell")
         if rc.escalation_rate > rs.escalation_rate:  # same quality, but only at a higher cost

@@ -30,7 +30,7 @@ from distill_loop.config import DistillConfig
 from distill_loop.gate import GateReport, Measured, decide, sign_test
 from distill_loop.loss import LossWeights, dynamic_weights
 from distill_loop.metrics import METRICS
-from distill_loop.registry import Registry, VersionMeta
+from distill_loop.registry import Registry, RoutingState, VersionMeta
 from distill_loop.settings import training_student
 from distill_loop.store import pending_since, read_samples, set_critique
 from models import (
@@ -41,7 +41,22 @@ from models import (
     SamplingParams,
     resolve_model_dir,
 )
-from router import JudgeSource, Routed, effective_threshold, fit_threshold, route_at
+from router import (
+    IDENTITY,
+    Calibrator,
+    Floor,
+    JudgeSource,
+    Observation,
+    Routed,
+    effective_threshold,
+    fit_calibrator,
+    fit_threshold,
+    point,
+    quality_floor,
+    route_at,
+    threshold_for_quality,
+    z_for,
+)
 
 if TYPE_CHECKING:
     from distill_loop.settings import SharedSettings
@@ -71,6 +86,18 @@ def _gate_line(gate: GateReport) -> str:
             f"escalation {rs.escalation_rate:.2f} -> {rc.escalation_rate:.2f} (n={rs.n})"
         )
     return "; ".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """The gate's routing replay: both students routed, the candidate's threshold, and (with a
+    quality target) both floors and the routing state the candidate is promoted with."""
+
+    routed: tuple[Routed, Routed] | None = None
+    threshold: float | None = None
+    configured: float | None = None
+    floors: tuple[Floor, Floor] | None = None
+    state: RoutingState | None = None
 
 
 class RunCancelled(Exception):
@@ -173,6 +200,7 @@ class DistillLoop:
         while not stop.is_set():
             try:
                 self._emit("pending", {"records": self.pending()})
+                await asyncio.to_thread(self.check_quality)
                 await asyncio.to_thread(self.check_rollback)
                 if self.due():
                     await self.arun_once()
@@ -237,7 +265,11 @@ class DistillLoop:
         h_cand = trainer.evaluate("candidate", data.heldout)
         a_serving = trainer.evaluate("serving", data.anchor)
         a_cand = trainer.evaluate("candidate", data.anchor)
-        routed, fitted, configured = self._replay_routing(serving, h_serving, h_cand)
+        replay = self._replay_routing(serving, h_serving, h_cand)
+        routed, fitted, configured = replay.routed, replay.threshold, replay.configured
+        sources: dict[str, int] = {}
+        for e in data.heldout:
+            sources[e.source] = sources.get(e.source, 0) + 1
         gate = decide(
             self.config.gate,
             (Measured(h_serving.nll, h_serving.agreement), Measured(h_cand.nll, h_cand.agreement)),
@@ -248,6 +280,9 @@ class DistillLoop:
             fitted,
             configured,
             sign_test(h_serving.scores, h_cand.scores) if h_cand.scores else None,
+            sources=sources,
+            floors=replay.floors,
+            quality_target=self.config.quality_target or None,
         )
         train_info = {
             "steps": report.steps,
@@ -285,27 +320,52 @@ class DistillLoop:
                     base_model=self.student.model,
                 ),
             )
+        if replay.state is not None:  # saved first: the version is routed at its floor from its first request
+            self.registry.save_routing_state(name, replay.state)
         self.registry.set_current(name, "promoted")
         log.info("promoted %s (held-out NLL %.3f -> %.3f; %s)", name, h_serving.nll, h_cand.nll, _gate_line(gate))
         return self._done(RunOutcome("promoted", "passed", version=name, gate=gate, train=train_info))
 
-    def _replay_routing(
-        self, serving: str, h_serving: EvalResult, h_cand: EvalResult
-    ) -> tuple[tuple[Routed, Routed] | None, float | None, float | None]:
-        """The gateway's routing on the held-out drafts: the serving student at its threshold
-        (raised to its own floor), the candidate at the lowest threshold, not below the
-        configured one, that keeps the serving student's served quality."""
+    def _replay_routing(self, serving: str, h_serving: EvalResult, h_cand: EvalResult) -> Replay:
+        """The gateway's routing on the held-out drafts.
+
+        With a quality target: the candidate's calibrator is refitted on its own held-out drafts
+        (when routing is calibrated), then each student's floor is fitted on the same items and
+        each is routed at max(configured threshold, its floor). Without one: the serving student
+        at its threshold (raised to its own floor), the candidate at the lowest threshold, not
+        below the configured one, that keeps the serving student's served quality.
+        """
         if self.judging is None or not h_serving.drafts:
-            return None, None, None
+            return Replay()
         state = self.registry.routing_state(serving)
         judge = self.judging.judge(state.calibrator)
         s_conf = [judge(d)[0] for d in h_serving.drafts]
-        c_conf = [judge(d)[0] for d in h_cand.drafts]
         configured = judge.threshold
+        target = self.config.quality_target
+        if target > 0:
+            agree_at = self.config.gate.agree_at
+            s_agree = [x >= agree_at for x in h_serving.scores]
+            c_agree = [x >= agree_at for x in h_cand.scores]
+            raw = self.judging.judge(IDENTITY)
+            c_raw = [raw(d)[0] for d in h_cand.drafts]
+            calibrator: Calibrator = IDENTITY
+            if self.judging.calibrated:
+                calibrator = fit_calibrator(c_raw, c_agree)  # per version, before its floor
+            z = z_for(self.config.quality_confidence)
+            c_conf = [calibrator(c) for c in c_raw]
+            fs = quality_floor(s_conf, s_agree, target, z)
+            fc = quality_floor(c_conf, c_agree, target, z)
+            rs = route_at(effective_threshold(configured, fs.threshold), s_conf, h_serving.scores)
+            rc = route_at(effective_threshold(configured, fc.threshold), c_conf, h_cand.scores)
+            evidence = tuple(zip(c_raw, c_agree, strict=True))
+            new_state = RoutingState(floor=fc.threshold, calibrator=calibrator, evidence=evidence)
+            return Replay((rs, rc), fc.threshold, configured, (fs, fc), new_state)
+        judge_c = self.judging.judge(state.calibrator)
+        c_conf = [judge_c(d)[0] for d in h_cand.drafts]
         rs = route_at(effective_threshold(configured, state.floor), s_conf, h_serving.scores)
-        target = rs.served_quality - self.config.gate.max_served_quality_drop
-        fitted, rc = fit_threshold(c_conf, h_cand.scores, configured, target)
-        return (rs, rc), (fitted if math.isfinite(fitted) else None), configured
+        keep = rs.served_quality - self.config.gate.max_served_quality_drop
+        fitted, rc = fit_threshold(c_conf, h_cand.scores, configured, keep)
+        return Replay((rs, rc), fitted if math.isfinite(fitted) else None, configured)
 
     def _weights(self, agreement: float | None) -> LossWeights:
         ls = self.config.losses
@@ -366,6 +426,61 @@ class DistillLoop:
             if s.student is not None and s.student.version == version
         ]
         return (sum(scores) / len(scores), len(scores)) if scores else (float("nan"), 0)
+
+    def check_quality(self) -> str | None:
+        """Hold the serving version to the quality target on its live traffic.
+
+        Its escalations (all logged) and audits (each standing for 1/audit fraction of its
+        confident requests) estimate the served agreement at its current floor, as what-if
+        does. Once `rollback_min_samples` audits show it below the target, the floor rises to
+        the lowest threshold whose lower bound meets the target; if none below 1 does, the
+        version rolls back to the previous one (or, with none, answers nothing on its own).
+        Active labels are not a random sample and are left out. Returns what was done.
+        """
+        target = self.config.quality_target
+        if target <= 0 or not self.signal_path.exists() or self.judging is None:
+            return None
+        current = self.registry.current()
+        metric, agree_at = METRICS[self.config.gate.metric], self.config.gate.agree_at
+        obs, audits = [], 0
+        for s in read_samples(self.signal_path):
+            if s.kind == "label" or s.student is None or s.confidence is None or s.student.version != current:
+                continue
+            audits += s.kind == "audit"
+            weight = s.sampling_weight if s.sampling_weight is not None else 1.0
+            ok = metric(s.student.text, s.teacher.text) >= agree_at
+            obs.append(Observation(s.confidence, ok, weight, 0.0, 0.0))
+        if audits < self.config.rollback_min_samples:
+            return None
+        state = self.registry.routing_state(current)
+        configured = self.judging.judge(state.calibrator).threshold
+        serving_at = effective_threshold(configured, state.floor)
+        now = point(obs, serving_at)
+        if now.quality >= target:
+            return None
+        z = z_for(self.config.quality_confidence)
+        better = threshold_for_quality(obs, target, z)
+        if better is not None and better.threshold < 1.0 and better.threshold > serving_at:
+            floor = better.threshold
+            self.registry.save_routing_state(current, dataclasses.replace(state, floor=floor))
+            log.warning(
+                "live audits put %s at agreement %.3f < target %.2f (%d audits): floor %.3f -> %.3f",
+                current, now.quality, target, audits, serving_at, floor,
+            )  # fmt: skip
+            self._emit("floor", {"version": current, "floor": floor, "quality": now.quality})
+            return "floor_raised"
+        previous = self.registry.previous()
+        if previous is not None and previous != current:
+            self.registry.set_current(previous, f"auto_rollback: audited agreement {now.quality:.3f} < target {target}")
+            log.warning("auto-rollback %s -> %s: no floor below 1 meets the target", current, previous)
+            self._emit("rollback", {"from": current, "to": previous, "trigger": "quality_target"})
+            return "rolled_back"
+        if state.floor is None or state.floor < 1.0:
+            self.registry.save_routing_state(current, dataclasses.replace(state, floor=1.0))
+            log.warning("live audits put %s below the target at every threshold: it answers nothing alone", current)
+            self._emit("floor", {"version": current, "floor": 1.0, "quality": now.quality})
+            return "floor_raised"
+        return None
 
     def check_rollback(self) -> str | None:
         """Roll back when the current version's live agreement fell below the previous one's."""

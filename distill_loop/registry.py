@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from distill_loop.errors import DistillError
-from router import IDENTITY, Calibrator
+from router import IDENTITY, Calibrator, Floor, quality_floor
 
 BASE = "base"
 
@@ -62,15 +62,30 @@ class RoutingState:
     floor: float | None = None
     # Raw confidence -> P(answer acceptable), fitted on this version's own traffic.
     calibrator: Calibrator = IDENTITY
+    # What the floor rests on: (raw confidence, agreed with the teacher) per held-out or
+    # audited item, so a tenant with its own quality target gets its own floor (`floor_for`).
+    evidence: tuple[tuple[float, bool], ...] = ()
+
+    def floor_for(self, target: float, z: float) -> Floor | None:
+        """The quality-target floor on this version's evidence, in the router's confidence
+        (through the calibrator); None without evidence."""
+        if not self.evidence:
+            return None
+        return quality_floor([self.calibrator(c) for c, _ in self.evidence], [a for _, a in self.evidence], target, z)
 
     def to_json(self) -> dict[str, Any]:
-        return {"floor": self.floor, "calibrator": self.calibrator.to_json()}
+        return {
+            "floor": self.floor,
+            "calibrator": self.calibrator.to_json(),
+            "evidence": [[c, a] for c, a in self.evidence],
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RoutingState:
         floor = data.get("floor")
         cal = data.get("calibrator")
-        return cls(None if floor is None else float(floor), Calibrator.from_json(cal) if cal else IDENTITY)
+        evidence = tuple((float(c), bool(a)) for c, a in data.get("evidence") or ())
+        return cls(None if floor is None else float(floor), Calibrator.from_json(cal) if cal else IDENTITY, evidence)
 
 
 class Registry:
@@ -120,6 +135,14 @@ class Registry:
             return RoutingState()
         floor = (self.meta(name).gate or {}).get("routing_threshold")
         return RoutingState(floor=None if floor is None else float(floor))
+
+    def routing_stamp(self) -> int:
+        """Changes whenever any version's routing state is saved (a floor raised by the loop,
+        a refit, another process): readers re-apply floors without waiting for a swap."""
+        folder = self.root / "routing"
+        if not folder.is_dir():
+            return 0
+        return sum(p.stat().st_mtime_ns for p in folder.glob("*.json"))
 
     def _routing_path(self, name: str) -> Path:
         return self.root / "routing" / f"{name}.json"

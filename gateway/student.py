@@ -99,9 +99,15 @@ class StudentManager:
         return name
 
     async def _watch(self) -> None:
+        stamp = await asyncio.to_thread(self.require_registry().routing_stamp)
         while not self._stop.is_set():
             try:
-                await self.sync()
+                swapped = await self.sync()
+                now = await asyncio.to_thread(self.require_registry().routing_stamp)
+                if now != stamp and swapped is None and self._on_serving is not None:
+                    # A floor raised by the loop (or another process) applies without a swap.
+                    await self._on_serving(self.student.info.version, False)
+                stamp = now
             except Exception:  # noqa: BLE001 - a bad version must not stop the watcher or serving
                 log.exception("student swap failed; still serving %s", self.student.info.version)
             with contextlib.suppress(TimeoutError):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import time
 from collections import defaultdict
@@ -26,9 +27,11 @@ from router import (
     DEFAULT_TENANT,
     ConfidenceRouter,
     FixedThreshold,
+    Floor,
     Observation,
     Policy,
     PolicyBook,
+    TargetQuality,
     TargetRate,
     curve,
     fit_calibrator,
@@ -36,6 +39,7 @@ from router import (
     point,
     quantile,
     threshold_for_quality,
+    z_for,
 )
 
 log = logging.getLogger(__name__)
@@ -121,7 +125,7 @@ class Tuning:
             best = threshold_for_quality(obs, quality)
             if best is None:
                 raise ValueError(f"no threshold reaches quality {quality} (lower bound) on the logged traffic")
-            policy = FixedThreshold(best.threshold)
+            policy = TargetQuality(quality, best.threshold)
         else:
             raise ValueError("kind must be fixed, target_rate or target_quality")
         predicted = point(obs, policy.current()).to_json() if obs else None
@@ -161,10 +165,17 @@ class Tuning:
         if self.settings.tuning.calibrate:
             raw = [float(s.features.get("raw_confidence", s.confidence or 0.0)) for s in samples]
             calibrator = fit_calibrator(raw, labels, weights)
+            state = self.registry.routing_state(version)
+            if calibrator.method == "identity" and state.calibrator.method != "identity":
+                calibrator = state.calibrator  # too little live traffic yet: keep the one fitted at promotion
             self.router.calibrator = calibrator
             report["calibrator"] = calibrator.to_json()
-            state = self.registry.routing_state(version)
-            self.registry.save_routing_state(version, dataclasses.replace(state, calibrator=calibrator))
+            new = dataclasses.replace(state, calibrator=calibrator)
+            floor = new.floor_for(self.settings.distill.quality_target, z_for(self.settings.distill.quality_confidence))
+            if floor is not None and self.settings.distill.quality_target > 0:
+                # The floor is a threshold in the calibrated confidence: refit it with the calibrator.
+                new = dataclasses.replace(new, floor=max(floor.threshold, state.floor or 0.0))
+            self.registry.save_routing_state(version, new)
         if self.settings.tuning.learned_router:
             prompts = [next((m.content for m in reversed(s.messages) if m.role == "user"), "") for s in samples]
             learned = fit_learned_router([s.features for s in samples], prompts, [not x for x in labels], weights)
@@ -193,6 +204,8 @@ class Tuning:
         After a swap (not at start-up), reset target-rate policies and refit."""
         states = await asyncio.to_thread(self.routing_states)  # one read of each version's state
         self.policies.floors = {name: st.floor for name, st in states.items() if st.floor is not None}
+        z = z_for(self.settings.distill.quality_confidence)
+        self.policies.floor_curves = {name: _floor_curve(st, z) for name, st in states.items() if st.evidence}
         if self.settings.tuning.calibrate:
             self.router.calibrator = states.get(version, RoutingState()).calibrator
         if swapped:
@@ -219,6 +232,15 @@ class Tuning:
         self._stop.set()
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
+
+
+def _floor_curve(state: RoutingState, z: float) -> Callable[[float], float]:
+    """Target -> the version's floor for it, computed once per target (tenants share a few)."""
+    return functools.lru_cache(maxsize=16)(lambda target: _threshold(state.floor_for(target, z)))
+
+
+def _threshold(floor: Floor | None) -> float:
+    return 1.0 if floor is None else floor.threshold
 
 
 def _unit(value: Any, name: str) -> float:

@@ -18,8 +18,26 @@ from router.config import RouterConfig
 from router.errors import RouterError, UnknownScorer
 from router.judge import Judge, JudgeSource
 from router.learned import LearnedRouter, fit_learned_router
-from router.policy import DEFAULT_TENANT, FixedThreshold, Policy, PolicyBook, TargetRate, policy_from_json
-from router.replay import Routed, effective_threshold, fit_threshold, route_at, simulate
+from router.policy import (
+    DEFAULT_TENANT,
+    FixedThreshold,
+    Policy,
+    PolicyBook,
+    TargetQuality,
+    TargetRate,
+    policy_from_json,
+)
+from router.replay import (
+    Floor,
+    Routed,
+    effective_threshold,
+    fit_threshold,
+    quality_floor,
+    route_at,
+    served_bound,
+    simulate,
+    z_for,
+)
 from router.threshold import ConfidenceRouter, check_threshold
 from router.whatif import CurvePoint, Observation, curve, point, threshold_for_quality
 
@@ -32,7 +50,12 @@ __all__ = [
     "Judge",
     "JudgeSource",
     "PolicyBook",
+    "Floor",
     "Routed",
+    "TargetQuality",
+    "quality_floor",
+    "served_bound",
+    "z_for",
     "effective_threshold",
     "fit_threshold",
     "route_at",

@@ -1,7 +1,8 @@
 """The student-or-teacher decision, and the protocols that make it pluggable.
 
 Confidence is a number in [0, 1]; higher means trust the student. The gateway escalates to
-the teacher exactly when `confidence < threshold`. This is the one place that rule is stated.
+the teacher exactly when `confidence < threshold` (and always at a threshold of 1). This is the
+one place that rule is stated.
 The router sees only the student's `Generation`; it knows nothing about HTTP or distillation.
 """
 
@@ -52,7 +53,9 @@ class Decision:
 
 
 def should_escalate(confidence: float, threshold: float) -> bool:
-    return confidence < threshold
+    """Below the threshold escalates; a threshold of 1 escalates everything, even a draft
+    scored exactly 1.0 (a version whose floor is 1 answers nothing on its own)."""
+    return confidence < threshold or threshold >= 1.0
 
 
 @runtime_checkable

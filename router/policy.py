@@ -4,8 +4,10 @@
 - `TargetRate`: a controller that holds the escalation rate on live traffic, by setting the
   threshold to the target quantile of recent confidences (escalate when below it). `reset()`
   after a student swap starts the window afresh, since swaps move the distribution.
-- `TargetQuality`: chosen offline (by what-if) as the lowest escalation rate whose estimated
-  acceptable rate meets the target with a confidence bound; it then acts as a fixed threshold.
+- `TargetQuality`: a served-quality target. Its threshold is chosen offline (by what-if) as the
+  lowest escalation rate whose estimated acceptable rate meets the target with a confidence
+  bound; and each student version is routed at no less than its own floor for that target
+  (`floor_curves`), instead of the floor fitted for `distill.quality_target`.
 
 `PolicyBook` holds one policy per tenant ("*" is the default) and each student version's
 routing floor, and answers the one question routing asks: `effective_threshold(tenant,
@@ -22,7 +24,7 @@ import json
 import sqlite3
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -89,13 +91,37 @@ class TargetRate:
         return {"kind": self.kind, "rate": self.rate, "window": self.window, "threshold": self.current()}
 
 
-Policy = FixedThreshold | TargetRate
+@dataclass
+class TargetQuality:
+    """Serve at least `quality` agreement with the teacher: `threshold` from what-if on logged
+    traffic, and each version's floor for this target (PolicyBook.floor_curves)."""
+
+    quality: float
+    threshold: float
+    kind: Literal["target_quality"] = "target_quality"
+
+    def current(self) -> float:
+        return self.threshold
+
+    def observe(self, confidence: float) -> None:
+        """Chosen offline: nothing to learn per request."""
+
+    def reset(self) -> None:
+        """The per-version floors follow a swap; the threshold stays."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "quality": self.quality, "threshold": self.threshold}
+
+
+Policy = FixedThreshold | TargetRate | TargetQuality
 
 
 def policy_from_json(data: dict[str, Any], *, initial: float) -> Policy:
     kind = data.get("kind")
     if kind == "fixed":
         return FixedThreshold(float(data["threshold"]))
+    if kind == "target_quality":
+        return TargetQuality(float(data["quality"]), float(data["threshold"]))
     if kind == "target_rate":
         return TargetRate(float(data["rate"]), initial, window=int(data.get("window", 500)))
     raise ValueError(f"unknown policy kind {kind!r}")
@@ -110,6 +136,8 @@ class PolicyBook:
         # Per student version, the lowest threshold it may be routed with (the registry's routing
         # state); replaced whole at each swap, so a reader sees the old or the new map.
         self.floors: Mapping[str, float] = {}
+        # Per version, its floor for another quality target (a tenant's TargetQuality policy).
+        self.floor_curves: Mapping[str, Callable[[float], float]] = {}
 
     def open(self) -> None:
         """Create the file if needed and load the persisted policies (blocking: call in a thread)."""
@@ -142,7 +170,10 @@ class PolicyBook:
 
     def effective_threshold(self, tenant: str, version: str) -> float:
         """What a request of `tenant` answered by student `version` is routed with."""
-        return effective_threshold(self.threshold(tenant), self.floors.get(version))
+        policy = self.policy(tenant)
+        if policy.kind == "target_quality" and version in self.floor_curves:
+            return effective_threshold(policy.threshold, self.floor_curves[version](policy.quality))
+        return effective_threshold(policy.current(), self.floors.get(version))
 
     def observe(self, tenant: str, confidence: float) -> None:
         self.policy(tenant).observe(confidence)

@@ -12,8 +12,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from statistics import NormalDist
 
 from router.base import should_escalate
+from router.whatif import wilson_lower
 
 
 def effective_threshold(threshold: float, floor: float | None) -> float:
@@ -64,3 +66,69 @@ def fit_threshold(
         if routed.served_quality >= target:
             return t, routed
     return math.inf, route_at(math.inf, confidences, scores)
+
+
+@dataclass(frozen=True, slots=True)
+class Floor:
+    """A version's quality-target floor and what it rests on.
+
+    `threshold` is the lowest threshold at which the lower confidence bound of the served
+    agreement meets the target; 1.0 means no threshold below 1 does, and the version answers
+    nothing on its own. `quality` and `quality_lower` are the estimate and its bound there.
+    """
+
+    threshold: float
+    quality: float
+    quality_lower: float
+    escalation_rate: float
+    n: int
+
+    def to_json(self) -> dict[str, float | int]:
+        return {
+            "threshold": self.threshold,
+            "quality": self.quality,
+            "quality_lower": self.quality_lower,
+            "escalation_rate": self.escalation_rate,
+            "n": self.n,
+        }
+
+
+def z_for(confidence: float) -> float:
+    """The one-sided normal quantile for a lower bound held with `confidence` (0.8 -> 0.84)."""
+    return NormalDist().inv_cdf(confidence)
+
+
+def served_bound(threshold: float, confidences: Sequence[float], agree: Sequence[bool], z: float) -> Floor:
+    """Served agreement at `threshold` and its lower bound.
+
+    An escalated item is served by the teacher, which agrees with itself: it is certain. Only
+    the items the student keeps are uncertain, so the bound is the escalated share plus the
+    kept share times the Wilson lower bound of the kept items' agreement. (A bound over all
+    items at once would charge the teacher's answers for sampling noise they do not have.)
+    """
+    n = len(confidences)
+    if n == 0:
+        return Floor(threshold, math.nan, 0.0, math.nan, 0)
+    kept = [a for c, a in zip(confidences, agree, strict=True) if not should_escalate(c, threshold)]
+    m, good = len(kept), sum(kept)
+    escalated = n - m
+    quality = (escalated + good) / n
+    lower = (escalated + (m * wilson_lower(good / m, m, z) if m else 0.0)) / n
+    return Floor(threshold, quality, lower, escalated / n, n)
+
+
+def quality_floor(confidences: Sequence[float], agree: Sequence[bool], target: float, z: float) -> Floor:
+    """The lowest threshold whose served-agreement lower bound meets `target` (see `served_bound`).
+
+    Candidates are 0 and each item's confidence (the points where routing changes), then 1.0,
+    which escalates everything and so always meets it. Few items widen the bound, so the floor
+    rises with thin evidence and falls as evidence accumulates, never on a guess. With no
+    items at all there is nothing to rest on, and the floor is 1.0.
+    """
+    if not confidences:
+        return Floor(1.0, 1.0, 1.0, 1.0, 0)
+    for t in sorted({0.0, *(c for c in confidences if c < 1.0)}):
+        bound = served_bound(t, confidences, agree, z)
+        if bound.quality_lower >= target:
+            return bound
+    return served_bound(1.0, confidences, agree, z)

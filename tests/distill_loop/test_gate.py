@@ -113,11 +113,13 @@ def test_a_mean_gain_carried_by_one_item_is_not_significant() -> None:
 
 
 def test_the_default_significance_level_passes_four_clean_wins_and_not_three() -> None:
-    """The stream benchmark's candidates: 4 of 10 held-out items better, none worse."""
+    """4 of 20 held-out items better and none worse pass; 3 do not. A decision rests on at
+    least 20 items by default (8-12 let noise promote and refuse alike)."""
     cfg = GateSettings()
-    assert cfg.max_p_value == 0.1 and cfg.min_heldout == 4
-    four, three = sign_test([0] * 10, [1] * 4 + [0] * 6), sign_test([0] * 10, [1] * 3 + [0] * 7)
+    assert cfg.max_p_value == 0.1 and cfg.min_heldout == 20
+    four, three = sign_test([0] * 20, [1] * 4 + [0] * 16), sign_test([0] * 20, [1] * 3 + [0] * 17)
     assert (four.p_value, three.p_value) == (1 / 16, 1 / 8)
-    assert decide(cfg, (SERVING, Measured(1.5, 0.6)), (ANCHOR, ANCHOR), 10, 8, paired=four).passed
-    refused = decide(cfg, (SERVING, Measured(1.5, 0.6)), (ANCHOR, ANCHOR), 10, 8, paired=three)
+    assert decide(cfg, (SERVING, Measured(1.5, 0.6)), (ANCHOR, ANCHOR), 20, 8, paired=four).passed
+    assert decide(cfg, (SERVING, Measured(1.5, 0.6)), (ANCHOR, ANCHOR), 19, 8, paired=four).reason == "too_few_heldout"
+    refused = decide(cfg, (SERVING, Measured(1.5, 0.6)), (ANCHOR, ANCHOR), 20, 8, paired=three)
     assert refused.reason == "improvement_not_significant"

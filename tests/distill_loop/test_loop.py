@@ -35,6 +35,8 @@ def loop_config(tmp_path: Path, **kw: object) -> DistillConfig:
         # A tiny task: few held-out prompts, and agreement moves on few of them, so no sign test
         # (test_gate.py tests it).
         "gate": {"max_new_tokens": 12, "min_heldout": 4, "max_p_value": 1.0},
+        # Held against the serving student, not a quality target (test_quality_floor.py tests that).
+        "quality_target": 0.0,
     }
     return DistillConfig(**{**base, **kw})  # type: ignore[arg-type]
 

@@ -81,7 +81,8 @@ def test_dry_run_changes_nothing(client: TestClient) -> None:
 
 def test_target_quality_picks_a_threshold_meeting_the_bound(client: TestClient) -> None:
     r = client.put("/admin/policy", json={"kind": "target_quality", "quality": 0.8}, headers=AUTH).json()
-    assert r["policy"]["kind"] == "fixed" and r["predicted"]["quality_lower"] >= 0.8
+    assert r["policy"]["kind"] == "target_quality" and r["predicted"]["quality_lower"] >= 0.8
+    assert r["policy"]["quality"] == 0.8
     assert client.put("/admin/policy", json={"kind": "target_quality", "quality": 1.0}, headers=AUTH).status_code == 400
 
 
