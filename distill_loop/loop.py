@@ -460,7 +460,8 @@ class DistillLoop:
             return None
         z = z_for(self.config.quality_confidence)
         better = threshold_for_quality(obs, target, z)
-        if better is not None and better.threshold < 1.0 and better.threshold > serving_at:
+        # A floor above every confidence seen answers nothing on this traffic: that is not enough.
+        if better is not None and better.escalation_rate < 1.0 and serving_at < better.threshold < 1.0:
             floor = better.threshold
             self.registry.save_routing_state(current, dataclasses.replace(state, floor=floor))
             log.warning(
