@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import csv
 import json
+import math
 import os
 import platform
 import re
@@ -21,22 +22,22 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from bench.gateway_overhead import busy_seconds, cpu_seconds, free_port
+from bench.gateway_overhead import busy_seconds, cpu_seconds, free_port, git_state, machine
 from bench.kb import (
-    DEFAULT_KB,
-    DEFAULT_STREAM,
+    DATA,
     Intent,
     PromptStyle,
     StreamItem,
@@ -47,12 +48,19 @@ from bench.kb import (
     read_stream,
 )
 from bench.kb import teacher_prompt as kb_teacher_prompt
+from distill_loop import DistillConfig, read_samples
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 HOST = "127.0.0.1"
 MAX_TOKENS = 40  # every request; a correct answer states its two facts well within this
 READY_TIMEOUT_S = 900.0  # first start converts the bundled models (about 90 s) before loading them
+BUDGET_S = 3600.0  # the issue's bound on a full run, per domain, on 2 CPU cores
+# Each domain: its knowledge base and its committed stream (bench.kb builds one from the other).
+DOMAINS = {
+    "kestrel": (DATA / "kb.jsonl", DATA / "stream.jsonl"),  # Kestrel Cycles, e-bikes
+    "bank": (DATA / "kb_bank.jsonl", DATA / "stream_bank.jsonl"),  # a fictional credit union
+}
 
 Mode = Literal["tiered", "student", "teacher"]
 Metrics = dict[tuple[str, tuple[tuple[str, str], ...]], float]  # (sample name, sorted labels) -> value
@@ -77,58 +85,127 @@ CONFIGS = {
 STATIC = ("all_student", "all_teacher", "loop_off")
 
 
-# -- defaults for the gateways (any TIERGATE_* variable already set wins) --------------------------
+# -- what the benchmark's gateways change from the product defaults -----------------------------
+@dataclass(frozen=True, slots=True)
+class Override:
+    """One setting the benchmark changes, and why. `value` may hold `{tmp}` (the run's temporary
+    folder), `{admin_key}` (a random key per gateway) or `{prompt}` (the teacher's FAQ prompt)."""
+
+    value: str
+    why: str
+
+
+# Every gateway of every profile. Nothing here touches the distillation recipe (learning rate,
+# epochs, steps, held-out share, the gate): those are the product defaults (distill_loop/config.py).
+OVERRIDES: dict[str, Override] = {
+    "TIERGATE_TEACHER__SYSTEM_PROMPT": Override(
+        "{prompt}",
+        "the teacher must know the company: the knowledge base as an FAQ of the stream's intents "
+        "(a deployment writes its own knowledge into the teacher's prompt)",
+    ),
+    "TIERGATE_TEACHER__MAX_MODEL_LEN": Override(
+        "4096",
+        "the FAQ prompt (a stream's 14 intents, about 2,900 Gemma tokens) does not fit the 2,048-token default; "
+        "a deployment sizes this to its own prompt",
+    ),
+    "TIERGATE_STUDENT__READ_TIMEOUT_S": Override(
+        "600", "2 CPU cores: a request queued behind training and a 2,900-token teacher prefill can wait minutes"
+    ),
+    "TIERGATE_TEACHER__READ_TIMEOUT_S": Override("600", "the same, for the teacher"),
+    "TIERGATE_DISTILL__TRIGGER_RECORDS": Override(
+        "16",
+        "a 480-request stream gives only a few records per minute, so the product's 64 would allow "
+        "few runs; production traffic reaches 64 records in minutes",
+    ),
+    "TIERGATE_DISTILL__POLL_S": Override(
+        "2", "the replay is short: a run starts within 2 s of its trigger rather than 5 (no effect on what is learned)"
+    ),
+    "TIERGATE_SERVER__ADMIN_API_KEY": Override(
+        "{admin_key}", "the benchmark reads versions and sets the threshold through the admin API"
+    ),
+    "TIERGATE_SIGNAL__PATH": Override("{tmp}/signal.db", "a fresh signal store per gateway, deleted afterwards"),
+    "TIERGATE_DISTILL__REGISTRY_DIR": Override("{tmp}/registry", "a fresh version registry per gateway"),
+    "TIERGATE_RUNTIME__LOG_LEVEL": Override("INFO", "the loop's decisions are read from the gateway log"),
+}
+
+
 @dataclass(frozen=True, slots=True)
 class Profile:
+    name: str
     window: int  # requests per reported window
-    trigger_records: int  # new signal records that start a distillation run
-    lora_max_steps: int  # optimiser steps per run (bounds a CPU run)
-    gate_max_items: int  # held-out records the gate evaluates per run
-    holdout_fraction: float  # share of signal prompts the loop keeps for its gate
     ref_concurrency: int  # requests in flight for `--loop-off run`
-    lora_epochs: int = 4  # passes over a run's examples
+    overrides: dict[str, Override] = field(default_factory=dict)  # on top of OVERRIDES
+    stream: dict[str, int] | None = None  # build_stream arguments (None: the domain's stream file)
 
 
-FULL = Profile(
-    window=24, trigger_records=16, lora_max_steps=48, gate_max_items=16, holdout_fraction=0.3, ref_concurrency=4
-)
+FULL = Profile("full", window=24, ref_concurrency=4)
 QUICK = Profile(
-    window=6, trigger_records=5, lora_max_steps=8, gate_max_items=4, holdout_fraction=0.3, ref_concurrency=4
+    "quick",
+    window=8,
+    ref_concurrency=4,
+    overrides={
+        "TIERGATE_DISTILL__TRIGGER_RECORDS": Override("5", "40 requests: a run every few escalations"),
+        "TIERGATE_DISTILL__LORA__MAX_STEPS": Override("8", "a run in well under a minute on 2 cores"),
+        "TIERGATE_DISTILL__GATE__MIN_HELDOUT": Override(
+            "4", "40 requests never hold 20 held-out records; 4 is the fewest a sign test at p 0.1 can pass"
+        ),
+        "TIERGATE_DISTILL__GATE__MAX_ITEMS": Override("8", "a gate in seconds"),
+        "TIERGATE_DISTILL__QUALITY_TARGET": Override(
+            "0.8",
+            "a handful of items cannot bound agreement near 0.95: at 80 % confidence n items that all "
+            "agree give a Wilson lower bound of n / (n + 0.71), 0.92 for 8",
+        ),
+    },
+    stream={"length": 40, "intents": 4, "seed": 0},
 )
-# Gemma reads the FAQ prompt (60 exchanges for the default stream's 10 intents, about 2,100
-# tokens) past the 2,048-token default context.
-TEACHER_MAX_MODEL_LEN = 4096
-QUICK_STREAM = {"length": 24, "intents": 3, "seed": 0}
+# Settings the issue names as the product's recipe: the full profile must leave them alone.
+RECIPE = (
+    "TIERGATE_DISTILL__LORA__LR",
+    "TIERGATE_DISTILL__LORA__EPOCHS",
+    "TIERGATE_DISTILL__LORA__MAX_STEPS",
+    "TIERGATE_DISTILL__HOLDOUT_FRACTION",
+    "TIERGATE_DISTILL__GATE__MAX_P_VALUE",
+)
+_PLACEHOLDER = re.compile(r"\{(tmp|admin_key|prompt)\}")
 
 
-def gateway_env(tmp: Path, admin_key: str, prompt: str, *, loop: bool, profile: Profile, lr: float) -> dict[str, str]:
-    ours = {
-        "TIERGATE_SERVER__ADMIN_API_KEY": admin_key,
-        "TIERGATE_SIGNAL__PATH": str(tmp / "signal.db"),
-        "TIERGATE_DISTILL__REGISTRY_DIR": str(tmp / "registry"),
-        "TIERGATE_TEACHER__SYSTEM_PROMPT": prompt,
-        # Queued requests count against the deadline; references send a few at once.
-        "TIERGATE_STUDENT__READ_TIMEOUT_S": "600",
-        "TIERGATE_TEACHER__READ_TIMEOUT_S": "600",
-        "TIERGATE_DISTILL__ENABLED": "true" if loop else "false",
-        "TIERGATE_DISTILL__TRIGGER_RECORDS": str(profile.trigger_records),
-        "TIERGATE_DISTILL__POLL_S": "2",
-        "TIERGATE_DISTILL__LORA__LR": str(lr),
-        "TIERGATE_DISTILL__LORA__MAX_STEPS": str(profile.lora_max_steps),
-        "TIERGATE_DISTILL__LORA__EPOCHS": str(profile.lora_epochs),
-        "TIERGATE_TEACHER__MAX_MODEL_LEN": str(TEACHER_MAX_MODEL_LEN),
-        "TIERGATE_DISTILL__GATE__MAX_ITEMS": str(profile.gate_max_items),
-        "TIERGATE_DISTILL__HOLDOUT_FRACTION": str(profile.holdout_fraction),
-        "TIERGATE_RUNTIME__LOG_LEVEL": "INFO",
-    }
+def overrides(profile: Profile, lr: float | None = None) -> dict[str, Override]:
+    """Every setting a gateway of `profile` changes from the product defaults, with its reason."""
+    out = {**OVERRIDES, **profile.overrides}
+    if lr is not None:
+        out["TIERGATE_DISTILL__LORA__LR"] = Override(str(lr), "given with --lr (a tuning run, not the product)")
+    return out
+
+
+def gateway_env(
+    tmp: Path, admin_key: str, prompt: str, *, loop: bool, profile: Profile, lr: float | None = None
+) -> dict[str, str]:
+    """The environment of one gateway: ours, under any TIERGATE_* variable already set, except the
+    loop flag, which is what distinguishes the configurations."""
+    fill = {"tmp": str(tmp), "admin_key": admin_key, "prompt": prompt}
     env = dict(os.environ)
-    for key, value in ours.items():
-        env.setdefault(key, value)
-    if loop:  # the loop flag is what distinguishes the runs; it is not the user's to override
-        env["TIERGATE_DISTILL__ENABLED"] = "true"
-    else:
-        env["TIERGATE_DISTILL__ENABLED"] = "false"
+    for key, o in overrides(profile, lr).items():
+        env.setdefault(key, _PLACEHOLDER.sub(lambda m: fill[m.group(1)], o.value))
+    env["TIERGATE_DISTILL__ENABLED"] = "true" if loop else "false"
     return env
+
+
+def effective_distill(env: dict[str, str]) -> dict[str, Any] | None:
+    """The loop's settings as the gateway reads them: the product defaults under the
+    TIERGATE_DISTILL__* variables of `env` (None, with a warning, when they do not validate here)."""
+    nested: dict[str, Any] = {}
+    for key, value in env.items():
+        if key.startswith("TIERGATE_DISTILL__"):
+            *path, leaf = key.removeprefix("TIERGATE_DISTILL__").lower().split("__")
+            node = nested
+            for part in path:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+    try:
+        return DistillConfig.model_validate(nested).model_dump(mode="json")
+    except ValidationError as exc:
+        console.log(f"[yellow]could not read the distill settings back: {exc}")
+        return None
 
 
 # -- the gateway process -----------------------------------------------------------------------
@@ -222,7 +299,10 @@ class Client:
         resp.raise_for_status()
 
     async def versions(self) -> dict[str, Any]:
+        """The registry's versions and history; empty for a student without one (404)."""
         resp = await self.http.get("/admin/student/versions", headers=self.admin)
+        if resp.status_code == 404:
+            return {"current": None, "versions": [], "history": []}
         resp.raise_for_status()
         data: dict[str, Any] = resp.json()
         return data
@@ -250,6 +330,9 @@ class Outcome:
     student_score: float | None
     student_version: str
     seconds: float
+    # What the request cost (/metrics, background audits and labels meanwhile included); None
+    # when it cannot be told apart from its window's (several in flight, or an older result).
+    cost_usd: float | None = None
 
 
 def score(text: str | None, item: StreamItem) -> float | None:
@@ -359,7 +442,10 @@ async def replay(
     concurrency: int,
     progress: Progress,
 ) -> tuple[list[WindowRow], list[Outcome]]:
-    """Replay `items` window by window; each window's cost is the /metrics difference around it."""
+    """Replay `items` window by window; each window's cost is the /metrics difference around it.
+
+    In order (loop on), each request's cost is the difference around it too: one reading ends a
+    request and starts the next, so the requests' costs add up to their window's."""
     task = progress.add_task(cfg.label, total=len(items))
     rows: list[WindowRow] = []
     outcomes: list[Outcome] = []
@@ -371,12 +457,22 @@ async def replay(
         progress.advance(task)
         return out
 
+    snapshot = await client.metrics()
     for w, first in enumerate(range(0, len(items), window)):
         idx = range(first, min(first + window, len(items)))
-        before, t0 = await client.metrics(), time.perf_counter()
-        # Loop on: strictly in order, since the student changes as it goes. Static: order is moot.
-        got = [await one(i) for i in idx] if cfg.sequential else list(await asyncio.gather(*map(one, idx)))
-        after, seconds = await client.metrics(), time.perf_counter() - t0
+        before, t0 = snapshot, time.perf_counter()
+        if cfg.sequential:  # loop on: strictly in order, since the student changes as it goes
+            got = []
+            for i in idx:
+                out = await one(i)
+                reading = await client.metrics()
+                spent = total(reading, "tiergate_cost_usd_total") - total(snapshot, "tiergate_cost_usd_total")
+                got.append(replace(out, cost_usd=spent))
+                snapshot = reading
+        else:  # static: order is moot
+            got = list(await asyncio.gather(*map(one, idx)))
+            snapshot = await client.metrics()
+        after, seconds = snapshot, time.perf_counter() - t0
         cost = total(after, "tiergate_cost_usd_total") - total(before, "tiergate_cost_usd_total")
         rows.append(window_row(cfg.name, w, first, got, cost, seconds, after))
         outcomes += got
@@ -463,6 +559,7 @@ def static_outcomes(
                 student_score=score(s.reply.text, item) if s else None,
                 student_version=served.reply.student_version,
                 seconds=secs,
+                cost_usd=cost,
             )
         )
         costs.append(cost)
@@ -477,7 +574,7 @@ def static_outcomes(
 _LOG_EVENTS = (
     ("run", re.compile(r"distillation run on (\d+) examples")),
     ("rejected", re.compile(r"candidate rejected by the gate: (\S+)")),
-    ("promoted", re.compile(r"promoted (\S+) \(held-out NLL ([\d.]+) -> ([\d.]+)\)")),
+    ("promoted", re.compile(r"promoted (\S+) \(held-out NLL ([\d.]+) -> ([\d.]+)[;)]")),
     ("swapped", re.compile(r"student hot-swapped (\S+) -> (\S+)")),
     ("rollback", re.compile(r"auto-rollback (\S+) -> (\S+)")),
     ("failed", re.compile(r"distillation run failed")),
@@ -506,6 +603,8 @@ class RunResult:
     threshold: float | None = None
     confidence_quantiles: dict[str, float] = field(default_factory=dict)
     distill: dict[str, Any] = field(default_factory=dict)
+    # Wall seconds of each gateway from start to stop (model loading included): the time budget.
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 def quantiles(values: Sequence[float]) -> dict[str, float]:
@@ -543,6 +642,7 @@ async def run_static(
         "all_student" in names or args.loop_off == "derive" or result.threshold is None
     )
     need_teacher = "all_teacher" in names or ("loop_off" in names and args.loop_off == "derive")
+    t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tiergate-stream-static-") as tmp:
         env = gateway_env(Path(tmp), admin, prompt, loop=False, profile=profile, lr=args.lr)
         with gateway(env, logs / "static.log") as (url, proc):
@@ -580,6 +680,7 @@ async def run_static(
                     result.rows[name], result.outcomes[name] = rows, outs
             finally:
                 await client.aclose()
+    result.phases["references gateway"] = time.perf_counter() - t0
 
 
 def _need_threshold(result: RunResult) -> float:
@@ -600,6 +701,7 @@ async def run_online(
     """The distillation loop on, replayed strictly in order."""
     admin = secrets.token_hex(16)
     log_path = logs / "online.log"
+    t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tiergate-stream-online-") as tmp:
         env = gateway_env(Path(tmp), admin, prompt, loop=True, profile=profile, lr=args.lr)
         env["TIERGATE_ROUTER__THRESHOLD"] = str(_need_threshold(result))
@@ -614,9 +716,17 @@ async def run_online(
                 versions = await client.versions()
             finally:
                 await client.aclose()
+        # The gateway has stopped, so its writer has flushed every record.
+        signal = signal_summary(_signal_records(Path(env["TIERGATE_SIGNAL__PATH"])), items)
+        if signal["heldout_leaks"]:
+            console.print(f"[bold red]{signal['heldout_leaks']} signal records hold a held-out prompt")
         distill_env = {k: v for k, v in env.items() if k.startswith("TIERGATE_DISTILL__")}
         result.distill = {
             "settings": distill_env,
+            "effective": effective_distill(env),
+            "promotions": promotions(versions, outs, m),
+            "labels": label_stats(m),
+            "signal": signal,
             "runs": {
                 r: int(total(m, "tiergate_distill_runs_total", result=r))
                 for r in ("promoted", "rejected", "skipped", "failed")
@@ -636,6 +746,26 @@ async def run_online(
                 if e["event"] == "step"
             ],
         }
+    result.phases["loop-on gateway"] = time.perf_counter() - t0
+
+
+def _signal_records(path: Path) -> list[tuple[str, str]]:
+    """(kind, last user message) of every record in a signal database."""
+    if not path.exists():
+        return []
+    return [
+        (s.kind, next((m.content for m in reversed(s.messages) if m.role == "user"), "")) for s in read_samples(path)
+    ]
+
+
+def signal_summary(records: Sequence[tuple[str, str]], items: Sequence[StreamItem]) -> dict[str, Any]:
+    """Records by kind, and how many hold a held-out prompt: these must never reach the signal
+    (the benchmark sends them only to a forced tier); any other number breaks the comparison."""
+    heldout = {m["content"] for i in items if i.split == "heldout" for m in i.messages if m["role"] == "user"}
+    by_kind: dict[str, int] = {}
+    for kind, _ in records:
+        by_kind[kind] = by_kind.get(kind, 0) + 1
+    return {"records": by_kind, "heldout_leaks": sum(text in heldout for _, text in records)}
 
 
 def relative_costs(result: RunResult) -> None:
@@ -670,6 +800,180 @@ def summary(result: RunResult) -> dict[str, dict[str, float | None]]:
             "other_cpu_cores": result.other_cpu_cores.get(name),
         }
     return out
+
+
+# -- the issue's goals, over the last quarter of the stream ---------------------------------------
+def request_costs(rows: Sequence[WindowRow], outcomes: Sequence[Outcome]) -> list[float]:
+    """Each request's cost: its own where measured, otherwise an equal share of its window's."""
+    share = {i: r.cost_usd / r.n for r in rows for i in range(r.first, r.first + r.n)}
+    return [o.cost_usd if o.cost_usd is not None else share[o.index] for o in outcomes]
+
+
+def last_quarter_start(n: int) -> int:
+    """Index of the first request of the last quarter of an `n`-request stream."""
+    return n - math.ceil(n / 4)
+
+
+def quarter_stats(outs: Sequence[Outcome], costs: Sequence[float]) -> dict[str, Any]:
+    held = [o for o in outs if o.split == "heldout"]
+    return {
+        "first": outs[0].index if outs else None,
+        "requests": len(outs),
+        "heldout": len(held),
+        "escalation_rate": sum(o.to_teacher for o in outs) / len(outs) if outs else None,
+        "served_recall_all": _mean([o.served_score for o in outs]),
+        "served_recall_heldout": _mean([o.served_score for o in held]),
+        "student_recall_heldout": _mean([o.student_score for o in held]),
+        "cost_usd": sum(costs),
+    }
+
+
+def last_quarter(
+    outcomes: Mapping[str, Sequence[Outcome]], costs: Mapping[str, Sequence[float]]
+) -> dict[str, dict[str, Any]]:
+    """Per configuration, its numbers over the last quarter of the stream, and its cost there
+    divided by all-teacher's over the same requests."""
+    out = {}
+    for name, outs in outcomes.items():
+        start = last_quarter_start(len(outs))
+        out[name] = quarter_stats(outs[start:], costs[name][start:])
+    base = out.get("all_teacher", {}).get("cost_usd")
+    for q in out.values():
+        q["cost_vs_all_teacher"] = q["cost_usd"] / base if base else None
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Goal:
+    name: str
+    measured: float | None
+    bar: float | None
+    met: bool | None  # None: not measured (a configuration was not run)
+    detail: str  # the line the report prints
+
+
+def _margin(met: bool, gap: float, bar: float) -> str:
+    rel = f" ({gap / bar:.0%} of the bar)" if bar else ""
+    return f"met, {gap:.3f} to spare" if met else f"missed by {gap:.3f}{rel}"
+
+
+def _ratio_goal(
+    name: str, what: str, on: float | None, ref: float | None, factor: float, ref_label: str, at_most: bool
+) -> Goal:
+    if on is None or ref is None:
+        return Goal(name, on, None, None, f"{what}: not measured (needs loop on and {ref_label})")
+    bar = factor * ref
+    met = on <= bar if at_most else on >= bar
+    of = f"{factor:.0%} of {ref_label} {ref:.3f}" if factor != 1 else f"{ref_label}'s"
+    return Goal(name, on, bar, met, f"{what} {on:.3f} vs bar {bar:.3f} ({of}): {_margin(met, abs(on - bar), bar)}")
+
+
+def goals(lq: dict[str, dict[str, Any]], promo: dict[str, Any] | None) -> list[Goal]:
+    """The issue's four goals: loop on over the last quarter against the references there, and
+    the loop's promotions over the whole stream."""
+    on, off, teacher = (lq.get(n, {}) for n in ("loop_on", "loop_off", "all_teacher"))
+    out = [
+        _ratio_goal(
+            "escalation",
+            "escalation",
+            on.get("escalation_rate"),
+            off.get("escalation_rate"),
+            0.5,
+            "loop off",
+            at_most=True,
+        ),
+        _ratio_goal(
+            "served_recall_all",
+            "served recall, all requests",
+            on.get("served_recall_all"),
+            teacher.get("served_recall_all"),
+            0.95,
+            "all-teacher",
+            at_most=False,
+        ),
+        _ratio_goal(
+            "served_recall_heldout",
+            "served recall, held-out",
+            on.get("served_recall_heldout"),
+            teacher.get("served_recall_heldout"),
+            1.0,
+            "all-teacher",
+            at_most=False,
+        ),
+    ]
+    if promo is None:
+        out.append(Goal("promotions", None, 2, None, "promotions: not measured (loop on was not run)"))
+    else:
+        n, rolled = promo["promoted"], promo["rollbacks"]
+        met = n >= 2 and rolled == 0
+        misses = ([f"{2 - n} promotion{'s' if 2 - n > 1 else ''} short"] if n < 2 else []) + (
+            [f"{rolled} rollback{'s' if rolled > 1 else ''}"] if rolled else []
+        )
+        verdict = "met" if met else "missed: " + ", ".join(misses)
+        out.append(Goal("promotions", n, 2, met, f"{n} promoted (bar >= 2), {rolled} rolled back (bar 0): {verdict}"))
+    return out
+
+
+def promotions(versions: dict[str, Any], outcomes: Sequence[Outcome] = (), m: Metrics | None = None) -> dict[str, Any]:
+    """Promotions and rollbacks from the registry's history (the admin versions endpoint), each
+    promoted version with its gate report, and where in the stream it first answered."""
+    history = versions.get("history") or []
+    metas = {v["name"]: v for v in versions.get("versions") or []}
+    first_served: dict[str, int] = {}
+    for o in outcomes:
+        first_served.setdefault(o.student_version, o.index)
+    rollbacks = [h for h in history if "rollback" in str(h.get("reason", ""))]
+    rolled_back = {h.get("from") for h in rollbacks}
+    promoted = []
+    for h in history:
+        if h.get("reason") != "promoted":
+            continue
+        name = h.get("to")
+        gate = (metas.get(name) or {}).get("gate") or {}
+        paired = gate.get("paired") or {}
+        promoted.append(
+            {
+                "version": name,
+                "parent": h.get("from"),
+                "time": h.get("time"),
+                "first_served_at": first_served.get(name),
+                "n_heldout": gate.get("n_heldout"),
+                "heldout_sources": gate.get("heldout_sources"),
+                "wins": paired.get("wins"),
+                "losses": paired.get("losses"),
+                "p_value": paired.get("p_value"),
+                "routing_floor": gate.get("routing_threshold"),
+                # With a quality target: the floor's threshold, estimate, lower bound and items.
+                "quality_floor": gate.get("floor_candidate"),
+                "quality_target": gate.get("quality_target"),
+                "rolled_back": name in rolled_back,
+            }
+        )
+    n_promoted = int(total(m, "tiergate_distill_runs_total", result="promoted")) if m else 0
+    n_rollbacks = int(total(m, "tiergate_student_rollbacks_total")) if m else 0
+    return {
+        # The history keeps the last 50 pointer changes; the counters every one.
+        "promoted": max(len(promoted), n_promoted),
+        "rollbacks": max(len(rollbacks), n_rollbacks),
+        "versions": promoted,
+        "rollback_events": rollbacks,
+    }
+
+
+def label_stats(m: Metrics) -> dict[str, Any]:
+    """Active teacher labels from /metrics (0 where the gateway exports none)."""
+    by: dict[str, dict[str, int]] = {}
+    for (name, lab), value in m.items():
+        if name == "tiergate_labels_total":
+            labels = dict(lab)
+            by.setdefault(labels.get("reason", "?"), {})[labels.get("outcome", "?")] = int(value)
+    return {
+        "total": int(total(m, "tiergate_labels_total")),
+        "ok": int(total(m, "tiergate_labels_total", outcome="ok")),
+        "failed": int(total(m, "tiergate_labels_total", outcome="failed")),
+        "by_reason": by,
+        "cost_usd": total(m, "tiergate_label_cost_usd_total"),
+    }
 
 
 # -- outputs -----------------------------------------------------------------------------------
@@ -757,6 +1061,101 @@ def print_tables(result: RunResult) -> None:
         console.print(table)
 
 
+def print_overrides(settings: dict[str, Override], profile: Profile, prompt: str) -> None:
+    title = f"settings changed from the product defaults ({profile.name} profile)"
+    if profile is QUICK:
+        title += ": QUICK, small runs, not the product's recipe"
+    table = Table(title=title)
+    for col in ("variable", "value", "why"):
+        table.add_column(col)
+    for key, o in settings.items():
+        value = f"FAQ prompt, {len(prompt):,} chars" if o.value == "{prompt}" else o.value
+        mark = " (quick)" if key in profile.overrides and profile is QUICK else ""
+        table.add_row(key.removeprefix("TIERGATE_") + mark, value, o.why)
+    console.print(table)
+
+
+def print_goals(
+    lq: dict[str, dict[str, Any]],
+    goal_list: Sequence[Goal],
+    promo: dict[str, Any] | None,
+    labels: dict[str, Any] | None,
+    *,
+    quick: bool,
+) -> None:
+    first = next(iter(lq.values()), {})
+    span = f"requests {first['first']}-{first['first'] + first['requests'] - 1}" if first.get("requests") else "-"
+    table = Table(title=f"last quarter of the stream: {span}")
+    for col in ("configuration", "escalation", "served q, all", "served q, held-out", "student, held-out", "cost"):
+        table.add_column(col, justify="right")
+    for name, q in lq.items():
+        table.add_row(
+            CONFIGS[name].label,
+            _fmt(q["escalation_rate"], ".3f"),
+            _fmt(q["served_recall_all"], ".3f"),
+            _fmt(q["served_recall_heldout"], ".3f"),
+            _fmt(q["student_recall_heldout"], ".3f"),
+            _fmt(q["cost_vs_all_teacher"], ".3f"),
+        )
+    console.print(table)
+    table = Table(title="goals" + (" (--quick: the mechanism, not the result)" if quick else ""))
+    for col in ("goal", "measured", "bar", "verdict"):
+        table.add_column(col)
+    verdict = {True: "[green]met", False: "[red]missed", None: "-"}
+    for g in goal_list:
+        spec = ".0f" if g.name == "promotions" else ".3f"  # a count
+        table.add_row(g.detail, _fmt(g.measured, spec), _fmt(g.bar, spec), verdict[g.met])
+    console.print(table)
+    if promo is not None and promo["versions"]:
+        table = Table(title="promoted versions (gate reports)")
+        for col in (
+            "version",
+            "first served at",
+            "held-out items",
+            "sources",
+            "wins/losses (p)",
+            "floor",
+            "rolled back",
+        ):
+            table.add_column(col)
+        for v in promo["versions"]:
+            p = "-" if v["p_value"] is None else f"{v['p_value']:.3f}"
+            table.add_row(
+                str(v["version"]),
+                str(v["first_served_at"] if v["first_served_at"] is not None else "-"),
+                str(v["n_heldout"] if v["n_heldout"] is not None else "-"),
+                json.dumps(v["heldout_sources"]) if v["heldout_sources"] else "-",
+                f"{v['wins']}/{v['losses']} ({p})",
+                _fmt(v["routing_floor"], ".3f"),
+                "yes" if v["rolled_back"] else "no",
+            )
+        console.print(table)
+    if labels is not None:
+        console.print(
+            f"active labels: {labels['total']} ({labels['ok']} ok, {labels['failed']} failed; "
+            f"by reason {labels['by_reason'] or '-'}), spend ${labels['cost_usd']:.6f}"
+        )
+
+
+def print_timing(result: RunResult, elapsed: float, *, reused: bool) -> None:
+    table = Table(title="wall time")
+    table.add_column("part")
+    table.add_column("minutes", justify="right")
+    for name, secs in result.seconds.items():
+        table.add_row(f"{CONFIGS[name].label} (replay)", f"{secs / 60:.1f}")
+    for phase, secs in result.phases.items():
+        table.add_row(f"{phase} (start to stop)", f"{secs / 60:.1f}")
+    table.add_row("total", f"{elapsed / 60:.1f}")
+    console.print(table)
+    if elapsed > BUDGET_S:
+        console.print(
+            f"[bold yellow]total {elapsed / 60:.1f} min is over the {BUDGET_S / 60:.0f}-minute budget "
+            f"of a run on 2 cores ({os.cpu_count()} CPUs here)"
+        )
+    if reused:
+        console.print("(references reused from an earlier result: the total leaves out their time)")
+
+
 def reuse_static(path: Path, items: Sequence[StreamItem], window: int, result: RunResult) -> None:
     """Take the static references (and their threshold) from an earlier result on the same stream,
     so a tuning run replays only the loop. Their numbers do not depend on the loop's settings."""
@@ -797,23 +1196,32 @@ def teacher_prompt_for(items: list[StreamItem], kb: list[Intent], style: PromptS
     return kb_teacher_prompt(asked_intents(kb, items) if scope == "stream" else kb, style)
 
 
-def load_items(args: argparse.Namespace) -> tuple[list[StreamItem], str]:
+def load_items(args: argparse.Namespace, profile: Profile) -> tuple[list[StreamItem], str]:
     if args.stream is not None:
         items, source = read_stream(args.stream), str(args.stream)
-    elif args.quick:
-        items = build_stream(load_kb(args.kb), **QUICK_STREAM)
-        source = f"built in memory: {QUICK_STREAM}"
+    elif profile.stream is not None:
+        items = build_stream(load_kb(args.kb), **profile.stream)
+        source = f"built in memory from {args.kb.name}: {profile.stream}"
     else:
-        items, source = read_stream(DEFAULT_STREAM), str(DEFAULT_STREAM)
+        stream = DOMAINS[args.domain][1]
+        items, source = read_stream(stream), str(stream.relative_to(REPO))
     return (items[: args.limit] if args.limit else items), source
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.stream_distill", description=__doc__.split("\n\n")[0])
-    p.add_argument("--stream", type=Path, default=None, help="JSONL stream (default bench/data/stream.jsonl)")
+    p.add_argument(
+        "--domain",
+        choices=list(DOMAINS),
+        default="kestrel",
+        help="kestrel (bench/data/kb.jsonl, stream.jsonl) or bank (kb_bank.jsonl, stream_bank.jsonl)",
+    )
+    p.add_argument("--stream", type=Path, default=None, help="JSONL stream (default: the domain's)")
     p.add_argument("--window", type=int, default=None, help="requests per reported window")
     p.add_argument("--limit", type=int, default=None, help="replay only the first N requests")
-    p.add_argument("--quick", action="store_true", help="a short stream and small runs: a few minutes")
+    p.add_argument(
+        "--quick", action="store_true", help="40 requests over 4 intents, with small runs: a few minutes on 2 cores"
+    )
     p.add_argument("--threshold", type=float, default=None, help="skip the median rule and use this threshold")
     p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
     p.add_argument(
@@ -822,12 +1230,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="derive",
         help="derive loop off from the all-student and all-teacher answers (default), or replay it too",
     )
-    p.add_argument("--lr", type=float, default=1e-3, help="LoRA learning rate (TIERGATE_DISTILL__LORA__LR wins)")
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="LoRA learning rate (default: the product's; TIERGATE_DISTILL__LORA__LR wins)",
+    )
     p.add_argument("--replot", type=Path, default=None, help="only redraw the PNG of this result JSON")
     p.add_argument(
         "--reuse-static", type=Path, default=None, help="take all-student, all-teacher, loop off from this result JSON"
     )
-    p.add_argument("--kb", type=Path, default=DEFAULT_KB, help="knowledge base for the teacher prompt")
+    p.add_argument(
+        "--kb", type=Path, default=None, help="knowledge base for the teacher prompt (default: the domain's)"
+    )
     p.add_argument(
         "--teacher-prompt",
         choices=get_args(PromptStyle),
@@ -840,16 +1255,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="stream",
         help="the entries the stream asks about (by `intent`), or the whole knowledge base",
     )
-    p.add_argument("--out", type=Path, default=None, help="output path prefix")
-    return p.parse_args(argv)
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output path prefix (default bench/results/stream_distill_<domain>[_quick])",
+    )
+    args = p.parse_args(argv)
+    if args.kb is None:
+        args.kb = DOMAINS[args.domain][0]
+    return args
+
+
+def default_prefix(domain: str, quick: bool) -> Path:
+    return RESULTS / f"stream_distill_{domain}{'_quick' if quick else ''}"
 
 
 async def amain(args: argparse.Namespace) -> None:
     profile = QUICK if args.quick else FULL
     args.window = args.window or profile.window
-    items, source = load_items(args)
+    items, source = load_items(args, profile)
     prompt = teacher_prompt_for(items, load_kb(args.kb), args.teacher_prompt, args.teacher_kb)
-    prefix = args.out or RESULTS / ("stream_distill_quick" if args.quick else "stream_distill")
+    prefix = args.out or default_prefix(args.domain, args.quick)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     logs = prefix.parent / f"{prefix.name}_logs"
     logs.mkdir(exist_ok=True)
@@ -857,8 +1284,13 @@ async def amain(args: argparse.Namespace) -> None:
     if args.reuse_static is not None:
         reuse_static(args.reuse_static, items, args.window, result)
     n_held = sum(i.split == "heldout" for i in items)
-    console.log(f"stream: {len(items)} requests ({n_held} held-out) from {source}; windows of {args.window}")
-    started = time.time()
+    settings = overrides(profile, args.lr)
+    print_overrides(settings, profile, prompt)
+    console.log(
+        f"{args.domain}: {len(items)} requests ({n_held} held-out) from {source}; windows of {args.window}; "
+        f"{os.cpu_count()} CPUs"
+    )
+    started, t0 = time.time(), time.perf_counter()
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
     ) as progress:
@@ -867,21 +1299,37 @@ async def amain(args: argparse.Namespace) -> None:
             await run_static(items, static, args, profile, prompt, result, progress, logs)
         if "loop_on" in args.configs:
             await run_online(items, args, profile, prompt, result, progress, logs)
+    elapsed = time.perf_counter() - t0
     relative_costs(result)
     print_tables(result)
     summ = summary(result)
+    lq = last_quarter(result.outcomes, {n: request_costs(result.rows[n], outs) for n, outs in result.outcomes.items()})
+    promo = result.distill.get("promotions")
+    goal_list = goals(lq, promo)
     out = {
         "benchmark": "stream_distill",
+        "domain": args.domain,
+        "quick": args.quick,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": {**machine(), "platform": platform.platform()},
+        "git": git_state(),
         "stream": {"source": source, "requests": len(items), "heldout": n_held, "window": args.window},
         "threshold": result.threshold,
         "threshold_rule": "given" if args.threshold is not None else "median of all-student confidences",
         "reused_static_from": str(args.reuse_static) if args.reuse_static else None,
         "student_confidence": result.confidence_quantiles,
         "max_tokens": MAX_TOKENS,
-        "profile": asdict(profile),
+        "profile": {"name": profile.name, "window": args.window, "ref_concurrency": profile.ref_concurrency},
+        # What the gateways change from the product defaults, and why ({prompt}, {tmp}, {admin_key}
+        # stand for the teacher prompt, the temporary folder and the per-gateway key).
+        "overrides": {k: asdict(o) for k, o in settings.items()},
+        "teacher_prompt": prompt,
+        "elapsed_s": {"total": elapsed, "budget": BUDGET_S, **result.phases},
         "summary": summ,
+        "last_quarter": lq,
+        "goals": [asdict(g) for g in goal_list],
+        "promotions": promo,
+        "labels": result.distill.get("labels"),
         "windows": {name: [asdict(r) for r in rows] for name, rows in result.rows.items()},
         "distill": result.distill,
         "outcomes": {name: [asdict(o) for o in outs] for name, outs in result.outcomes.items()},
@@ -898,6 +1346,8 @@ async def amain(args: argparse.Namespace) -> None:
         )
     if result.distill:
         console.print(f"distillation runs: {result.distill['runs']}; gate: {result.distill['gate']}")
+    print_goals(lq, goal_list, promo, result.distill.get("labels"), quick=args.quick)
+    print_timing(result, elapsed, reused=args.reuse_static is not None)
     console.print(f"wrote {prefix}.json, .csv, .png (gateway logs in {logs})")
 
 
