@@ -1,8 +1,9 @@
 """The composition root: `create_app(settings)` wires backends, router, store and metrics.
 
 Lifespan owns everything long-lived: it opens the signal store, starts the tiers in the
-background (so liveness answers while models load; readiness waits for both), and on
-shutdown waits for in-flight audits, closes the tiers, then flushes the store.
+background (so liveness answers while models load; readiness waits for both) and the active
+labeler once both are up, and on shutdown stops the labeler, waits for in-flight audits and
+labels, closes the tiers, then flushes the store.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from fastapi import FastAPI
 from distill_loop import RuntimeConfig, SignalStore
 from gateway.errors import install_handlers
 from gateway.gc_tuning import release_gc, tune_gc
+from gateway.labels import ActiveLabeler
 from gateway.metrics import Metrics
 from gateway.routes import install_chat_routes
 from gateway.routes import router as http_routes
@@ -39,6 +41,13 @@ async def _tune_gc_when_ready(starters: list[asyncio.Task[None]], runtime: Runti
     await asyncio.gather(*starters, return_exceptions=True)
     frozen = tune_gc(runtime.gc_freeze, runtime.gc_gen0_threshold)
     log.info("gc tuned: %d start-up objects frozen, gen0 threshold %d", frozen, gc.get_threshold()[0])
+
+
+async def _label_when_ready(starters: list[asyncio.Task[None]], labeler: ActiveLabeler, service: TieredService) -> None:
+    """Active labels start once both tiers are up: before that there is nothing to label."""
+    started = await asyncio.gather(*starters, return_exceptions=True)
+    if not any(isinstance(r, BaseException) for r in started):
+        labeler.start(service.label)
 
 
 async def _start_until_ready(name: str, backend: Backend, metrics: Metrics) -> None:
@@ -63,7 +72,9 @@ def create_app(settings: Settings, *, student: Backend | None = None, teacher: B
     teacher = teacher or build_backend(settings.teacher, cache_dir=settings.runtime.cache_dir)
     router = ConfidenceRouter.from_config(settings.router)
     policies = PolicyBook(settings.policy_db, settings.router.threshold)
-    service = TieredService(settings, student, teacher, router, store, metrics, policies=policies)
+    budget = settings.distill.label_budget_per_hour
+    labeler = ActiveLabeler(budget) if budget > 0 else None
+    service = TieredService(settings, student, teacher, router, store, metrics, policies=policies, labeler=labeler)
     tuning = Tuning(settings, router, policies)
     manager = StudentManager(settings, student, teacher, metrics, on_serving=tuning.on_serving)
 
@@ -87,6 +98,9 @@ def create_app(settings: Settings, *, student: Backend | None = None, teacher: B
 
         starters[0].add_done_callback(on_started)
         gc_tuner = asyncio.create_task(_tune_gc_when_ready(starters, settings.runtime), name="tune-gc")
+        waiters = [gc_tuner]
+        if labeler is not None:
+            waiters.append(asyncio.create_task(_label_when_ready(starters, labeler, service), name="start-labels"))
         await manager.start(starters[0])
         tuning.start(service.student_version)
         try:
@@ -95,9 +109,11 @@ def create_app(settings: Settings, *, student: Backend | None = None, teacher: B
             app.state.shutting_down = True
             await tuning.stop()
             await manager.stop(settings.server.shutdown_grace_s)
-            for task in (*starters, gc_tuner):
+            for task in (*starters, *waiters):
                 task.cancel()
-            await asyncio.gather(*starters, gc_tuner, return_exceptions=True)
+            await asyncio.gather(*starters, *waiters, return_exceptions=True)
+            if labeler is not None:
+                await labeler.stop()  # no new labels; those in flight are drained with the audits
             await service.drain(settings.server.shutdown_grace_s)
             for backend in service.tiers.values():
                 try:

@@ -2,7 +2,8 @@
 
 Everything here is transport-free: it takes a parsed `ChatCall` and returns a `Route` plus a
 `Generation` or a stream of deltas; `routes.py` turns those into HTTP. A failing teacher
-degrades to the student's draft; a failing signal store never fails a request.
+degrades to the student's draft; a failing signal store never fails a request. Which confident
+answers get an active label is `labels.py`'s choice; asking the teacher and recording is here.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from distill_loop import Sample, SignalStore, StoreClosed
 from gateway.metrics import Metrics
@@ -34,6 +35,9 @@ from models import (
     collect,
 )
 from router import DEFAULT_TENANT, Decision, PolicyBook, Router, RouteReason
+
+if TYPE_CHECKING:
+    from gateway.labels import ActiveLabeler, LabelReason
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +145,7 @@ class TieredService:
         *,
         policies: PolicyBook | None = None,
         rng: random.Random | None = None,
+        labeler: ActiveLabeler | None = None,
     ) -> None:
         self.settings = settings
         self.policies = policies or PolicyBook(settings.policy_db, settings.router.threshold)
@@ -149,6 +154,7 @@ class TieredService:
         self.store = store
         self.metrics = metrics
         self._rng = rng or random.Random()
+        self.labeler = labeler  # None: active labels are off (budget 0)
         self._background: set[asyncio.Task[None]] = set()
         self._spent = 0.0
         self._teacher_only = 0.0
@@ -198,7 +204,7 @@ class TieredService:
             return AnswerStream(route, self._replay(call, route, answer, already_finished=True))
 
     async def drain(self, timeout: float) -> None:
-        """Wait for background audits so their records are written before shutdown."""
+        """Wait for background audits and labels so their records are written before shutdown."""
         if self._background:
             await asyncio.wait(set(self._background), timeout=timeout)
         for task in self._background:
@@ -367,10 +373,14 @@ class TieredService:
 
     # -- signal ------------------------------------------------------------------------------
     def _maybe_audit(self, call: ChatCall, route: Route, draft: Generation) -> None:
-        fraction = self.settings.signal.audit_fraction
-        if call.alias != "tiered" or fraction <= 0 or self._rng.random() >= fraction:
+        """Audit a random share of confident tiered answers; offer the rest for an active label."""
+        if call.alias != "tiered":
             return
-        self._spawn(self._audit(call, route, draft), call.request_id)
+        fraction = self.settings.signal.audit_fraction
+        if fraction > 0 and self._rng.random() < fraction:
+            self._spawn(self._audit(call, route, draft), call.request_id)
+        elif self.labeler is not None:
+            self.labeler.offer(call, route, draft)
 
     async def _audit(self, call: ChatCall, route: Route, draft: Generation) -> None:
         try:
@@ -382,17 +392,34 @@ class TieredService:
         self.metrics.audits.labels("ok").inc()
         self._record(call, "audit", "audit", draft, route.decision, answer)
 
+    def label(self, call: ChatCall, route: Route, draft: Generation, reason: LabelReason) -> None:
+        """Ask the teacher about a served answer the labeler picked, in the background."""
+        self._spawn(self._label(call, route, draft, reason), call.request_id)
+
+    async def _label(self, call: ChatCall, route: Route, draft: Generation, reason: LabelReason) -> None:
+        try:
+            answer = await self._generate("teacher", call.messages, self._teacher_params(call))
+        except BackendError as exc:
+            self.metrics.active_labels.labels(reason, "failed").inc()
+            log.warning("active label (%s) of %s failed: %s", reason, call.request_id, exc)
+            return
+        self.metrics.active_labels.labels(reason, "ok").inc()
+        # `_generate` counted this in the teacher's cost already; this is the labels' share of it.
+        usage = answer.usage
+        self.metrics.label_cost.inc(self.settings.pricing.teacher.cost(usage.prompt_tokens, usage.completion_tokens))
+        self._record(call, "label", reason, draft, route.decision, answer)
+
     def _record(
         self,
         call: ChatCall,
-        kind: Literal["escalation", "audit"],
+        kind: Literal["escalation", "audit", "label"],
         reason: str,
         draft: Generation | None,
         decision: Decision | None,
         answer: Generation,
     ) -> None:
         sample = Sample(
-            id=call.request_id if kind == "escalation" else f"{call.request_id}-audit",
+            id=call.request_id if kind == "escalation" else f"{call.request_id}-{kind}",
             created_at=time.time(),
             tenant=call.tenant,
             kind=kind,
@@ -406,8 +433,11 @@ class TieredService:
             metadata=dict(call.metadata),
             # Every escalation is logged; an audit stands for the 1/fraction confident requests
             # `_maybe_audit` drew it from. Stored, so a reader with another fraction weights it right.
+            # A label was chosen, not drawn: 1.0, and what-if leaves it out.
             sampling_weight=1.0 / self.settings.signal.audit_fraction if kind == "audit" else 1.0,
         )
+        if self.labeler is not None:
+            self.labeler.covered(call.messages)
         teacher = self.tiers["teacher"]
         if self.settings.signal.score_drafts and draft is not None and draft.text and isinstance(teacher, DraftScorer):
             # Off the client's path: the record is written once the teacher has scored the draft.
