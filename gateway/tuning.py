@@ -7,6 +7,8 @@ sampling weight, and replace the router's calibrator / learned model whole. The 
 saved as the version's routing state in the registry, and the serving version's routing state
 (calibrator, and every version's floor) is applied at start-up and at each swap. A swap also
 resets target-rate controllers and refits, since a new student moves the confidence distribution.
+Active labels join calibration refits (chosen near the threshold, where calibration matters) but
+not what-if curves: those stand for all traffic, and a label was chosen, not drawn.
 """
 
 from __future__ import annotations
@@ -58,7 +60,11 @@ class Tuning:
         self.last_refit: dict[str, Any] = {}
 
     # -- data ----------------------------------------------------------------------------------
-    def samples(self, hours: float | None = None, version: str | None = None) -> list[Sample]:
+    def samples(
+        self, hours: float | None = None, version: str | None = None, *, population: bool = False
+    ) -> list[Sample]:
+        """Records with a student draft and its confidence. `population`: only those that stand
+        for served traffic by their sampling weights (escalations and audits, not labels)."""
         path = self.settings.signal.path
         if not path.exists():
             return []
@@ -66,7 +72,10 @@ class Tuning:
         return [
             s
             for s in read_samples(path, since=since)
-            if s.student is not None and s.confidence is not None and (version is None or s.student.version == version)
+            if s.student is not None
+            and s.confidence is not None
+            and (version is None or s.student.version == version)
+            and not (population and s.kind == "label")
         ]
 
     def acceptable(self, s: Sample) -> bool:
@@ -100,7 +109,7 @@ class Tuning:
 
     # -- what-if -------------------------------------------------------------------------------
     def whatif(self, hours: float | None = None, tenant: str = DEFAULT_TENANT) -> dict[str, Any]:
-        obs = self.observations(self.samples(hours))
+        obs = self.observations(self.samples(hours, population=True))
         current = self.policies.threshold(tenant)
         return {
             "samples": len(obs),
@@ -112,7 +121,7 @@ class Tuning:
     def resolve(self, body: dict[str, Any], hours: float | None = None) -> tuple[Policy, dict[str, Any] | None]:
         """Turn an admin request into a policy, and predict its effect on logged traffic."""
         kind = body.get("kind")
-        obs = self.observations(self.samples(hours))
+        obs = self.observations(self.samples(hours, population=True))
         if kind == "fixed":
             policy: Policy = FixedThreshold(_unit(body.get("threshold"), "threshold"))
         elif kind == "target_rate":
@@ -134,7 +143,7 @@ class Tuning:
     def timeline(self, hours: float | None = None, bucket_s: float = 3600.0) -> list[dict[str, Any]]:
         """Escalation rate and cost saved per time bucket and student version."""
         buckets: dict[tuple[float, str], list[Sample]] = defaultdict(list)
-        for s in self.samples(hours):
+        for s in self.samples(hours, population=True):
             assert s.student is not None
             buckets[(s.created_at // bucket_s * bucket_s, s.student.version)].append(s)
         rows = []

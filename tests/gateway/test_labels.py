@@ -177,6 +177,25 @@ async def _task_names() -> set[str]:
     return {t.get_name() for t in asyncio.all_tasks()}
 
 
+def test_what_if_leaves_labels_out_and_calibration_takes_them(tmp_path: Path) -> None:
+    """What-if stands for all traffic by sampling weights; a label was chosen, not drawn."""
+    student, teacher = tiers()
+    app = create_app(label_settings(tmp_path, 0, audit_fraction=0.5, admin="k"), student=student, teacher=teacher)
+    with TestClient(app) as client:
+        for i, kind in enumerate(("escalation", "audit", "label", "label")):
+            call, route, draft = served(f"question {i}", confidence=0.6, rid=f"r{i}")
+            answer = Generation("the teacher's answer", "stop", Usage(5, 3), "teacher")
+            app.state.service._record(call, kind, "margin" if kind == "label" else kind, draft, route.decision, answer)
+        assert app.state.service.store.flush()
+        auth = {"authorization": "Bearer k"}
+        assert client.get("/admin/whatif", headers=auth).json()["samples"] == 2
+        (row,) = client.get("/admin/timeline?bucket_s=1e9", headers=auth).json()["buckets"]
+        assert row["requests"] == 1 + 2  # the escalation, and the audit standing for 1/0.5 requests
+        tuning = app.state.tuning
+        assert len(tuning.samples()) == 4 and len(tuning.samples(population=True)) == 2
+        assert tuning.refit("base")["samples"] == 4  # refits see the labels
+
+
 # -- end to end --------------------------------------------------------------------------------
 
 
@@ -192,10 +211,11 @@ def tiers(teacher_delay_s: float = 0.0) -> tuple[FakeBackend, FakeBackend]:
     return student, teacher
 
 
-def label_settings(tmp_path: Path, budget: float) -> Settings:
+def label_settings(tmp_path: Path, budget: float, audit_fraction: float = 0.0, admin: str | None = None) -> Settings:
     return Settings(
+        server={"admin_api_key": admin},
         router={"threshold": THRESHOLD},
-        signal={"path": tmp_path / "signal.db", "audit_fraction": 0.0, "teacher_top_logprobs": 5, "linger_s": 0.01},
+        signal={"path": tmp_path / "signal.db", "audit_fraction": audit_fraction, "teacher_top_logprobs": 5},
         distill={"label_budget_per_hour": budget, "registry_dir": tmp_path / "registry", "enabled": False},
         tuning={"policy_db": tmp_path / "policy.db"},
         pricing={
