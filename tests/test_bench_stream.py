@@ -28,10 +28,12 @@ from bench.stream_distill import (
     label_stats,
     last_quarter,
     last_quarter_start,
+    log_events,
     overrides,
     parse_args,
     promotions,
     request_costs,
+    run_in_flight,
     signal_summary,
 )
 from distill_loop import DistillConfig
@@ -287,3 +289,17 @@ def test_a_held_out_prompt_in_the_signal_is_counted() -> None:
     ]
     records = [("escalation", "asked in training"), ("label", "never trained on"), ("audit", "asked in training")]
     assert signal_summary(records, items) == {"records": {"escalation": 1, "label": 1, "audit": 1}, "heldout_leaks": 1}
+
+
+def test_a_run_started_and_not_decided_is_in_flight() -> None:
+    started = "2026-11-29 18:28:38,037 INFO distill_loop.loop: distillation run on 44 examples ({...}), serving base"
+    promoted = "2026-11-29 18:30:01,000 INFO distill_loop.loop: promoted v0001 (held-out NLL 3.880 -> 0.190; items 4/0)"
+    rejected = (
+        "2026-11-29 18:31:00,000 WARNING distill_loop.loop: candidate rejected by the gate: served_quality_fell (…)"
+    )
+    assert not run_in_flight(log_events(""))
+    assert run_in_flight(log_events(started))
+    assert not run_in_flight(log_events("\n".join([started, promoted])))
+    assert run_in_flight(log_events("\n".join([started, promoted, started])))
+    assert not run_in_flight(log_events("\n".join([started, rejected])))
+    assert log_events(promoted)[0]["groups"] == ["v0001", "3.880", "0.190"]
