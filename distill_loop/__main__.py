@@ -105,7 +105,7 @@ def rollback(
 def export(
     out: Annotated[Path, typer.Argument(help="JSONL file to write")],
     db: Annotated[Path, typer.Option(help="signal database")] = Path("data/signal.db"),
-    kind: Annotated[str | None, typer.Option(help="only 'escalation' or 'audit' records")] = None,
+    kind: Annotated[str | None, typer.Option(help="only 'escalation', 'audit' or 'label' records")] = None,
     since_hours: Annotated[float | None, typer.Option(help="only records newer than this")] = None,
 ) -> None:
     """Write stored records as chat-format JSONL: prompt messages + the teacher's answer."""

@@ -31,6 +31,7 @@ def settings_for(student_url: str, teacher_url: str, db: Path, audit: float = 0.
         teacher={"kind": "remote", "url": teacher_url, "model": "auto", "system_prompt": None},
         router={"threshold": THRESHOLD},
         signal={"path": db, "audit_fraction": audit, "teacher_top_logprobs": 5},
+        distill={"label_budget_per_hour": 0},  # exact token and record counts: no background labels
         pricing={
             "student": {"input_per_mtok": 1, "output_per_mtok": 2},
             "teacher": {"input_per_mtok": 10, "output_per_mtok": 20},

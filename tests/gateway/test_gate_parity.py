@@ -42,6 +42,9 @@ def config(tmp_path: Path, model_dir: Path) -> Path:
             "losses": {"error_correction": False},
             "lora": {"r": 8, "alpha": 16, "lr": 2e-2, "epochs": 50, "batch_size": 8, "max_steps": 200},
             "gate": {"max_new_tokens": 12, "min_heldout": 4, "max_p_value": 1.0},
+            # Routing at the persisted policy is what is compared; a quality-target floor would
+            # sit above it (test_quality_floor.py).
+            "quality_target": 0.0,
         },
     }
     path = tmp_path / "tiergate.yaml"

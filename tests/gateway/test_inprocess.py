@@ -36,7 +36,7 @@ def test_tiny_local_student_escalates_to_remote_teacher(tiny_model_dir: Path, te
         )
         assert student.model == f"{tiny_model_dir}@base"  # the student's name at the version that answered
         assert student.choices[0].logprobs is not None
-    (rec,) = list(read_samples(tmp_path / "s.db"))
+    (rec,) = list(read_samples(tmp_path / "s.db", kind="escalation"))  # active labels may add others
     assert rec.student is not None and len(rec.student.logprobs) == rec.student.usage.completion_tokens
     assert rec.student.token_ids  # in-process drafts keep their token ids for training
 
@@ -68,6 +68,6 @@ def test_real_models_keep_one_and_escalate_one(tmp_path: Path) -> None:
     assert hard_headers["x-tiergate-tier"] == "teacher", hard_headers
     assert float(hard_headers["x-tiergate-confidence"]) < 0.35
     assert hard_model == "gemma-3-270m" and hard_text
-    (rec,) = list(read_samples(tmp_path / "s.db"))
+    (rec,) = list(read_samples(tmp_path / "s.db", kind="escalation"))  # active labels may add others
     assert rec.teacher.text == hard_text and rec.teacher.logprobs[0].top  # top-k logprobs from Gemma
     assert rec.student is not None and rec.student.model == "smollm2-135m-instruct"

@@ -80,8 +80,8 @@ def test_gateway_on_vllm_escalates_streams_and_logs_teacher_logprobs(
         streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         assert streamed == hard.parse().choices[0].message.content  # greedy: same answer streamed
         assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
-    records = list(read_samples(tmp_path / "s.db"))
-    assert len(records) == 2 and all(r.kind == "escalation" for r in records)
+    records = list(read_samples(tmp_path / "s.db", kind="escalation"))  # active labels may add others
+    assert len(records) == 2
     rec = records[0]
     assert rec.student is not None and rec.student.logprobs  # the student's draft logprobs from vLLM
     assert len(rec.teacher.logprobs[0].top) == 20  # teacher top-k up to the server's maximum
