@@ -443,7 +443,9 @@ class DistillLoop:
         current = self.registry.current()
         metric, agree_at = METRICS[self.config.gate.metric], self.config.gate.agree_at
         obs, audits = [], 0
-        for s in read_samples(self.signal_path):
+        # Its records are written after it began serving: read only those, not the whole store.
+        since = next((float(h["time"]) for h in reversed(self.registry.history()) if h["to"] == current), 0.0)
+        for s in read_samples(self.signal_path, since=since):
             if s.kind == "label" or s.student is None or s.confidence is None or s.student.version != current:
                 continue
             audits += s.kind == "audit"

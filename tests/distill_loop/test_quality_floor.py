@@ -8,6 +8,7 @@ or roll the version back when the gate's estimate turns out wrong.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -104,12 +105,8 @@ def _sample(i: int, kind: str, version: str, confidence: float, right: bool) -> 
 
 
 def _loop(tmp_path: Path, samples: list[Sample]) -> DistillLoop:
+    """A loop whose registry serves v0001 (floor 0.3), and `samples` written after it began serving."""
     db = tmp_path / "signal.db"
-    store = SignalStore(SignalConfig(path=db))
-    store.open()
-    for s in samples:
-        store.submit(s)
-    store.close()
     config = DistillConfig(registry_dir=tmp_path / "registry", rollback_min_samples=20)
     judging = JudgeSource(RouterConfig(threshold=0.3), tmp_path / "policies.db", calibrated=False)
     loop = DistillLoop(config, db, BackendConfig(kind="local", model="unused"), judging=judging)
@@ -119,6 +116,11 @@ def _loop(tmp_path: Path, samples: list[Sample]) -> DistillLoop:
     loop.registry.add("v0001", adapter, VersionMeta("v0001", BASE, time.time()))
     loop.registry.save_routing_state("v0001", RoutingState(floor=0.3))
     loop.registry.set_current("v0001", "promoted")
+    store = SignalStore(SignalConfig(path=db))
+    store.open()
+    for s in samples:
+        store.submit(dataclasses.replace(s, created_at=time.time()))
+    store.close()
     return loop
 
 
