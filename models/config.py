@@ -39,6 +39,9 @@ class BackendConfig(BaseModel):
     batch_wait_ms: float = Field(default=2.0, ge=0.0, le=1000.0)
     # local: longest prompt + completion, in tokens; longer prompts are rejected with 400.
     max_model_len: int = Field(default=2048, ge=16)
+    # local: keep the KV cache of the prompt's static start (the system prompt and template
+    # text before the conversation) and prefill only the rest of each prompt.
+    prefix_cache: bool = True
     # remote: base URL including /v1, e.g. http://127.0.0.1:8000/v1.
     url: str | None = None
     # remote: bearer token sent upstream.

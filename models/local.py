@@ -42,6 +42,7 @@ from models.base import (
 from models.config import BackendConfig
 from models.convert import resolve_model_dir
 from models.errors import BackendError, BackendTimeout, BackendUnavailable
+from models.prefix import PrefixKV, static_prefix
 from models.prompt import Prompt, build_prompt
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,9 @@ class LoadedModel:
         self.model = model
         self.tokenizer = tokenizer
         self.version = version
+        # The static start of this backend's prompts, set when the backend installs the model
+        # (it depends on the backend's prompt format and system prompt); None = no prefix cache.
+        self.prefix: PrefixKV | None = None
         eos: set[int] = set()
         for candidate in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
             if isinstance(candidate, int):
@@ -182,6 +186,9 @@ class LocalBackend:
         log.info("loaded %s from %s on %s", self.config.name, path, self._device)
 
     def _install(self, loaded: LoadedModel) -> None:
+        if self.config.prefix_cache and loaded.prefix is None:
+            ids = static_prefix(self.config, loaded.tokenizer)
+            loaded.prefix = PrefixKV(ids) if ids else None
         self._loaded = loaded
 
     async def call_on_owner(self, fn: Callable[[], Any]) -> Any:
@@ -346,28 +353,17 @@ class LocalBackend:
 
 
 def _decode(loaded: LoadedModel, jobs: list[_Job], device: torch.device) -> None:
-    """Batched decode of `jobs` with left padding, a shared KV cache and per-row sampling."""
+    """Batched decode of `jobs` with left padding, a shared KV cache and per-row sampling.
+
+    When every prompt starts with the model's cached static prefix, only the rest of each is
+    prefilled (models/prefix.py)."""
     model, tok = loaded.model, loaded.tokenizer
     rows = [_Row(job=j, generator=_generator(j.params, device)) for j in jobs]
-    width = max(len(j.prompt_ids) for j in jobs)
-    input_ids_B_T = torch.full((len(jobs), width), loaded.pad_id, dtype=torch.long)
-    mask_B_T = torch.zeros((len(jobs), width), dtype=torch.long)
-    for b, j in enumerate(jobs):
-        input_ids_B_T[b, width - len(j.prompt_ids) :] = torch.tensor(j.prompt_ids)
-        mask_B_T[b, width - len(j.prompt_ids) :] = 1
-    input_ids_B_T, mask_B_T = input_ids_B_T.to(device), mask_B_T.to(device)
-    positions_B_T = (mask_B_T.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache(config=model.config)
-    out = model(
-        input_ids=input_ids_B_T,
-        attention_mask=mask_B_T,
-        position_ids=positions_B_T,
-        cache=cache,
-        use_cache=True,
-        logits_to_keep=1,  # only the last position is sampled: no [B, T, V] logits for the prompt
-    )
-    logits_B_V = out.logits[:, -1, :].float()
-    next_pos_B = positions_B_T[:, -1] + 1
+    prefix = loaded.prefix
+    if prefix is not None and all(prefix.covers(j.prompt_ids) for j in jobs) and prefix.ready(model, device):
+        cache, mask_B_T, next_pos_B, logits_B_V = prefix.prefill(model, [j.prompt_ids for j in jobs], device)
+    else:
+        cache, mask_B_T, next_pos_B, logits_B_V = _prefill(model, loaded.pad_id, jobs, device)
     max_top = max(j.params.top_logprobs for j in jobs)
     step = 0
     while True:
@@ -410,6 +406,31 @@ def _decode(loaded: LoadedModel, jobs: list[_Job], device: torch.device) -> None
         )
         logits_B_V = out.logits[:, -1, :].float()
         next_pos_B = next_pos_B + 1
+
+
+def _prefill(
+    model: Any, pad_id: int, jobs: list[_Job], device: torch.device
+) -> tuple[DynamicCache, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prefill whole prompts, left-padded into one batch: the cache, the mask [B, T], each row's
+    next position [B] and its last logits [B, V]."""
+    width = max(len(j.prompt_ids) for j in jobs)
+    input_ids_B_T = torch.full((len(jobs), width), pad_id, dtype=torch.long)
+    mask_B_T = torch.zeros((len(jobs), width), dtype=torch.long)
+    for b, j in enumerate(jobs):
+        input_ids_B_T[b, width - len(j.prompt_ids) :] = torch.tensor(j.prompt_ids)
+        mask_B_T[b, width - len(j.prompt_ids) :] = 1
+    input_ids_B_T, mask_B_T = input_ids_B_T.to(device), mask_B_T.to(device)
+    positions_B_T = (mask_B_T.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=model.config)
+    out = model(
+        input_ids=input_ids_B_T,
+        attention_mask=mask_B_T,
+        position_ids=positions_B_T,
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,  # only the last position is sampled: no [B, T, V] logits for the prompt
+    )
+    return cache, mask_B_T, positions_B_T[:, -1] + 1, out.logits[:, -1, :].float()
 
 
 def _generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
