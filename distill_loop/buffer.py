@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 from distill_loop.config import DistillConfig
-from distill_loop.metrics import METRICS, normalise
+from distill_loop.metrics import normalise
 from distill_loop.sample import Sample
 from distill_loop.store import read_samples
 from models import ChatMessage, TokenLogprob
@@ -86,12 +86,11 @@ def examples_for(sample: Sample, config: DistillConfig) -> list[Example]:
         )
     ]
     draft = sample.student
-    metric = METRICS[config.gate.metric]
     if (
         config.losses.error_correction
         and draft is not None
         and draft.text.strip()
-        and metric(draft.text, teacher.text) < config.gate.agree_at
+        and not config.gate.agrees(draft.text, teacher.text)
     ):
         critique = f"{sample.critique.strip()}\n" if sample.critique else ""
         out.append(

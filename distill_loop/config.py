@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from distill_loop.metrics import METRICS
+
 
 class SignalConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -102,6 +104,12 @@ class GateSettings(BaseModel):
     max_new_tokens: int = Field(default=48, ge=1)
     # Most held-out items evaluated per run (keeps CPU gates bounded).
     max_items: int = Field(default=32, ge=1)
+
+
+    def agrees(self, answer: str, teacher: str) -> bool:
+        """Whether `answer` agrees with the teacher's: the one rule the gate, the floors, the
+        live quality check, tuning and error-correction examples all use."""
+        return METRICS[self.metric](answer, teacher) >= self.agree_at
 
 
 class DistillConfig(BaseModel):

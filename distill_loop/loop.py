@@ -391,13 +391,12 @@ class DistillLoop:
     async def enrich_critiques(self, limit: int = 16) -> int:
         """Ask the teacher, in the background, why rejected drafts were wrong; store the answer."""
         assert self.critic is not None
-        metric = METRICS[self.config.gate.metric]
         todo = [
             s
             for s in read_samples(self.signal_path, since=self.state.last_cut, kind="escalation")
             if s.critique is None
             and s.student is not None
-            and metric(s.student.text, s.teacher.text) < self.config.gate.agree_at
+            and not self.config.gate.agrees(s.student.text, s.teacher.text)
         ][:limit]
         done = 0
         for s in todo:
@@ -441,7 +440,6 @@ class DistillLoop:
         if target <= 0 or not self.signal_path.exists() or self.judging is None:
             return None
         current = self.registry.current()
-        metric, agree_at = METRICS[self.config.gate.metric], self.config.gate.agree_at
         obs, audits = [], 0
         # Its records are written after it began serving: read only those, not the whole store.
         since = next((float(h["time"]) for h in reversed(self.registry.history()) if h["to"] == current), 0.0)
@@ -450,7 +448,7 @@ class DistillLoop:
                 continue
             audits += s.kind == "audit"
             weight = s.sampling_weight if s.sampling_weight is not None else 1.0
-            ok = metric(s.student.text, s.teacher.text) >= agree_at
+            ok = self.config.gate.agrees(s.student.text, s.teacher.text)
             obs.append(Observation(s.confidence, ok, weight, 0.0, 0.0))
         if audits < self.config.rollback_min_samples:
             return None

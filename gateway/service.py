@@ -378,36 +378,35 @@ class TieredService:
             return
         fraction = self.settings.signal.audit_fraction
         if fraction > 0 and self._rng.random() < fraction:
-            self._spawn(self._audit(call, route, draft), call.request_id)
+            self._spawn(self._second_opinion(call, route, draft, "audit", "audit"), call.request_id)
         elif self.labeler is not None:
             self.labeler.offer(call, route, draft)
 
-    async def _audit(self, call: ChatCall, route: Route, draft: Generation) -> None:
-        try:
-            answer = await self._generate("teacher", call.messages, self._teacher_params(call))
-        except BackendError as exc:
-            self.metrics.audits.labels("failed").inc()
-            log.warning("audit of %s failed: %s", call.request_id, exc)
-            return
-        self.metrics.audits.labels("ok").inc()
-        self._record(call, "audit", "audit", draft, route.decision, answer)
-
     def label(self, call: ChatCall, route: Route, draft: Generation, reason: LabelReason) -> None:
         """Ask the teacher about a served answer the labeler picked, in the background."""
-        self._spawn(self._label(call, route, draft, reason), call.request_id)
+        self._spawn(self._second_opinion(call, route, draft, "label", reason), call.request_id)
 
-    async def _label(self, call: ChatCall, route: Route, draft: Generation, reason: LabelReason) -> None:
+    async def _second_opinion(
+        self, call: ChatCall, route: Route, draft: Generation, kind: Literal["audit", "label"], reason: str
+    ) -> None:
+        """Ask the teacher about a confident answer already served (an audit or an active
+        label), count the outcome, and record the pair."""
+        outcomes = self.metrics.audits if kind == "audit" else self.metrics.active_labels
+        labels = () if kind == "audit" else (reason,)
         try:
             answer = await self._generate("teacher", call.messages, self._teacher_params(call))
         except BackendError as exc:
-            self.metrics.active_labels.labels(reason, "failed").inc()
-            log.warning("active label (%s) of %s failed: %s", reason, call.request_id, exc)
+            outcomes.labels(*labels, "failed").inc()
+            what = "audit" if kind == "audit" else f"active label ({reason})"
+            log.warning("%s of %s failed: %s", what, call.request_id, exc)
             return
-        self.metrics.active_labels.labels(reason, "ok").inc()
-        # `_generate` counted this in the teacher's cost already; this is the labels' share of it.
-        usage = answer.usage
-        self.metrics.label_cost.inc(self.settings.pricing.teacher.cost(usage.prompt_tokens, usage.completion_tokens))
-        self._record(call, "label", reason, draft, route.decision, answer)
+        outcomes.labels(*labels, "ok").inc()
+        if kind == "label":
+            # `_generate` counted this in the teacher's cost already; this is the labels' share of it.
+            usage = answer.usage
+            cost = self.settings.pricing.teacher.cost(usage.prompt_tokens, usage.completion_tokens)
+            self.metrics.label_cost.inc(cost)
+        self._record(call, kind, reason, draft, route.decision, answer)
 
     def _record(
         self,

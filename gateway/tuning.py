@@ -23,7 +23,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from distill_loop import BASE, METRICS, Registry, RoutingState, Sample, read_samples
+from distill_loop import BASE, Registry, RoutingState, Sample, read_samples
 from gateway.settings import Settings
 from router import (
     DEFAULT_TENANT,
@@ -79,9 +79,8 @@ class Tuning:
         ]
 
     def acceptable(self, s: Sample) -> bool:
-        gate = self.settings.distill.gate
         assert s.student is not None
-        return METRICS[gate.metric](s.student.text, s.teacher.text) >= gate.agree_at
+        return self.settings.distill.gate.agrees(s.student.text, s.teacher.text)
 
     def weight(self, s: Sample) -> float:
         """How many requests `s` stands for: the weight stored when it was sampled. Only records
