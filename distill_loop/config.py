@@ -105,7 +105,6 @@ class GateSettings(BaseModel):
     # Most held-out items evaluated per run (keeps CPU gates bounded).
     max_items: int = Field(default=32, ge=1)
 
-
     def agrees(self, answer: str, teacher: str) -> bool:
         """Whether `answer` agrees with the teacher's: the one rule the gate, the floors, the
         live quality check, tuning and error-correction examples all use."""

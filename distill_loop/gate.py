@@ -14,8 +14,14 @@ With a quality target (`distill.quality_target`), quality is held against the te
 against the parent: both students are routed at their own quality-target floor on the same
 held-out items (`router.quality_floor`: the lowest threshold whose served-agreement lower
 bound meets the target), so both serve at the target by construction, and the candidate must
-escalate no more than the serving student does there. Pure decision over measured numbers;
-measuring is the trainer's, and routing replay router/'s.
+escalate no more than the serving student does there. What is promised there is a cascade
+that serves better, so the sign test may pass on either of two pairings: the students' own
+answers (the candidate agrees better), or what each cascade would serve, ranked quality first
+and then cost (`router.served_ranks`: the candidate keeps a right answer the serving cascade
+escalated, or escalates a wrong one it kept). Either at `max_p_value`, so a candidate that
+is no better at all passes by chance up to about twice as often as with one test; its floor
+and the live quality check still hold what it serves to the target. Pure decision over
+measured numbers; measuring is the trainer's, and routing replay router/'s.
 """
 
 from __future__ import annotations
@@ -80,6 +86,8 @@ class GateReport:
     floor_serving: Floor | None = None
     floor_candidate: Floor | None = None
     quality_target: float | None = None
+    # With a quality target: the sign test on what each cascade would serve, item by item.
+    served_paired: Paired | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -99,11 +107,13 @@ def decide(
     sources: dict[str, int] | None = None,
     floors: tuple[Floor, Floor] | None = None,
     quality_target: float | None = None,
+    served: Paired | None = None,
 ) -> GateReport:
     """`routed`: serving and candidate replayed through the router, the candidate at
     `routing_threshold` (see `fit_threshold`), which may be above `configured_threshold`.
     `floors`: with a quality target, both students' floors on these items; `routed` is then
-    each student at max(configured threshold, its floor)."""
+    each student at max(configured threshold, its floor), and `served` the sign test on what
+    each would serve, which may stand in for `paired` (see the module docstring)."""
     (hs, hc), (as_, ac) = heldout, anchor
     rs, rc = routed or (None, None)
     fs, fc = floors or (None, None)
@@ -111,7 +121,7 @@ def decide(
     def report(passed: bool, reason: str) -> GateReport:
         return GateReport(
             passed, reason, hs, hc, as_, ac, n_heldout, n_anchor, rs, rc, routing_threshold, paired,
-            sources, fs, fc, quality_target,
+            sources, fs, fc, quality_target, served,
         )  # fmt: skip
 
     if n_heldout == 0 or math.isnan(hc.nll):
@@ -122,7 +132,8 @@ def decide(
         return report(False, "heldout_nll_not_improved")
     if hc.agreement < hs.agreement:
         return report(False, "heldout_agreement_fell")
-    if paired is not None and paired.p_value > cfg.max_p_value:
+    significant = [p.p_value <= cfg.max_p_value for p in (paired, served if fc is not None else None) if p]
+    if significant and not any(significant):
         return report(False, "improvement_not_significant")
     if rs is not None and rc is not None and fc is not None:
         # Both meet the target at their floors; the candidate must not cost more to get there.

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from distill_loop.buffer import Example, build_run_data
 from distill_loop.config import DistillConfig
-from distill_loop.gate import GateReport, Measured, decide, sign_test
+from distill_loop.gate import GateReport, Measured, Paired, decide, sign_test
 from distill_loop.loss import LossWeights, dynamic_weights
 from distill_loop.metrics import METRICS
 from distill_loop.registry import Registry, RoutingState, VersionMeta
@@ -54,6 +54,7 @@ from router import (
     point,
     quality_floor,
     route_at,
+    served_ranks,
     threshold_for_quality,
     z_for,
 )
@@ -98,6 +99,8 @@ class Replay:
     configured: float | None = None
     floors: tuple[Floor, Floor] | None = None
     state: RoutingState | None = None
+    # With a quality target: per item, which cascade serves better (`router.served_ranks`).
+    served: Paired | None = None
 
 
 class RunCancelled(Exception):
@@ -283,6 +286,7 @@ class DistillLoop:
             sources=sources,
             floors=replay.floors,
             quality_target=self.config.quality_target or None,
+            served=replay.served,
         )
         train_info = {
             "steps": report.steps,
@@ -355,11 +359,12 @@ class DistillLoop:
             c_conf = [calibrator(c) for c in c_raw]
             fs = quality_floor(s_conf, s_agree, target, z)
             fc = quality_floor(c_conf, c_agree, target, z)
-            rs = route_at(effective_threshold(configured, fs.threshold), s_conf, h_serving.scores)
-            rc = route_at(effective_threshold(configured, fc.threshold), c_conf, h_cand.scores)
+            at_s, at_c = effective_threshold(configured, fs.threshold), effective_threshold(configured, fc.threshold)
+            rs, rc = route_at(at_s, s_conf, h_serving.scores), route_at(at_c, c_conf, h_cand.scores)
+            served = sign_test(served_ranks(at_s, s_conf, s_agree), served_ranks(at_c, c_conf, c_agree))
             evidence = tuple(zip(c_raw, c_agree, strict=True))
             new_state = RoutingState(floor=fc.threshold, calibrator=calibrator, evidence=evidence)
-            return Replay((rs, rc), fc.threshold, configured, (fs, fc), new_state)
+            return Replay((rs, rc), fc.threshold, configured, (fs, fc), new_state, served)
         judge_c = self.judging.judge(state.calibrator)
         c_conf = [judge_c(d)[0] for d in h_cand.drafts]
         rs = route_at(effective_threshold(configured, state.floor), s_conf, h_serving.scores)

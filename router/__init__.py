@@ -35,6 +35,7 @@ from router.replay import (
     quality_floor,
     route_at,
     served_bound,
+    served_ranks,
     simulate,
     z_for,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "TargetQuality",
     "quality_floor",
     "served_bound",
+    "served_ranks",
     "z_for",
     "effective_threshold",
     "fit_threshold",

@@ -117,6 +117,14 @@ def served_bound(threshold: float, confidences: Sequence[float], agree: Sequence
     return Floor(threshold, quality, lower, escalated / n, n)
 
 
+def served_ranks(threshold: float, confidences: Sequence[float], agree: Sequence[bool]) -> list[int]:
+    """What a client is served for each item at `threshold`, ranked quality first, then cost:
+    2 = the student's answer, and it agrees with the teacher's (right and cheap); 1 = the
+    teacher's answer (right, at the teacher's cost); 0 = the student's answer, and it does not
+    agree (wrong). Two cascades compared item by item on these ranks show which serves better."""
+    return [1 if should_escalate(c, threshold) else 2 * a for c, a in zip(confidences, agree, strict=True)]
+
+
 def quality_floor(confidences: Sequence[float], agree: Sequence[bool], target: float, z: float) -> Floor:
     """The lowest threshold whose served-agreement lower bound meets `target` (see `served_bound`).
 

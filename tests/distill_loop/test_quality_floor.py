@@ -19,7 +19,16 @@ from distill_loop import BASE, DistillConfig, RoutingState, Sample, SignalConfig
 from distill_loop.gate import Measured, decide, sign_test
 from distill_loop.loop import DistillLoop
 from models import BackendConfig, ChatMessage, Generation, TokenLogprob, Usage
-from router import JudgeSource, PolicyBook, RouterConfig, quality_floor, route_at, served_bound, z_for
+from router import (
+    JudgeSource,
+    PolicyBook,
+    RouterConfig,
+    quality_floor,
+    route_at,
+    served_bound,
+    served_ranks,
+    z_for,
+)
 
 Z = z_for(0.8)
 
@@ -83,6 +92,40 @@ def test_the_gate_compares_both_students_at_their_floors_on_the_same_items() -> 
         cfg, heldout, anchor, 20, 8, (rs_good, rc), fc.threshold, 0.3, paired, floors=(good, fc), quality_target=0.95
     )
     assert (refused.passed, refused.reason) == (False, "escalation_would_rise")
+
+
+def test_served_ranks_put_quality_before_cost() -> None:
+    conf, agree = [0.9, 0.9, 0.1, 0.1], [True, False, True, False]
+    assert served_ranks(0.5, conf, agree) == [2, 0, 1, 1]  # kept right, kept wrong, escalated twice
+    assert served_ranks(1.0, conf, agree) == [1, 1, 1, 1]  # a floor of 1 serves the teacher only
+
+
+def test_a_cascade_that_serves_better_passes_though_the_answers_alone_are_not_significant() -> None:
+    # The stream benchmark refused such a candidate: 7 answers better and 3 worse (p 0.17),
+    # while at the target its cascade kept right answers the serving one escalated.
+    cfg = DistillConfig().gate.model_copy(update={"min_heldout": 4})
+    heldout = (Measured(2.0, 0.4), Measured(1.5, 0.6))
+    anchor = (Measured(1.0, 0.5), Measured(1.0, 0.5))
+    answers = sign_test([0.0] * 7 + [1.0] * 3, [1.0] * 7 + [0.0] * 3)
+    assert answers.p_value > cfg.max_p_value
+    s_conf, s_agree = [0.2] * 10 + [0.99] * 10, [True] * 10 + [False] * 10
+    c_conf, c_agree = [0.99] * 10 + [0.2] * 10, [True] * 10 + [False] * 10
+    fs, fc = quality_floor(s_conf, s_agree, 0.8, Z), quality_floor(c_conf, c_agree, 0.8, Z)
+    at_s, at_c = max(0.3, fs.threshold), max(0.3, fc.threshold)
+    served = sign_test(served_ranks(at_s, s_conf, s_agree), served_ranks(at_c, c_conf, c_agree))
+    assert served.p_value <= cfg.max_p_value and served.losses == 0
+    routed = (route_at(at_s, s_conf, [float(a) for a in s_agree]), route_at(at_c, c_conf, [float(a) for a in c_agree]))
+
+    def gate(served: object, floors: object) -> tuple[bool, str]:
+        r = decide(cfg, heldout, anchor, 20, 8, routed, at_c, 0.3, answers, floors=floors, served=served)  # type: ignore[arg-type]
+        return r.passed, r.reason
+
+    assert gate(served, (fs, fc)) == (True, "passed")
+    # Without a quality target there are no floors, and the answers' own test decides.
+    assert gate(served, None) == (False, "improvement_not_significant")
+    # A cascade no better either way: refused.
+    same = sign_test(served_ranks(at_s, s_conf, s_agree), served_ranks(at_s, s_conf, s_agree))
+    assert gate(same, (fs, fc)) == (False, "improvement_not_significant")
 
 
 def _sample(i: int, kind: str, version: str, confidence: float, right: bool) -> Sample:
