@@ -619,6 +619,13 @@ def quantiles(values: Sequence[float]) -> dict[str, float]:
     return {"p10": qs[1], "p25": qs[4], "p50": statistics.median(values), "p75": qs[14], "p90": qs[17]}
 
 
+def rss_gb(pid: int) -> dict[str, float]:
+    """A process's resident memory now and at its peak, in GiB (training runs inside the gateway)."""
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    kib = {k: int(status[k].split()[0]) for k in ("VmRSS", "VmHWM")}
+    return {"end": round(kib["VmRSS"] / 2**20, 2), "peak": round(kib["VmHWM"] / 2**20, 2)}
+
+
 class CpuWatch:
     """Wall time, and the mean number of cores other processes used meanwhile (noise)."""
 
@@ -719,6 +726,7 @@ async def run_online(
                 rows, outs = await replay(client, CONFIGS["loop_on"], items, args.window, 1, progress)
                 result.rows["loop_on"], result.outcomes["loop_on"] = rows, outs
                 result.seconds["loop_on"], result.other_cpu_cores["loop_on"] = watch.stop()
+                memory = rss_gb(proc.pid)
                 m = await client.metrics()
                 versions = await client.versions()
                 # The goals above count what happened during the stream; a run still training
@@ -748,6 +756,7 @@ async def run_online(
                 if n == "tiergate_distill_gate_total"
             },
             "swaps": int(total(m, "tiergate_student_swaps_total")),
+            "gateway_rss_gb": memory,
             "signal_records_written": int(total(m, "tiergate_signal_records_total", result="written")),
             "versions": versions,
             "log_events": [e for e in log_events(log_path.read_text(errors="replace")) if e["event"] != "step"],
@@ -1192,6 +1201,9 @@ def print_timing(result: RunResult, elapsed: float, *, reused: bool) -> None:
         table.add_row(f"{phase} (start to stop)", f"{secs / 60:.1f}")
     table.add_row("total", f"{elapsed / 60:.1f}")
     console.print(table)
+    memory = result.distill.get("gateway_rss_gb")
+    if memory:
+        console.print(f"loop-on gateway memory: {memory['end']:.2f} GiB at the end, {memory['peak']:.2f} GiB peak")
     if elapsed > BUDGET_S:
         console.print(
             f"[bold yellow]total {elapsed / 60:.1f} min is over the {BUDGET_S / 60:.0f}-minute budget "

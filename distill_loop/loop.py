@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import dataclasses
+import gc
 import json
 import logging
 import math
+import sys
 import tempfile
 import threading
 import time
@@ -101,6 +104,21 @@ class Replay:
     state: RoutingState | None = None
     # With a quality target: per item, which cascade serves better (`router.served_ranks`).
     served: Paired | None = None
+
+
+def release_memory() -> None:
+    """Hand the heap a training run freed back to the OS.
+
+    A run allocates gigabytes (a float32 student, optimizer state, [B, T, V] logits) in a worker
+    thread; glibc keeps what is freed in that thread's arena. Measured on the bundled student,
+    three 12-step runs in a row left the process at 1.8-3.4 GB instead of 0.4 GB, and the stream
+    benchmark's gateway grew from 1.8 to 10.5 GB over two runs; with a collection and
+    `malloc_trim` after each, it went back to 0.46 GB every time. Other C libraries lack the
+    call, and then this only collects."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class RunCancelled(Exception):
@@ -220,7 +238,10 @@ class DistillLoop:
         async with self._running:
             if self.config.losses.critique and self.critic is not None:
                 await self.enrich_critiques()
-            return await asyncio.to_thread(self.run_once, transform)
+            try:
+                return await asyncio.to_thread(self.run_once, transform)
+            finally:
+                await asyncio.to_thread(release_memory)
 
     # -- one run -----------------------------------------------------------------------------
     def run_once(self, transform: Transform | None = None) -> RunOutcome:
