@@ -148,7 +148,9 @@ QUICK = Profile(
     ref_concurrency=4,
     overrides={
         "TIERGATE_DISTILL__TRIGGER_RECORDS": Override("5", "40 requests: a run every few escalations"),
-        "TIERGATE_DISTILL__LORA__MAX_STEPS": Override("8", "a run in well under a minute on 2 cores"),
+        "TIERGATE_DISTILL__LORA__MAX_STEPS": Override(
+            "24", "a run in about a minute on 2 cores; at 8 steps the candidates did not learn the facts"
+        ),
         "TIERGATE_DISTILL__GATE__MIN_HELDOUT": Override(
             "4", "40 requests never hold 20 held-out records; 4 is the fewest a sign test at p 0.1 can pass"
         ),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from distill_loop.buffer import is_heldout, prompt_key
 from distill_loop.config import DistillConfig, GateSettings, LoraSettings, LossSettings, SignalConfig
 from distill_loop.errors import DistillError, SignalStoreError, StoreClosed
 from distill_loop.metrics import METRICS
@@ -57,6 +58,8 @@ __all__ = [
     "VersionMeta",
     "VllmPublisher",
     "export_jsonl",
+    "is_heldout",
+    "prompt_key",
     "read_samples",
     "to_chat_jsonl",
     "training_student",

@@ -20,7 +20,7 @@ from fastapi import FastAPI
 from distill_loop import RuntimeConfig, SignalStore
 from gateway.errors import install_handlers
 from gateway.gc_tuning import release_gc, tune_gc
-from gateway.labels import ActiveLabeler
+from gateway.labels import ActiveLabeler, HeldoutNeed
 from gateway.metrics import Metrics
 from gateway.routes import install_chat_routes
 from gateway.routes import router as http_routes
@@ -73,7 +73,8 @@ def create_app(settings: Settings, *, student: Backend | None = None, teacher: B
     router = ConfidenceRouter.from_config(settings.router)
     policies = PolicyBook(settings.policy_db, settings.router.threshold)
     budget = settings.distill.label_budget_per_hour
-    labeler = ActiveLabeler(budget) if budget > 0 else None
+    need = HeldoutNeed(settings.distill.holdout_fraction, settings.distill.gate.min_heldout)
+    labeler = ActiveLabeler(budget, need=need) if budget > 0 else None
     service = TieredService(settings, student, teacher, router, store, metrics, policies=policies, labeler=labeler)
     tuning = Tuning(settings, router, policies)
     manager = StudentManager(settings, student, teacher, metrics, on_serving=tuning.on_serving)

@@ -4,8 +4,12 @@ The service offers each confident, un-audited tiered answer and notes every prom
 written for. Once a second a background task clusters those prompts (leader clustering on
 content words, pure Python) and spends a token bucket filled at `label_budget_per_hour`: each
 token buys one label, for a prompt cluster no record covers yet first, otherwise for the answer
-whose confidence sat closest above its threshold (margin sampling). The labeler never calls a
-backend nor writes a record: the service's `label` does both, on the path its audits take.
+whose confidence sat closest above its threshold (margin sampling). Until the loop's gate has
+`min_heldout` held-out prompts on record (`HeldoutNeed`: prompts the loop's hash split keeps
+out of training), candidates from that split go first, since a run with fewer is skipped: the
+stream benchmark's first gated run waited until request 330 of 480 for them. The labeler never
+calls a backend nor writes a record: the service's `label` does both, on the path its audits
+take. It counts only the records written while it runs, not those already in the store.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from dataclasses import dataclass
 from itertools import chain, islice
 from typing import Literal
 
+from distill_loop import is_heldout, prompt_key
 from gateway.service import ChatCall, Route
 from models import ChatMessage, Generation
 
@@ -127,12 +132,38 @@ class PromptClusters:
         self._covered.discard(cluster)
 
 
+class HeldoutNeed:
+    """The loop's held-out split (`distill.holdout_fraction`, by prompt hash, as
+    `distill_loop.buffer` splits) and how many of its prompts the gate needs on record."""
+
+    def __init__(self, fraction: float, needed: int) -> None:
+        self.fraction = fraction
+        self.needed = needed
+        self._seen: set[str] = set()
+
+    def heldout(self, messages: Sequence[ChatMessage]) -> bool:
+        return is_heldout(messages, self.fraction)
+
+    def recorded(self, messages: Sequence[ChatMessage]) -> None:
+        if len(self._seen) < self.needed and self.heldout(messages):
+            self._seen.add(prompt_key(messages))
+
+    @property
+    def short(self) -> bool:
+        return len(self._seen) < self.needed
+
+
 @dataclass(frozen=True, slots=True)
 class Candidate:
     call: ChatCall
     route: Route
     draft: Generation
     margin: float  # confidence - threshold, >= 0 for a confident answer
+    heldout: bool = False  # in the loop's held-out split (checked only while the gate is short)
+
+    def rank(self, short: bool) -> tuple[bool, float]:
+        """Lower first: while the gate is short, held-out prompts; then the smallest margin."""
+        return (short and not self.heldout, self.margin)
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +189,7 @@ class ActiveLabeler:
         max_clusters: int = 4096,
         join: float = 0.5,
         tick_s: float = 1.0,
+        need: HeldoutNeed | None = None,
     ) -> None:
         if budget_per_hour <= 0:
             raise ValueError("an active labeler needs a positive budget; with 0, build none")
@@ -174,6 +206,7 @@ class ActiveLabeler:
         self._covered: deque[tuple[ChatMessage, ...]] = deque(maxlen=inbox)
         self._clusters = PromptClusters(max_clusters, join)
         self._pool: dict[int, Candidate] = {}  # the best candidate per prompt cluster
+        self.need = need
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -193,24 +226,32 @@ class ActiveLabeler:
         now = self._clock()
         clusters, taken = self._clusters, 0
         limit = len(self._covered) + len(self._offers) if limit is None else limit
+        need = self.need
         while self._covered and taken < limit:
-            clusters.cover(clusters.assign(content_words(self._covered.popleft())))
+            messages = self._covered.popleft()
+            clusters.cover(clusters.assign(content_words(messages)))
+            if need is not None:
+                need.recorded(messages)
             taken += 1
+        short = need is not None and need.short
         while self._offers and taken < limit:
             call, route, draft = self._offers.popleft()
             taken += 1
             if route.decision is None or now - call.started > self.ttl_s:
                 continue
             margin = route.decision.confidence - route.decision.threshold
+            heldout = short and need is not None and need.heldout(call.messages)
+            new = Candidate(call, route, draft, margin, heldout)
             cluster = clusters.assign(content_words(call.messages))
             held = self._pool.get(cluster)
-            if held is None or margin <= held.margin or now - held.call.started > self.ttl_s:
-                self._pool[cluster] = Candidate(call, route, draft, margin)
+            if held is None or new.rank(short) <= held.rank(short) or now - held.call.started > self.ttl_s:
+                self._pool[cluster] = new
         return taken
 
     def select(self) -> list[Pick]:
-        """Refill the bucket; spend each whole token on one candidate, uncovered clusters
-        first, then the smallest margin. Drops expired candidates and forgotten clusters."""
+        """Refill the bucket; spend each whole token on one candidate: while the gate is short
+        of held-out prompts, those first; then uncovered clusters, then the smallest margin.
+        Drops expired candidates and forgotten clusters."""
         now = self._clock()
         self._tokens = min(self.capacity, self._tokens + (now - self._refilled) * self.rate_per_s)
         self._refilled = now
@@ -224,7 +265,9 @@ class ActiveLabeler:
         if self._tokens < 1 or not self._pool:
             return picks
         # Clusters are distinct, so covering one pick's cluster leaves the others' order as is.
-        ranked = sorted(self._pool, key=lambda k: (clusters.covered(k), self._pool[k].margin))
+        short = self.need is not None and self.need.short
+        pool = self._pool
+        ranked = sorted(pool, key=lambda k: (short and not pool[k].heldout, clusters.covered(k), pool[k].margin))
         for cluster in ranked[: int(self._tokens)]:
             reason: LabelReason = "margin" if clusters.covered(cluster) else "uncovered"
             picks.append(Pick(self._pool.pop(cluster), reason))

@@ -19,7 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from distill_loop import Sample, read_samples
 from gateway import Settings, create_app
-from gateway.labels import ActiveLabeler, PromptClusters, content_words
+from distill_loop import is_heldout
+from gateway.labels import ActiveLabeler, HeldoutNeed, PromptClusters, content_words
 from gateway.service import ChatCall, Route
 from models import (
     BackendConfig,
@@ -140,6 +141,26 @@ def test_expired_candidates_are_dropped() -> None:
     assert picked(labeler) == [("another about shipping", "uncovered")]
     clock.now += 301  # the invoice question waited in the pool too long
     assert picked(labeler) == []
+
+
+def test_held_out_prompts_go_first_until_the_gate_has_enough_of_them() -> None:
+    topics = [f"topic{i} word{i} thing{i}" for i in range(40)]  # no two share a cluster
+    split = {t: is_heldout(served(t)[0].messages, 0.3) for t in topics}
+    held, trained = [t for t in topics if split[t]], [t for t in topics if not split[t]]
+    assert len(held) >= 3 and len(trained) >= 3
+    clock = Clock()
+    labeler = ActiveLabeler(3600, clock=clock, need=HeldoutNeed(0.3, needed=2))
+    # A held-out prompt far above its threshold, in a cluster already on record, against
+    # uncovered ones near it: while the gate is short, the held-out one goes first.
+    labeler.covered(served(held[0])[0].messages)  # one held-out prompt on record: 1 of 2
+    labeler.offer(*served(held[0], confidence=0.99))
+    labeler.offer(*served(trained[0], confidence=0.51))
+    assert picked(labeler) == [(held[0], "margin")]
+    labeler.covered(served(held[1])[0].messages)  # 2 of 2: the gate has enough
+    labeler.offer(*served(held[2], confidence=0.99))
+    clock.now += 2
+    assert picked(labeler) == [(trained[0], "uncovered"), (held[2], "uncovered")]
+    assert labeler.need is not None and not labeler.need.short
 
 
 def test_the_token_bucket_never_exceeds_the_budget() -> None:
