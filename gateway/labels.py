@@ -6,10 +6,11 @@ content words, pure Python) and spends a token bucket filled at `label_budget_pe
 token buys one label, for a prompt cluster no record covers yet first, otherwise for the answer
 whose confidence sat closest above its threshold (margin sampling). Until the loop's gate has
 `min_heldout` held-out prompts on record (`HeldoutNeed`: prompts the loop's hash split keeps
-out of training), candidates from that split go first, since a run with fewer is skipped: the
-stream benchmark's first gated run waited until request 330 of 480 for them. The labeler never
-calls a backend nor writes a record: the service's `label` does both, on the path its audits
-take. It counts only the records written while it runs, not those already in the store.
+out of training), candidates from that split go first, since a run with fewer is skipped:
+the stream benchmark's first gated run waited until about request 300 of 480 for them. The
+labeler never calls a backend nor writes a record: the service's `label` does both, on the
+path its audits take. It counts only the records written while it runs, not those already
+in the store.
 """
 
 from __future__ import annotations
