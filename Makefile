@@ -64,3 +64,4 @@ bench: install
 	$(BIN)/python -m bench.gateway_overhead
 	$(BIN)/python -m bench.footprint
 	$(BIN)/python -m bench.local_throughput
+	$(BIN)/python -m bench.prefix_cache

@@ -124,7 +124,7 @@ def test_a_variable_already_set_wins_except_the_loop_flag(
 def test_the_quick_profile_is_small_and_validates(clean_env: None, tmp_path: Path) -> None:
     got = effective_distill(gateway_env(tmp_path, "k", "p", loop=True, profile=QUICK))
     assert got is not None
-    assert (got["trigger_records"], got["lora"]["max_steps"], got["gate"]["min_heldout"]) == (5, 8, 4)
+    assert (got["trigger_records"], got["lora"]["max_steps"], got["gate"]["min_heldout"]) == (5, 24, 4)
     assert got["quality_target"] == 0.8
     assert got["lora"]["lr"] == DistillConfig().lora.lr  # small runs, the same recipe
 

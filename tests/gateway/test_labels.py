@@ -17,9 +17,8 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from distill_loop import Sample, read_samples
+from distill_loop import Sample, is_heldout, read_samples
 from gateway import Settings, create_app
-from distill_loop import is_heldout
 from gateway.labels import ActiveLabeler, HeldoutNeed, PromptClusters, content_words
 from gateway.service import ChatCall, Route
 from models import (
