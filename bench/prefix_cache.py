@@ -60,11 +60,11 @@ async def measure(
             grouped.append((time.perf_counter() - t) / len(chunk))
             progress.advance(task, len(chunk))
         loaded = backend.loaded
-        prompt_tokens = len(loaded.prefix) if loaded is not None and loaded.prefix is not None else 0
+        cached = len(loaded.prefix) if loaded is not None and loaded.prefix is not None else 0
         return {
             "solo_s_per_request": statistics.median(solo),
             "grouped_s_per_request": statistics.median(grouped),
-            "cached_prefix_tokens": prompt_tokens,
+            "cached_prefix_tokens": cached,
             "answers": answers,
         }
     finally:

@@ -162,9 +162,10 @@ class Candidate:
     margin: float  # confidence - threshold, >= 0 for a confident answer
     heldout: bool = False  # in the loop's held-out split (checked only while the gate is short)
 
-    def rank(self, short: bool) -> tuple[bool, float]:
-        """Lower first: while the gate is short, held-out prompts; then the smallest margin."""
-        return (short and not self.heldout, self.margin)
+    def rank(self, short: bool, covered: bool = False) -> tuple[bool, bool, float]:
+        """Lower first: while the gate is short, held-out prompts; then uncovered clusters; then
+        the smallest margin. Within one cluster coverage is the same for all, so it is left out."""
+        return (short and not self.heldout, covered, self.margin)
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,8 +268,7 @@ class ActiveLabeler:
             return picks
         # Clusters are distinct, so covering one pick's cluster leaves the others' order as is.
         short = self.need is not None and self.need.short
-        pool = self._pool
-        ranked = sorted(pool, key=lambda k: (short and not pool[k].heldout, clusters.covered(k), pool[k].margin))
+        ranked = sorted(self._pool, key=lambda k: self._pool[k].rank(short, clusters.covered(k)))
         for cluster in ranked[: int(self._tokens)]:
             reason: LabelReason = "margin" if clusters.covered(cluster) else "uncovered"
             picks.append(Pick(self._pool.pop(cluster), reason))
