@@ -83,7 +83,8 @@ class GateSettings(BaseModel):
     agree_at: float = Field(default=0.5, ge=0, le=1)
     # Held-out NLL must fall by at least this (nats/token) and agreement must not fall.
     min_nll_gain: float = Field(default=0.01, ge=0)
-    # Anchor set: the largest allowed drop in agreement and rise in NLL.
+    # Anchor set: the largest allowed drop in agreement and rise in NLL. The agreement drop
+    # allowed is never below one item's share (1/n): one slipped answer is not forgetting.
     anchor_max_agreement_drop: float = Field(default=0.05, ge=0)
     anchor_max_nll_rise: float = Field(default=0.1, ge=0)
     # With the gateway's routing replayed on held-out items, how far the agreement of what

@@ -7,8 +7,9 @@ with the gateway's routing replayed on the held-out items (`router.route_at`), w
 would be served agrees with the teacher no worse than under the serving student, less
 `max_served_quality_drop`, and no more of them escalate (the candidate's threshold is re-fitted
 first, `router.fit_threshold`; one raised above the configured threshold must escalate fewer); and, on
-the anchor set, its agreement drops by no more than `anchor_max_agreement_drop` and its NLL
-rises by no more than `anchor_max_nll_rise`.
+the anchor set, its agreement drops by no more than `anchor_max_agreement_drop`, or than what
+one item can move the mean by (`anchor_allowance`), and its NLL rises by no more than
+`anchor_max_nll_rise`.
 
 With a quality target (`distill.quality_target`), quality is held against the teacher, not
 against the parent: both students are routed at their own quality-target floor on the same
@@ -63,6 +64,19 @@ def sign_test(serving: Sequence[float], candidate: Sequence[float]) -> Paired:
     n = wins + losses
     p = sum(math.comb(n, k) for k in range(wins, n + 1)) / 2**n
     return Paired(wins, losses, p)
+
+
+def anchor_allowance(cfg: GateSettings, n_anchor: int) -> float:
+    """The largest anchor-agreement fall the gate lets through: the configured drop, but never
+    less than one item's share of the mean (1/n).
+
+    Agreement on the anchor set is a mean over a few items, so one answer that slips moves it by
+    up to 1/n: 0.125 on the shipped 8. That is a flip, not forgetting; forgetting moves several
+    items at once, and shows in the anchor NLL too, which stays guarded. The stream benchmark
+    refused a candidate whose held-out agreement rose 0.24 -> 0.68 (10 items better, none worse)
+    because one of 8 anchors scored 0.08 where its parent scored 1.
+    """
+    return max(cfg.anchor_max_agreement_drop, 1.0 / n_anchor) if n_anchor else cfg.anchor_max_agreement_drop
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +169,7 @@ def decide(
             # benchmark promoted such a version on 6 items, and live escalations rose).
             return report(False, "no_escalations_saved")
     if n_anchor:
-        if ac.agreement < as_.agreement - cfg.anchor_max_agreement_drop:
+        if ac.agreement < as_.agreement - anchor_allowance(cfg, n_anchor):
             return report(False, "anchor_agreement_regressed")
         if ac.nll > as_.nll + cfg.anchor_max_nll_rise:
             return report(False, "anchor_nll_regressed")

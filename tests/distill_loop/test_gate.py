@@ -30,10 +30,27 @@ ANCHOR = Measured(nll=3.0, agreement=0.6)
     ],
 )
 def test_gate_rules(candidate: Measured, anchor: Measured, n_heldout: int, reason: str) -> None:
-    report = decide(CFG, (SERVING, candidate), (ANCHOR, anchor), n_heldout, 8)
+    report = decide(CFG, (SERVING, candidate), (ANCHOR, anchor), n_heldout, 40)
     assert report.reason == reason
     assert report.passed == (reason == "passed")
     assert report.to_json()["heldout_candidate"]["nll"] == candidate.nll or math.isnan(candidate.nll)
+
+
+@pytest.mark.parametrize(
+    ("n_anchor", "fall", "passed"),
+    [
+        (8, 0.115, True),  # one of 8 anchors slipped (run K's refusal): a flip, not forgetting
+        (8, 0.125, True),  # one whole anchor lost
+        (8, 0.2, False),  # more than one item's worth
+        (40, 0.04, True),  # a large set: the configured 0.05 governs
+        (40, 0.06, False),
+    ],
+)
+def test_the_anchor_allowance_is_never_below_one_item(n_anchor: int, fall: float, passed: bool) -> None:
+    anchor = Measured(3.0, ANCHOR.agreement - fall)
+    report = decide(CFG, (SERVING, Measured(1.5, 0.6)), (ANCHOR, anchor), 10, n_anchor)
+    assert report.passed == passed
+    assert report.reason == ("passed" if passed else "anchor_agreement_regressed")
 
 
 def test_simulate_serves_kept_drafts_and_the_teacher_otherwise() -> None:
