@@ -275,6 +275,7 @@ class DistillLoop:
         )
         log.info("distillation run on %d examples (%s), serving %s", len(data.train), data.window, serving)
         h_serving = trainer.evaluate("serving", data.heldout)
+        self._floor_unmeasured(serving, h_serving)
         weights = self._weights(h_serving.agreement if data.heldout else None)
         examples = transform(data.train) if transform else data.train
 
@@ -368,23 +369,14 @@ class DistillLoop:
         configured = judge.threshold
         target = self.config.quality_target
         if target > 0:
-            agree_at = self.config.gate.agree_at
-            s_agree = [x >= agree_at for x in h_serving.scores]
-            c_agree = [x >= agree_at for x in h_cand.scores]
-            raw = self.judging.judge(IDENTITY)
-            c_raw = [raw(d)[0] for d in h_cand.drafts]
-            calibrator: Calibrator = IDENTITY
-            if self.judging.calibrated:
-                calibrator = fit_calibrator(c_raw, c_agree)  # per version, before its floor
-            z = z_for(self.config.quality_confidence)
-            c_conf = [calibrator(c) for c in c_raw]
-            fs = quality_floor(s_conf, s_agree, target, z)
-            fc = quality_floor(c_conf, c_agree, target, z)
+            s_agree = [x >= self.config.gate.agree_at for x in h_serving.scores]
+            fs = quality_floor(s_conf, s_agree, target, z_for(self.config.quality_confidence))
+            fc, new_state = self._fit_floor(h_cand)
+            c_conf = [new_state.calibrator(c) for c, _ in new_state.evidence]
+            c_agree = [a for _, a in new_state.evidence]
             at_s, at_c = effective_threshold(configured, fs.threshold), effective_threshold(configured, fc.threshold)
             rs, rc = route_at(at_s, s_conf, h_serving.scores), route_at(at_c, c_conf, h_cand.scores)
             served = sign_test(served_ranks(at_s, s_conf, s_agree), served_ranks(at_c, c_conf, c_agree))
-            evidence = tuple(zip(c_raw, c_agree, strict=True))
-            new_state = RoutingState(floor=fc.threshold, calibrator=calibrator, evidence=evidence)
             return Replay((rs, rc), fc.threshold, configured, (fs, fc), new_state, served)
         judge_c = self.judging.judge(state.calibrator)
         c_conf = [judge_c(d)[0] for d in h_cand.drafts]
@@ -392,6 +384,44 @@ class DistillLoop:
         keep = rs.served_quality - self.config.gate.max_served_quality_drop
         fitted, rc = fit_threshold(c_conf, h_cand.scores, configured, keep)
         return Replay((rs, rc), fitted if math.isfinite(fitted) else None, configured)
+
+    def _fit_floor(self, h: EvalResult) -> tuple[Floor, RoutingState]:
+        """A student's quality-target floor on its held-out drafts, and the routing state it is
+        served with: its calibrator refitted on those drafts (when routing is calibrated) before
+        the floor, which is a threshold in calibrated confidence, is fitted."""
+        assert self.judging is not None
+        agree = [x >= self.config.gate.agree_at for x in h.scores]
+        raw_judge = self.judging.judge(IDENTITY)
+        raw = [raw_judge(d)[0] for d in h.drafts]
+        calibrator: Calibrator = IDENTITY
+        if self.judging.calibrated:
+            calibrator = fit_calibrator(raw, agree)  # per version, before its floor
+        floor = quality_floor(
+            [calibrator(c) for c in raw], agree, self.config.quality_target, z_for(self.config.quality_confidence)
+        )
+        return floor, RoutingState(
+            floor=floor.threshold, calibrator=calibrator, evidence=tuple(zip(raw, agree, strict=True))
+        )
+
+    def _floor_unmeasured(self, serving: str, h_serving: EvalResult) -> None:
+        """Give the serving version a floor if it has never been measured against the quality
+        target: the base model (a promoted version got its floor at its gate). The first gated
+        run's held-out drafts are that measurement. Without it the base serves at the configured
+        threshold, whatever its answers are worth: on the stream benchmark the base student kept
+        half the traffic and none of its kept answers held a key fact."""
+        if self.config.quality_target <= 0 or self.judging is None or not h_serving.drafts:
+            return
+        state = self.registry.routing_state(serving)
+        if state.evidence:
+            return
+        floor, fitted = self._fit_floor(h_serving)
+        new = dataclasses.replace(fitted, floor=max(fitted.floor or 0.0, state.floor or 0.0))
+        self.registry.save_routing_state(serving, new)
+        log.info(
+            "serving %s had no quality-target floor: %.3f on %d held-out items (served agreement %.3f, bound %.3f)",
+            serving, new.floor, floor.n, floor.quality, floor.quality_lower,
+        )  # fmt: skip
+        self._emit("floor", {"version": serving, "floor": new.floor, "quality": floor.quality})
 
     def _weights(self, agreement: float | None) -> LossWeights:
         ls = self.config.losses

@@ -18,6 +18,7 @@ import pytest
 from distill_loop import BASE, DistillConfig, RoutingState, Sample, SignalConfig, SignalStore, VersionMeta
 from distill_loop.gate import Measured, decide, sign_test
 from distill_loop.loop import DistillLoop
+from distill_loop.trainer import EvalResult
 from models import BackendConfig, ChatMessage, Generation, TokenLogprob, Usage
 from router import (
     JudgeSource,
@@ -196,3 +197,44 @@ def test_too_few_audits_change_nothing(tmp_path: Path) -> None:
     loop = _loop(tmp_path, [_sample(i, "audit", "v0001", 0.97, False) for i in range(5)])
     assert loop.check_quality() is None and loop.registry.current() == "v0001"
     assert not math.isnan(loop.registry.routing_state("v0001").floor or 0.0)
+
+
+def _drafts(n: int, right: bool) -> EvalResult:
+    """`n` held-out drafts the router is sure of (token logprob -0.01), right or all wrong."""
+    gen = Generation("x", "stop", Usage(5, 1), "s", (), (TokenLogprob("x", -0.01),), BASE)
+    score = 1.0 if right else 0.0
+    return EvalResult(1.0, score, ("x",) * n, (gen,) * n, (score,) * n)
+
+
+def test_the_base_model_gets_its_floor_from_the_first_gated_run(tmp_path: Path) -> None:
+    """Before its first promotion the base model has no gate report, so no floor: it would serve
+    its confident wrong answers at the configured threshold. The first gated run's held-out
+    drafts of the serving student are its measurement."""
+    config = DistillConfig(registry_dir=tmp_path / "registry", quality_target=0.95)
+    judging = JudgeSource(RouterConfig(threshold=0.3), tmp_path / "policies.db", calibrated=False)
+    loop = DistillLoop(config, tmp_path / "s.db", BackendConfig(kind="local", model="unused"), judging=judging)
+    assert loop.registry.routing_state(BASE).floor is None
+    loop._floor_unmeasured(BASE, _drafts(20, right=False))
+    state = loop.registry.routing_state(BASE)
+    assert state.floor == 1.0 and len(state.evidence) == 20  # sure of itself, and always wrong
+    # Measured once: later runs' evidence does not move it (the live audits do).
+    loop._floor_unmeasured(BASE, _drafts(20, right=True))
+    assert loop.registry.routing_state(BASE) == state
+
+
+def test_a_base_model_right_where_it_is_sure_keeps_serving(tmp_path: Path) -> None:
+    config = DistillConfig(registry_dir=tmp_path / "registry", quality_target=0.95)
+    judging = JudgeSource(RouterConfig(threshold=0.3), tmp_path / "policies.db", calibrated=False)
+    loop = DistillLoop(config, tmp_path / "s.db", BackendConfig(kind="local", model="unused"), judging=judging)
+    loop._floor_unmeasured(BASE, _drafts(20, right=True))
+    floor = loop.registry.routing_state(BASE).floor
+    assert floor is not None and floor < 0.3  # the configured threshold still governs
+    # Without a quality target nothing is measured.
+    off = DistillLoop(
+        DistillConfig(registry_dir=tmp_path / "r2", quality_target=0.0),
+        tmp_path / "s.db",
+        BackendConfig(kind="local", model="unused"),
+        judging=judging,
+    )
+    off._floor_unmeasured(BASE, _drafts(20, right=False))
+    assert off.registry.routing_state(BASE).floor is None

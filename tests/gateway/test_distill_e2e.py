@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from distill_loop import BASE, Registry
 from gateway import Settings, create_app
 from tests.fakes import INTENTS, TEMPLATES, UpstreamScript
 from tests.servers import serve_in_thread
@@ -81,3 +82,6 @@ def test_background_loop_promotes_and_the_gateway_serves_it(
     assert gate["routing_threshold"] == gate["floor_candidate"]["threshold"]
     assert gate["heldout_sources"] == {"escalation": gate["n_heldout"]}
     assert meta["data_window"]["new_records"] >= 16  # 20 distinct escalations, some held out
+    # The same run measured the base model it replaced: from then on it too had a floor.
+    base = Registry(tmp_path / "registry").routing_state(BASE)
+    assert len(base.evidence) == gate["n_heldout"] and base.floor == gate["floor_serving"]["threshold"]
