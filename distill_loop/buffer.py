@@ -125,7 +125,8 @@ def load_anchor(path: Path | None) -> list[Example]:
 
 def build_run_data(signal_path: Path, config: DistillConfig, since: float, until: float, seed: int = 0) -> RunData:
     """Assemble train/held-out/anchor examples from records up to `until`; new means after `since`."""
-    everything = dedupe(s for s in read_samples(signal_path) if s.created_at <= until)
+    # A record cut to max_record_bytes holds a prompt the teacher never saw: not trained on.
+    everything = dedupe(s for s in read_samples(signal_path) if s.created_at <= until and s.truncated_from is None)
     new = [s for s in everything if s.created_at > since]
     old = [s for s in everything if s.created_at <= since]
     holdout = [s for s in everything if is_heldout(s.messages, config.holdout_fraction)]

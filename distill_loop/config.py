@@ -32,6 +32,10 @@ class SignalConfig(BaseModel):
     score_drafts: bool = False
     # Where records go if the database still fails at shutdown (JSONL, replayed at next start).
     spill_path: Path | None = None
+    # The most UTF-8 bytes a record's texts (prompt messages and both answers) are stored with.
+    # Larger ones are cut, flagged (`truncated_from`) and counted, never dropped, and never
+    # trained on. 256 KiB is about 64k tokens of English.
+    max_record_bytes: int = Field(default=256 * 1024, ge=1024)
 
 
 class LoraSettings(BaseModel):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from models import ChatMessage, Generation, TokenLogprob, TopLogprob, Usage
@@ -40,6 +40,12 @@ class Sample:
     # A label is 1.0 but stands for no share of traffic: it was chosen, not drawn.
     # None: unknown (records written before the store kept it); readers assume their own fraction.
     sampling_weight: float | None = None
+    # The client's own `x-request-id`, if it sent one: kept for tracing, never a key (clients
+    # reuse ids; the record's `id` is the gateway's).
+    client_request_id: str | None = None
+    # Set when the store cut the record's texts to `signal.max_record_bytes`: their UTF-8 size
+    # before the cut. Such a prompt is not what the teacher answered, so it is never trained on.
+    truncated_from: int | None = None
 
 
 def logprobs_to_json(lps: tuple[TokenLogprob, ...]) -> list[dict[str, Any]]:
@@ -101,6 +107,47 @@ def messages_to_json(messages: tuple[ChatMessage, ...]) -> str:
 
 def messages_from_json(raw: str) -> tuple[ChatMessage, ...]:
     return tuple(ChatMessage(m["role"], m["content"]) for m in json.loads(raw))
+
+
+TRUNCATED = "…[truncated]"
+
+
+def _cut(text: str, limit: int) -> str:
+    """`text` in at most `limit` UTF-8 bytes, marker included, cut on a character boundary."""
+    raw = text.encode()
+    if len(raw) <= limit:
+        return text
+    keep = max(0, limit - len(TRUNCATED.encode()))
+    return raw[:keep].decode(errors="ignore") + TRUNCATED
+
+
+def cap_texts(sample: Sample, max_bytes: int) -> Sample:
+    """The record with its prompt messages and both answers cut to `max_bytes` of UTF-8 in
+    all, and `truncated_from` set, when they are larger; otherwise the record unchanged.
+
+    Every text is cut to one common length, the largest that fits (water-filling), so a huge
+    prompt gives up its bytes and short texts stay whole. A fault probe stored five 3.9 MB
+    prompts whole: 31 MB of database, a way to fill the disk.
+    """
+    texts = (
+        [m.content for m in sample.messages] + [sample.teacher.text] + ([sample.student.text] if sample.student else [])
+    )
+    sizes = [len(t.encode()) for t in texts]
+    total = sum(sizes)
+    if total <= max_bytes:
+        return sample
+    # The largest per-text length `each` with sum(min(size, each)) <= max_bytes.
+    each, left, ordered = 0, max_bytes, sorted(sizes)
+    for i, size in enumerate(ordered):
+        share = left // (len(ordered) - i)
+        if size > share:
+            each = share
+            break
+        left -= size
+    messages = tuple(ChatMessage(m.role, _cut(m.content, each)) for m in sample.messages)
+    teacher = replace(sample.teacher, text=_cut(sample.teacher.text, each))
+    student = replace(sample.student, text=_cut(sample.student.text, each)) if sample.student else None
+    return replace(sample, messages=messages, teacher=teacher, student=student, truncated_from=total)
 
 
 def to_chat_jsonl(sample: Sample) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from distill_loop.config import SignalConfig
 from distill_loop.errors import SignalStoreError, StoreClosed
 from distill_loop.sample import (
     Sample,
+    cap_texts,
     generation_from_json,
     generation_to_json,
     logprobs_from_json,
@@ -98,10 +99,16 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE signal_v5 RENAME TO signal;
     CREATE INDEX signal_created_at ON signal (created_at);
     """,
+    # v6: the client's x-request-id, stored beside the gateway's own id (which is the key);
+    # and, for a record cut to signal.max_record_bytes, the size of its texts before the cut.
+    """
+    ALTER TABLE signal ADD COLUMN client_request_id TEXT;
+    ALTER TABLE signal ADD COLUMN truncated_from INTEGER
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
-Listener = Callable[[str, int], None]  # (event, count): written | failed | dropped | dead_letter
+Listener = Callable[[str, int], None]  # (event, count): written | failed | dropped | dead_letter | truncated
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -155,6 +162,8 @@ def _row(s: Sample) -> tuple[Any, ...]:
         s.critique,
         _json(logprobs_to_json(s.draft_scores)) if s.draft_scores else None,
         s.sampling_weight,
+        s.client_request_id,
+        s.truncated_from,
     )
 
 
@@ -175,14 +184,16 @@ def _sample(r: sqlite3.Row | tuple[Any, ...]) -> Sample:
         critique=r[12] if len(r) > 12 else None,
         draft_scores=logprobs_from_json(json.loads(r[13])) if len(r) > 13 and r[13] else (),
         sampling_weight=r[14] if len(r) > 14 else None,  # spill lines written before v4 are shorter
+        client_request_id=r[15] if len(r) > 15 else None,
+        truncated_from=r[16] if len(r) > 16 else None,
     )
 
 
 _COLUMNS = (
     "id, created_at, tenant, kind, reason, messages, student, confidence, features, teacher, threshold, metadata, "
-    "critique, draft_scores, sampling_weight"
+    "critique, draft_scores, sampling_weight, client_request_id, truncated_from"
 )
-_INSERT = f"INSERT INTO signal ({_COLUMNS}) VALUES ({', '.join('?' * 15)})"
+_INSERT = f"INSERT INTO signal ({_COLUMNS}) VALUES ({', '.join('?' * 17)})"
 
 
 class SignalStore:
@@ -236,9 +247,18 @@ class SignalStore:
 
     # -- writing -----------------------------------------------------------------------------
     def submit(self, sample: Sample) -> bool:
-        """Queue a record for writing. Returns False (and counts a drop) if the queue is full."""
+        """Queue a record for writing, its texts cut to `max_record_bytes` (counted as
+        `truncated`). Returns False (and counts a drop) if the queue is full."""
         if self._closed:
             raise StoreClosed("signal store is closed")
+        capped = cap_texts(sample, self.config.max_record_bytes)
+        if capped is not sample:
+            self._listener("truncated", 1)
+            log.warning(
+                "signal record %s cut from %d to %d bytes of text",
+                sample.id, capped.truncated_from, self.config.max_record_bytes,
+            )  # fmt: skip
+            sample = capped
         try:
             self._queue.put_nowait(sample)
         except queue.Full:

@@ -113,7 +113,8 @@ class Metrics:
         )
         self.signal_records = Counter(
             "tiergate_signal_records_total",
-            "Distillation records by result: written, failed (quarantined or lost), dropped (queue full).",
+            "Distillation records by result: written, failed (quarantined or lost), dropped (queue full), "
+            "truncated (texts cut to signal.max_record_bytes; also written).",
             ["result"],
             registry=r,
         )
@@ -163,7 +164,7 @@ class Metrics:
         }
         for reason in ESCALATION_REASONS:
             self.escalations.labels(reason)
-        for result in ("written", "failed", "dropped"):
+        for result in ("written", "failed", "dropped", "truncated"):
             self.signal_records.labels(result)
         for result in ("ok", "failed"):
             self.audits.labels(result)

@@ -143,11 +143,15 @@ def _to_call(body: ChatCompletionRequest, request: Request, tenant: str, service
         seed=body.seed,
         top_logprobs=(body.top_logprobs or 0) if body.logprobs else 0,
     )
+    # The gateway's own id keys the signal record: clients reuse theirs (a probe sent one id
+    # three times, and two of the three records went to the dead-letter table).
     incoming = _header(request, b"x-request-id")
-    request_id = incoming if 0 < len(incoming) <= 128 and incoming.isprintable() else new_request_id()
-    request.state.request_id = request_id
+    client_id = incoming if 0 < len(incoming) <= 128 and incoming.isprintable() else None
+    request_id = new_request_id()
+    request.state.request_id = client_id or request_id  # what error responses echo
     return ChatCall(
         request_id=request_id,
+        client_request_id=client_id,
         tenant=tenant,
         alias=body.model,  # type: ignore[arg-type]
         messages=messages,
@@ -239,7 +243,7 @@ async def chat_completions(request: Request) -> Response:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return EventSourceResponse(
             _sse(service, call, handle, include_usage),
-            headers=handle.route.headers(call.request_id),
+            headers=handle.route.headers(call.request_id, call.client_request_id),
             sep="\n",
             ping=service.settings.server.sse_ping_s,
         )
@@ -253,7 +257,11 @@ async def chat_completions(request: Request) -> Response:
         logprobs=logprobs_json(gen.logprobs, call.params.top_logprobs) if call.want_logprobs else None,
         tiergate=route.body(call.request_id),
     )
-    return Response(orjson.dumps(payload), media_type="application/json", headers=route.headers(call.request_id))
+    return Response(
+        orjson.dumps(payload),
+        media_type="application/json",
+        headers=route.headers(call.request_id, call.client_request_id),
+    )
 
 
 async def _sse(

@@ -47,7 +47,7 @@ Alias = Literal["tiered", "student", "teacher"]
 
 @dataclass(frozen=True, slots=True)
 class ChatCall:
-    request_id: str
+    request_id: str  # the gateway's own, new per request: the signal record's key
     tenant: str
     alias: Alias
     messages: tuple[ChatMessage, ...]
@@ -55,6 +55,8 @@ class ChatCall:
     want_logprobs: bool
     metadata: dict[str, str]
     started: float  # time.perf_counter() at arrival
+    # The client's `x-request-id`, if it sent a usable one: echoed and stored, never a key.
+    client_request_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,10 +75,13 @@ class Route:
     def confidence(self) -> float | None:
         return self.decision.confidence if self.decision else None
 
-    def headers(self, request_id: str) -> dict[str, str]:
+    def headers(self, request_id: str, client_request_id: str | None = None) -> dict[str, str]:
+        """`x-request-id` echoes the client's id where it sent one; `x-tiergate-request-id` is
+        always the gateway's own (the signal record's id, and the response body's)."""
         conf = self.confidence
         return {
-            "x-request-id": request_id,
+            "x-request-id": client_request_id or request_id,
+            "x-tiergate-request-id": request_id,
             "x-tiergate-tier": self.tier,
             "x-tiergate-escalated": "true" if self.escalated else "false",
             "x-tiergate-reason": self.reason,
@@ -434,6 +439,7 @@ class TieredService:
             # `_maybe_audit` drew it from. Stored, so a reader with another fraction weights it right.
             # A label was chosen, not drawn: 1.0, and what-if leaves it out.
             sampling_weight=1.0 / self.settings.signal.audit_fraction if kind == "audit" else 1.0,
+            client_request_id=call.client_request_id,
         )
         if self.labeler is not None:
             self.labeler.covered(call.messages)

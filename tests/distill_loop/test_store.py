@@ -10,7 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from distill_loop import SCHEMA_VERSION, Sample, SignalConfig, SignalStore, StoreClosed, export_jsonl, read_samples
+from distill_loop import (
+    SCHEMA_VERSION,
+    DistillConfig,
+    Sample,
+    SignalConfig,
+    SignalStore,
+    StoreClosed,
+    export_jsonl,
+    read_samples,
+)
+from distill_loop.buffer import build_run_data
+from distill_loop.sample import cap_texts
 from models import ChatMessage, Generation, TokenLogprob, TopLogprob, Usage
 
 
@@ -210,9 +221,10 @@ def test_v4_database_migrates_keeps_its_rows_and_then_takes_labels(tmp_path: Pat
     conn = sqlite3.connect(path)
     conn.executescript(";\n".join(MIGRATIONS[:4]) + ";\nPRAGMA user_version=4;")
     old = [sample(1, sampling_weight=1.0), sample(2, kind="audit", sampling_weight=20.0)]
-    conn.executemany(f"INSERT INTO signal VALUES ({', '.join('?' * 15)})", [_row(s) for s in old])
+    v4_row = f"INSERT INTO signal VALUES ({', '.join('?' * 15)})"  # v4's 15 columns
+    conn.executemany(v4_row, [_row(s)[:15] for s in old])
     with pytest.raises(sqlite3.IntegrityError):  # what v5 is for
-        conn.execute(f"INSERT INTO signal VALUES ({', '.join('?' * 15)})", _row(sample(3, kind="label")))
+        conn.execute(v4_row, _row(sample(3, kind="label"))[:15])
     conn.commit()
     conn.close()
     store = open_store(tmp_path)
@@ -220,11 +232,11 @@ def test_v4_database_migrates_keeps_its_rows_and_then_takes_labels(tmp_path: Pat
     assert store.submit(label)
     store.close()
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
     indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='index' AND tbl_name='signal'")}
     assert indexes == {"sqlite_autoindex_signal_1", "signal_created_at"}
     with pytest.raises(sqlite3.IntegrityError):
-        conn.execute(f"INSERT INTO signal VALUES ({', '.join('?' * 15)})", _row(sample(4, kind="other")))
+        conn.execute(f"INSERT INTO signal VALUES ({', '.join('?' * 17)})", _row(sample(4, kind="other")))
     assert list(read_samples(path)) == [*old, label]
     assert [s.id for s in read_samples(path, kind="label")] == ["r3"]
 
@@ -235,3 +247,40 @@ def test_a_label_record_round_trips(tmp_path: Path) -> None:
     assert store.submit(label)
     store.close()
     assert list(read_samples(store.config.path)) == [label]
+
+
+def test_an_oversized_record_is_cut_flagged_counted_and_kept_out_of_training(tmp_path: Path) -> None:
+    """A fault probe stored five 3.9 MB escalated prompts whole (31 MB of database)."""
+    huge = "é" + "lost parcel " * 330_000  # about 3.9 MB, with a two-byte character first
+    big = dataclasses.replace(
+        sample(1), messages=(ChatMessage("system", "Be brief."), ChatMessage("user", huge)), client_request_id="c-1"
+    )
+    events: list[tuple[str, int]] = []
+    store = open_store(tmp_path, events, max_record_bytes=64 * 1024)
+    assert store.submit(big) and store.submit(sample(2))
+    store.close()
+    got = {s.id: s for s in read_samples(store.config.path)}
+    cut, whole = got["r1"], got["r2"]
+    texts = [m.content for m in cut.messages] + [cut.teacher.text, cut.student.text if cut.student else ""]
+    assert sum(len(t.encode()) for t in texts) <= 64 * 1024
+    assert cut.truncated_from == sum(len(t.encode()) for t in ("Be brief.", huge, "teacher answer", "draft"))
+    # The short texts stay whole; the long one keeps its start and says it was cut.
+    assert cut.messages[0].content == "Be brief." and cut.teacher.text == "teacher answer"
+    assert cut.messages[1].content.startswith("élost parcel") and cut.messages[1].content.endswith("[truncated]")
+    assert cut.client_request_id == "c-1" and whole.truncated_from is None and whole.client_request_id is None
+    assert ("truncated", 1) in events and sum(n for e, n in events if e == "written") == 2
+    assert store.config.path.stat().st_size < 1024 * 1024
+    # Its prompt is not what the teacher answered: training never sees it.
+    data = build_run_data(store.config.path, DistillConfig(holdout_fraction=0.01), since=0.0, until=time.time() + 1)
+    prompts = [m.content for e in data.train if e.kind != "anchor" for m in e.messages]
+    assert prompts and not any("lost parcel" in p for p in prompts)
+
+
+@pytest.mark.parametrize("limit", [1024, 1500, 4096])
+def test_cap_texts_fits_every_limit_on_a_character_boundary(limit: int) -> None:
+    s = dataclasses.replace(sample(1), messages=(ChatMessage("user", "ü" * 5000), ChatMessage("user", "x" * 9000)))
+    cut = cap_texts(s, limit)
+    texts = [m.content for m in cut.messages] + [cut.teacher.text, cut.student.text if cut.student else ""]
+    assert sum(len(t.encode()) for t in texts) <= limit
+    assert all("\ufffd" not in t for t in texts)
+    assert cap_texts(sample(1), limit) == sample(1)  # small records are untouched

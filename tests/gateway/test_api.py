@@ -116,7 +116,9 @@ def test_forced_tiers_and_routing(client: TestClient) -> None:
 def test_request_id_is_echoed(client: TestClient) -> None:
     resp = chat(client, {"messages": [{"role": "user", "content": "x"}]}, **{"x-request-id": "abc-123"})
     assert resp.headers["x-request-id"] == "abc-123"
-    assert resp.json()["id"] == "chatcmpl-abc-123"
+    # The body's id is the gateway's own, as the signal record's is: clients reuse theirs.
+    own = resp.headers["x-tiergate-request-id"]
+    assert own != "abc-123" and resp.json()["id"] == f"chatcmpl-{own}"
 
 
 def test_api_keys_are_enforced(tmp_path: Path) -> None:

@@ -3,6 +3,8 @@ OpenAI-compatible servers on loopback), the official `openai` SDK as the client.
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,12 +27,12 @@ def db(tmp_path: Path) -> Path:
     return tmp_path / "signal.db"
 
 
-def settings_for(student_url: str, teacher_url: str, db: Path, audit: float = 0.0) -> Settings:
+def settings_for(student_url: str, teacher_url: str, db: Path, audit: float = 0.0, **signal: object) -> Settings:
     return Settings(
         student={"kind": "remote", "url": student_url, "model": "auto"},
         teacher={"kind": "remote", "url": teacher_url, "model": "auto", "system_prompt": None},
         router={"threshold": THRESHOLD},
-        signal={"path": db, "audit_fraction": audit, "teacher_top_logprobs": 5},
+        signal={"path": db, "audit_fraction": audit, "teacher_top_logprobs": 5, **signal},
         distill={"label_budget_per_hour": 0},  # exact token and record counts: no background labels
         pricing={
             "student": {"input_per_mtok": 1, "output_per_mtok": 2},
@@ -211,3 +213,55 @@ def test_audit_slice_is_answered_by_the_teacher_in_the_background(student_url: s
     (rec,) = list(read_samples(db))  # the audit finished and was flushed at shutdown
     assert rec.kind == "audit" and rec.confidence is not None and rec.confidence > THRESHOLD
     assert rec.student is not None and rec.teacher.text.startswith("Refunds take")
+
+
+def test_a_reused_client_request_id_is_echoed_and_stored_but_never_a_key(
+    student_url: str, teacher_url: str, db: Path
+) -> None:
+    """Clients reuse ids. A fault probe sent one `x-request-id` three times while the id was the
+    record's key, and two of the three escalation records went to the dead-letter table."""
+    app = create_app(settings_for(student_url, teacher_url, db))
+    with serve_in_thread(app, ready_path="/health/ready") as url, httpx.Client(base_url=url, timeout=30) as client:
+        responses = [
+            client.post(
+                "/v1/chat/completions",
+                json={"messages": [{"role": "user", "content": f"HARD: parcel {i} is lost"}]},
+                headers={"x-request-id": "same-id", "authorization": "Bearer test-key"},
+            )
+            for i in range(3)
+        ]
+    assert [r.status_code for r in responses] == [200, 200, 200]
+    assert all(
+        r.headers["x-request-id"] == "same-id" and r.headers["x-tiergate-escalated"] == "true" for r in responses
+    )
+    own = [r.headers["x-tiergate-request-id"] for r in responses]
+    assert len(set(own)) == 3 and [r.json()["id"] for r in responses] == [f"chatcmpl-{i}" for i in own]
+    records = list(read_samples(db))
+    assert sorted(r.id for r in records) == sorted(own)
+    assert {r.client_request_id for r in records} == {"same-id"}
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM dead_letter").fetchone()[0] == 0
+
+
+def test_an_escalated_prompt_past_max_record_bytes_is_stored_cut_and_counted(
+    student_url: str, teacher_url: str, db: Path
+) -> None:
+    app = create_app(settings_for(student_url, teacher_url, db, max_record_bytes=8192))
+    prompt = "HARD: " + "my parcel never came " * 5000  # about 100 KB
+    with serve_in_thread(app, ready_path="/health/ready") as url:
+        r = httpx.post(
+            url + "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": prompt}]},
+            headers={"authorization": "Bearer test-key"},
+            timeout=30,
+        )
+        assert r.status_code == 200 and r.headers["x-tiergate-escalated"] == "true"
+        deadline = time.monotonic() + 10
+        while metric(url, "tiergate_signal_records_total", result="written") < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert metric(url, "tiergate_signal_records_total", result="truncated") == 1
+    (rec,) = list(read_samples(db))
+    assert rec.truncated_from is not None and rec.truncated_from > 100_000
+    assert len(rec.messages[0].content.encode()) < 8192 and rec.messages[0].content.startswith("HARD: my parcel")
+    assert sum(f.stat().st_size for f in db.parent.glob(db.name + "*")) < 100_000  # WAL included
