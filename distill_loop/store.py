@@ -2,6 +2,10 @@
 
 `submit()` never blocks the event loop: it puts the record on a bounded queue (full queue →
 the record is dropped and counted). The writer thread commits batches with synchronous=FULL.
+`submit_acked()` does the same and returns a future that resolves once the record is committed:
+the gateway sends an escalated response only then (`signal.durability: acknowledged`). A batch
+holding such a record does not linger: it takes what is queued and commits, and whatever
+arrives during that fsync is the next group (group commit), so many requests share one fsync.
 If the database fails (disk full, locked), batches are kept and retried with back-off; a row
 the database rejects on its own (a constraint) goes to the dead-letter table. `close()`
 drains the queue, and whatever still cannot be written is spilled to a JSONL file that the
@@ -12,11 +16,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -202,7 +208,8 @@ class SignalStore:
     def __init__(self, config: SignalConfig, listener: Listener | None = None) -> None:
         self.config = config
         self._listener = listener or (lambda _e, _n: None)
-        self._queue: queue.Queue[Sample | None] = queue.Queue(maxsize=config.queue_size)
+        # A record and, for an acknowledged one, the future its commit resolves; None stops the writer.
+        self._queue: queue.Queue[tuple[Sample, Future[bool] | None] | None] = queue.Queue(maxsize=config.queue_size)
         self._thread: threading.Thread | None = None
         self._closing = threading.Event()
         self._closed = False
@@ -249,6 +256,18 @@ class SignalStore:
     def submit(self, sample: Sample) -> bool:
         """Queue a record for writing, its texts cut to `max_record_bytes` (counted as
         `truncated`). Returns False (and counts a drop) if the queue is full."""
+        return self._enqueue(sample, None)
+
+    def submit_acked(self, sample: Sample) -> Future[bool]:
+        """Queue a record as `submit` does; the future resolves True once it is committed (or,
+        at shutdown with the database failing, spilled and synced to disk), and False at once
+        if the queue was full and it was dropped."""
+        done: Future[bool] = Future()
+        if not self._enqueue(sample, done):
+            done.set_result(False)
+        return done
+
+    def _enqueue(self, sample: Sample, done: Future[bool] | None) -> bool:
         if self._closed:
             raise StoreClosed("signal store is closed")
         capped = cap_texts(sample, self.config.max_record_bytes)
@@ -260,7 +279,7 @@ class SignalStore:
             )  # fmt: skip
             sample = capped
         try:
-            self._queue.put_nowait(sample)
+            self._queue.put_nowait((sample, done))
         except queue.Full:
             self._listener("dropped", 1)
             log.error("signal queue full (%d); dropped record %s", self.config.queue_size, sample.id)
@@ -274,15 +293,17 @@ class SignalStore:
             while not stop:
                 first = self._queue.get()
                 taken = 1
-                batch: list[Sample] = []
+                batch: list[tuple[Sample, Future[bool] | None]] = []
                 if first is None:
                     stop = True
                 else:
                     batch.append(first)
                 linger_until = time.monotonic() + self.config.linger_s
                 while len(batch) < self.config.batch_size and not stop:
+                    # A client waits on an acknowledged record: take what is queued, no lingering.
+                    acked = any(done is not None for _, done in batch)
                     try:
-                        wait = linger_until - time.monotonic()
+                        wait = 0.0 if acked else linger_until - time.monotonic()
                         nxt = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
                     except queue.Empty:
                         break
@@ -292,11 +313,11 @@ class SignalStore:
                         break
                     batch.append(nxt)
                 if batch:
-                    self._write(conn, batch)
+                    self._write_and_ack(conn, batch)
                 for _ in range(taken):
                     self._queue.task_done()
             # Anything submitted between close() and the sentinel is still written.
-            rest: list[Sample] = []
+            rest: list[tuple[Sample, Future[bool] | None]] = []
             while True:
                 try:
                     item = self._queue.get_nowait()
@@ -306,25 +327,33 @@ class SignalStore:
                     rest.append(item)
                 self._queue.task_done()
             if rest:
-                self._write(conn, rest)
+                self._write_and_ack(conn, rest)
         finally:
             conn.close()
 
-    def _write(self, conn: sqlite3.Connection, batch: list[Sample]) -> None:
+    def _write_and_ack(self, conn: sqlite3.Connection, batch: list[tuple[Sample, Future[bool] | None]]) -> None:
+        """Write a batch, then resolve its acknowledged records' futures: once `_write` returns,
+        each record is committed, quarantined in the dead-letter table, or spilled and synced."""
+        stored = self._write(conn, [s for s, _ in batch])
+        for _, done in batch:
+            if done is not None and not done.done():
+                done.set_result(stored)
+
+    def _write(self, conn: sqlite3.Connection, batch: list[Sample]) -> bool:
+        """Commit a batch, retrying while the database fails; False only if it is lost."""
         delay = self._retry_s
         while True:
             try:
                 self._insert_batch(conn, batch)
-                return
+                return True
             except sqlite3.IntegrityError:
                 self._insert_one_by_one(conn, batch)
-                return
+                return True
             except sqlite3.Error as exc:
                 # The database itself is failing (disk full, locked, I/O): keep the batch.
                 log.warning("signal store write failed (%s); retrying %d records", exc, len(batch))
                 if self._closing.is_set():
-                    self._spill(batch, str(exc))
-                    return
+                    return self._spill(batch, str(exc))
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
@@ -350,22 +379,25 @@ class SignalStore:
                 self._listener("failed", 1)
                 log.error("signal record %s quarantined: %s", s.id, exc)
 
-    def _spill(self, batch: list[Sample], error: str) -> None:
+    def _spill(self, batch: list[Sample], error: str) -> bool:
         try:
             self.spill_path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.spill_path, "a", encoding="utf-8") as fh:
                 for s in batch:
                     fh.write(json.dumps(_row(s), ensure_ascii=False) + "\n")
                 fh.flush()
+                os.fsync(fh.fileno())  # acknowledged records count on it
             log.error(
                 "signal store unavailable at shutdown (%s); spilled %d records to %s",
                 error,
                 len(batch),
                 self.spill_path,
             )
+            return True
         except OSError as exc:
             self._listener("failed", len(batch))
             log.critical("could not spill %d signal records: %s", len(batch), exc)
+            return False
 
     def _replay_spill(self) -> None:
         if not self.spill_path.exists():
@@ -375,7 +407,7 @@ class SignalStore:
         with open(replay, encoding="utf-8") as fh:
             for line in fh:
                 if line.strip():
-                    self._queue.put(_sample(json.loads(line)))
+                    self._queue.put((_sample(json.loads(line)), None))
         replay.unlink()
 
     # -- reading -----------------------------------------------------------------------------

@@ -118,6 +118,11 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.signal_ack_timeouts = Counter(
+            "tiergate_signal_ack_timeouts_total",
+            "Escalated responses sent before their record was committed (signal.ack_timeout_s passed).",
+            registry=r,
+        )
         self.signal_queue = Gauge(
             "tiergate_signal_queue_depth", "Distillation records waiting to be written.", registry=r
         )

@@ -13,7 +13,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Coroutine
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -185,7 +185,7 @@ class TieredService:
             return self._fallback(call, route, draft, exc)
         self._finish(call, route, answer)
         if route.escalated:
-            self._record(call, "escalation", route.reason, draft, route.decision, answer)
+            await self._acknowledge(call, self._record(call, "escalation", route.reason, draft, route.decision, answer))
         return route, answer
 
     async def open_stream(self, call: ChatCall) -> AnswerStream:
@@ -327,7 +327,7 @@ class TieredService:
                 deltas.append(delta)
                 if delta.finish_reason is not None:
                     # Account and score before the last delta leaves, so the final chunk carries it.
-                    self._complete_live(tier, call, route, deltas, draft, handle)
+                    await self._acknowledge(call, self._complete_live(tier, call, route, deltas, draft, handle))
                     yield delta
                     return
                 yield delta
@@ -349,7 +349,8 @@ class TieredService:
         deltas: list[GenerationDelta],
         draft: Generation | None,
         handle: AnswerStream,
-    ) -> None:
+    ) -> Awaitable[object] | None:
+        """Account a finished live stream; returns what its escalation record's commit awaits."""
         info = self.tiers[tier].info
         gen = collect(deltas, model=info.name, version=info.version)
         self._account(tier, gen.usage.prompt_tokens, gen.usage.completion_tokens)
@@ -360,7 +361,8 @@ class TieredService:
             handle.decision = self.router.decide(gen, threshold)
             self.metrics.confidence.observe(handle.decision.confidence)
         elif route.escalated:
-            self._record(call, "escalation", route.reason, draft, route.decision, gen)
+            return self._record(call, "escalation", route.reason, draft, route.decision, gen)
+        return None
 
     async def _replay(
         self, call: ChatCall, route: Route, gen: Generation, *, already_finished: bool = False
@@ -421,7 +423,9 @@ class TieredService:
         draft: Generation | None,
         decision: Decision | None,
         answer: Generation,
-    ) -> None:
+    ) -> Awaitable[object] | None:
+        """Record the pair. An escalation under `signal.durability: acknowledged` returns what
+        its commit resolves, for the response to wait on (`_acknowledge`); otherwise None."""
         sample = Sample(
             id=call.request_id if kind == "escalation" else f"{call.request_id}-{kind}",
             created_at=time.time(),
@@ -443,32 +447,53 @@ class TieredService:
         )
         if self.labeler is not None:
             self.labeler.covered(call.messages)
+        acked = kind == "escalation" and self.settings.signal.durability == "acknowledged"
         teacher = self.tiers["teacher"]
         if self.settings.signal.score_drafts and draft is not None and draft.text and isinstance(teacher, DraftScorer):
-            # Off the client's path: the record is written once the teacher has scored the draft.
-            self._spawn(self._score_then_submit(sample, draft.text, teacher), call.request_id)
-            return
-        self._submit(sample)
+            # The record is written once the teacher has scored the draft: off the client's path
+            # when buffered; acknowledged, the response waits for both.
+            return self._spawn(self._score_then_submit(sample, draft.text, teacher, acked), call.request_id)
+        return self._submit(sample, acked)
 
-    async def _score_then_submit(self, sample: Sample, draft: str, scorer: DraftScorer) -> None:
+    async def _score_then_submit(self, sample: Sample, draft: str, scorer: DraftScorer, acked: bool) -> None:
         try:
             scores = await scorer.score(sample.messages, draft, top_k=self.settings.signal.teacher_top_logprobs or 1)
             sample = replace(sample, draft_scores=tuple(scores))
         except BackendError as exc:  # the record matters more than its scores
             log.warning("teacher could not score draft %s: %s", sample.id, exc)
-        self._submit(sample)
+        committed = self._submit(sample, acked)
+        if committed is not None:
+            await committed
 
-    def _spawn(self, coro: Coroutine[Any, Any, None], request_id: str) -> None:
+    async def _acknowledge(self, call: ChatCall, committed: Awaitable[object] | None) -> None:
+        """Wait, at most `signal.ack_timeout_s`, until the request's record is committed. Past
+        that the response goes out anyway and the wait is counted: a failing database never
+        fails serving, and the record stays queued (written once it recovers, or spilled)."""
+        if committed is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(committed), self.settings.signal.ack_timeout_s)
+        except TimeoutError:
+            self.metrics.signal_ack_timeouts.inc()
+            log.warning("signal record %s not committed within %.1f s; answering anyway", call.request_id,
+                        self.settings.signal.ack_timeout_s)  # fmt: skip
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], request_id: str) -> asyncio.Task[None]:
         task = asyncio.create_task(coro, name=f"signal-{request_id}")
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
-    def _submit(self, sample: Sample) -> None:
+    def _submit(self, sample: Sample, acked: bool = False) -> Awaitable[object] | None:
+        """Queue the record; acknowledged, return the future its commit resolves."""
         try:
+            if acked:
+                return asyncio.wrap_future(self.store.submit_acked(sample))
             self.store.submit(sample)
         except StoreClosed:
             self.metrics.signal_records.labels("failed").inc()
             log.error("signal store closed; record %s lost", sample.id)
+        return None
 
 
 # Seeded from os.urandom once; 128 random bits per id, as uuid4 has, without a getrandom(2)

@@ -284,3 +284,43 @@ def test_cap_texts_fits_every_limit_on_a_character_boundary(limit: int) -> None:
     assert sum(len(t.encode()) for t in texts) <= limit
     assert all("\ufffd" not in t for t in texts)
     assert cap_texts(sample(1), limit) == sample(1)  # small records are untouched
+
+
+def test_an_acknowledged_record_resolves_only_once_committed_and_waiters_share_commits(tmp_path: Path) -> None:
+    """`submit_acked` is what an escalated response waits on: it must not resolve before the
+    commit, and the records queued meanwhile share the next one (group commit)."""
+    events: list[tuple[str, int]] = []
+    store = open_store(tmp_path, events, linger_s=1.0)
+    blocker = sqlite3.connect(store.config.path, timeout=10)
+    blocker.execute("BEGIN IMMEDIATE")  # another writer holds the database
+    futures = [store.submit_acked(sample(i)) for i in range(40)]
+    time.sleep(0.3)
+    assert not any(f.done() for f in futures)  # nothing is acknowledged before it is on disk
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    assert all(f.result(timeout=10) for f in futures)
+    conn = sqlite3.connect(store.config.path)
+    assert conn.execute("SELECT count(*) FROM signal").fetchone()[0] == 40  # readable from another connection
+    conn.close()
+    written = [n for e, n in events if e == "written"]
+    assert sum(written) == 40 and len(written) <= 2  # the 40 waiters shared one or two commits
+    # An acknowledged batch does not linger: with linger_s 1, a lone record resolves at once.
+    t0 = time.monotonic()
+    assert store.submit_acked(sample(99)).result(timeout=10)
+    assert time.monotonic() - t0 < 0.9
+    store.close()
+
+
+def test_an_acknowledged_record_on_a_full_queue_resolves_false_at_once(tmp_path: Path) -> None:
+    store = open_store(tmp_path, queue_size=1)
+    blocker = sqlite3.connect(store.config.path, timeout=10)
+    blocker.execute("BEGIN IMMEDIATE")
+    first = store.submit_acked(sample(1))  # taken by the writer, which now waits on the lock
+    time.sleep(0.2)
+    store.submit_acked(sample(2))  # fills the queue
+    dropped = store.submit_acked(sample(3))
+    assert dropped.done() and dropped.result() is False
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    assert first.result(timeout=10)
+    store.close()

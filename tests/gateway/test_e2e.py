@@ -265,3 +265,46 @@ def test_an_escalated_prompt_past_max_record_bytes_is_stored_cut_and_counted(
     assert rec.truncated_from is not None and rec.truncated_from > 100_000
     assert len(rec.messages[0].content.encode()) < 8192 and rec.messages[0].content.startswith("HARD: my parcel")
     assert sum(f.stat().st_size for f in db.parent.glob(db.name + "*")) < 100_000  # WAL included
+
+
+def test_a_locked_signal_database_delays_an_escalated_answer_by_at_most_the_ack_timeout(
+    student_url: str, teacher_url: str, db: Path
+) -> None:
+    """Acknowledged durability waits for the commit, but a failing store never fails serving:
+    past `ack_timeout_s` the answer goes out, the wait is counted, and the record is written
+    once the database is free again."""
+    app = create_app(settings_for(student_url, teacher_url, db, ack_timeout_s=0.5))
+    with serve_in_thread(app, ready_path="/health/ready") as url:
+        blocker = sqlite3.connect(db, timeout=10)
+        blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        try:
+            r = httpx.post(
+                url + "/v1/chat/completions",
+                json={"messages": [{"role": "user", "content": "HARD: where is my parcel"}]},
+                headers={"authorization": "Bearer test-key"},
+                timeout=30,
+            )
+            assert r.status_code == 200 and r.headers["x-tiergate-escalated"] == "true"
+            assert metric(url, "tiergate_signal_ack_timeouts_total") == 1
+            assert metric(url, "tiergate_signal_records_total", result="written") == 0
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        deadline = time.monotonic() + 20
+        while metric(url, "tiergate_signal_records_total", result="written") < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    assert [s.id for s in read_samples(db)] == [r.headers["x-tiergate-request-id"]]
+
+
+def test_an_escalated_answer_is_committed_before_it_is_sent(student_url: str, teacher_url: str, db: Path) -> None:
+    app = create_app(settings_for(student_url, teacher_url, db))
+    with serve_in_thread(app, ready_path="/health/ready") as url, sdk(url) as client:
+        for stream in (False, True):
+            raw = client.chat.completions.with_raw_response.create(
+                model="tiered", messages=[{"role": "user", "content": "HARD: a lost parcel"}], stream=stream
+            )
+            if stream:
+                list(raw.parse())  # the whole stream, last chunk included
+            own = raw.headers["x-tiergate-request-id"]
+            assert own in {s.id for s in read_samples(db)}  # read while the gateway still runs
