@@ -495,7 +495,9 @@ def render(cells: list[Cell], goals: list[dict[str, Any]]) -> None:
     console.print(goals_table)
 
 
-SYSTEM_ORDER = ("direct", "passthrough", "passthrough-gc", "gateway-0%", "gateway-20%")
+# gateway-20%-buffered: the same escalations, on a second gateway with signal.durability
+# buffered, so what acknowledged durability (the default) costs is read off one run.
+SYSTEM_ORDER = ("direct", "passthrough", "passthrough-gc", "gateway-0%", "gateway-20%", "gateway-20%-buffered")
 GC_GEN0_THRESHOLD = 20_000  # the gateway's default (runtime.gc_gen0_threshold), given to passthrough-gc
 
 
@@ -572,13 +574,27 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 logs=logs,
                 env=gateway_env,
             )
-            servers += [passthrough, passthrough_gc, gateway]
+            buffered = start(
+                "gateway-buffered",
+                args.gateway_module,
+                ["--student-url", v1, "--teacher-url", v1, "--threshold", str(THRESHOLD)],
+                cpus=server_cpus,
+                logs=logs,
+                env=gateway_env
+                | {
+                    "TIERGATE_SIGNAL__PATH": str(logs / "signal-buffered.db"),
+                    "TIERGATE_SIGNAL__DURABILITY": "buffered",
+                },
+            )
+            servers += [passthrough, passthrough_gc, gateway, buffered]
             ready_s = {
                 "passthrough": await wait_ready(passthrough, "/health"),
                 "passthrough-gc": await wait_ready(passthrough_gc, "/health"),
                 "gateway": await wait_ready(gateway, "/health/ready"),
+                "gateway-buffered": await wait_ready(buffered, "/health/ready"),
             }
             await check_routing(gateway.base)
+            await check_routing(buffered.base)
         console.log(
             f"ready: pass-through {ready_s['passthrough']:.1f}s, gateway {ready_s['gateway']:.1f}s; "
             f"pinning servers→{sorted(server_cpus or [])} upstream+load→{sorted(load_cpus or [])}"
@@ -591,6 +607,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             ),
             "gateway-0%": System("gateway-0%", gateway.base + "/v1/chat/completions", 0, gateway.proc.pid),
             "gateway-20%": System("gateway-20%", gateway.base + "/v1/chat/completions", 5, gateway.proc.pid),
+            "gateway-20%-buffered": System(
+                "gateway-20%-buffered", buffered.base + "/v1/chat/completions", 5, buffered.proc.pid
+            ),
         }
         systems = [all_systems[name] for name in SYSTEM_ORDER if name in args.systems]
         pids = {"load": os.getpid(), **{s.name: s.proc.pid for s in servers}}
