@@ -566,25 +566,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 logs=logs,
                 env=base_env,
             )
-            gateway = start(
-                "gateway",
-                args.gateway_module,
-                ["--student-url", v1, "--teacher-url", v1, "--threshold", str(THRESHOLD)],
-                cpus=server_cpus,
-                logs=logs,
-                env=gateway_env,
-            )
+            gateway_args = ["--student-url", v1, "--teacher-url", v1, "--threshold", str(THRESHOLD)]
+            gateway = start("gateway", args.gateway_module, gateway_args, cpus=server_cpus, logs=logs, env=gateway_env)
+            buffered_env = gateway_env | {
+                "TIERGATE_SIGNAL__PATH": str(logs / "signal-buffered.db"),
+                "TIERGATE_SIGNAL__DURABILITY": "buffered",
+            }
             buffered = start(
-                "gateway-buffered",
-                args.gateway_module,
-                ["--student-url", v1, "--teacher-url", v1, "--threshold", str(THRESHOLD)],
-                cpus=server_cpus,
-                logs=logs,
-                env=gateway_env
-                | {
-                    "TIERGATE_SIGNAL__PATH": str(logs / "signal-buffered.db"),
-                    "TIERGATE_SIGNAL__DURABILITY": "buffered",
-                },
+                "gateway-buffered", args.gateway_module, gateway_args, cpus=server_cpus, logs=logs, env=buffered_env
             )
             servers += [passthrough, passthrough_gc, gateway, buffered]
             ready_s = {
