@@ -13,7 +13,8 @@ import logging
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Coroutine
+from collections.abc import AsyncIterator, Coroutine
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -349,7 +350,7 @@ class TieredService:
         deltas: list[GenerationDelta],
         draft: Generation | None,
         handle: AnswerStream,
-    ) -> Awaitable[object] | None:
+    ) -> Future[bool] | asyncio.Task[None] | None:
         """Account a finished live stream; returns what its escalation record's commit awaits."""
         info = self.tiers[tier].info
         gen = collect(deltas, model=info.name, version=info.version)
@@ -423,7 +424,7 @@ class TieredService:
         draft: Generation | None,
         decision: Decision | None,
         answer: Generation,
-    ) -> Awaitable[object] | None:
+    ) -> Future[bool] | asyncio.Task[None] | None:
         """Record the pair. An escalation under `signal.durability: acknowledged` returns what
         its commit resolves, for the response to wait on (`_acknowledge`); otherwise None."""
         sample = Sample(
@@ -463,16 +464,17 @@ class TieredService:
             log.warning("teacher could not score draft %s: %s", sample.id, exc)
         committed = self._submit(sample, acked)
         if committed is not None:
-            await committed
+            await asyncio.wrap_future(committed)
 
-    async def _acknowledge(self, call: ChatCall, committed: Awaitable[object] | None) -> None:
+    async def _acknowledge(self, call: ChatCall, committed: Future[bool] | asyncio.Task[None] | None) -> None:
         """Wait, at most `signal.ack_timeout_s`, until the request's record is committed. Past
         that the response goes out anyway and the wait is counted: a failing database never
         fails serving, and the record stays queued (written once it recovers, or spilled)."""
         if committed is None:
             return
+        waiting = asyncio.wrap_future(committed) if isinstance(committed, Future) else committed
         try:
-            await asyncio.wait_for(asyncio.shield(committed), self.settings.signal.ack_timeout_s)
+            await asyncio.wait_for(asyncio.shield(waiting), self.settings.signal.ack_timeout_s)
         except TimeoutError:
             self.metrics.signal_ack_timeouts.inc()
             log.warning("signal record %s not committed within %.1f s; answering anyway", call.request_id,
@@ -484,11 +486,12 @@ class TieredService:
         task.add_done_callback(self._background.discard)
         return task
 
-    def _submit(self, sample: Sample, acked: bool = False) -> Awaitable[object] | None:
-        """Queue the record; acknowledged, return the future its commit resolves."""
+    def _submit(self, sample: Sample, acked: bool = False) -> Future[bool] | None:
+        """Queue the record; acknowledged, return the future its commit resolves (a thread's
+        future: `_acknowledge` awaits it on the event loop)."""
         try:
             if acked:
-                return asyncio.wrap_future(self.store.submit_acked(sample))
+                return self.store.submit_acked(sample)
             self.store.submit(sample)
         except StoreClosed:
             self.metrics.signal_records.labels("failed").inc()
