@@ -17,6 +17,13 @@ from typing import Any
 import uvicorn
 
 
+def free_port() -> int:
+    """A loopback port free now, for a server started in a subprocess."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 class _Server(uvicorn.Server):
     def install_signal_handlers(self) -> None:  # the main thread owns signals, not us
         pass

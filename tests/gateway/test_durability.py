@@ -9,7 +9,6 @@ record is committed. A fault probe of the buffered behaviour lost 100 of 446 suc
 from __future__ import annotations
 
 import os
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.servers import wait_healthy
+from tests.servers import free_port, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[2]
 CYCLES = 20
@@ -27,16 +26,10 @@ CLIENTS = 8
 PER_CYCLE = 25  # responses received before the kill
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _gateway(
     db: Path, student_url: str, teacher_url: str, log: Path, durability: str
 ) -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
+    port = free_port()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("TIERGATE_")},
         "TIERGATE_SIGNAL__PATH": str(db),

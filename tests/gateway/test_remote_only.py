@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import wait_healthy
+from tests.servers import free_port, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[2]
 # What a remote-only gateway with default tuning must not load. numpy alone was 13.7 MiB of RSS.
@@ -62,13 +61,6 @@ with serve_in_thread(create_app(settings), ready_path="/health/ready", timeout=3
 answer = reply.choices[0].message.content
 print(json.dumps({"answer": answer, "after_start": after_start, "after_request": after_request}))
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def clean_env() -> dict[str, str]:

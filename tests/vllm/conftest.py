@@ -10,7 +10,6 @@ TIERGATE_SKIP_VLLM=1 says so explicitly.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from models import resolve_model_dir
-from tests.servers import wait_healthy
+from tests.servers import free_port, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[2]
 VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
@@ -53,16 +52,10 @@ class VllmServer:
     log: Path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def start_vllm(
     python: Path, model_dir: Path, name: str, log: Path, extra: list[str]
 ) -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
