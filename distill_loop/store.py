@@ -298,10 +298,10 @@ class SignalStore:
                     stop = True
                 else:
                     batch.append(first)
+                # A client waits on an acknowledged record: take what is queued, no lingering.
+                acked = first is not None and first[1] is not None
                 linger_until = time.monotonic() + self.config.linger_s
                 while len(batch) < self.config.batch_size and not stop:
-                    # A client waits on an acknowledged record: take what is queued, no lingering.
-                    acked = any(done is not None for _, done in batch)
                     try:
                         wait = 0.0 if acked else linger_until - time.monotonic()
                         nxt = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
@@ -312,6 +312,7 @@ class SignalStore:
                         stop = True
                         break
                     batch.append(nxt)
+                    acked = acked or nxt[1] is not None
                 if batch:
                     self._write_and_ack(conn, batch)
                 for _ in range(taken):
