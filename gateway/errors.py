@@ -5,7 +5,16 @@
     │   └── PayloadTooLarge             413 invalid_request_error / request_too_large
     ├── Unauthorized (PermissionError)  401 authentication_error (with a Bearer or Basic challenge)
     ├── Forbidden (PermissionError)     403 permission_error
-    └── ModelNotFound (LookupError)     404 invalid_request_error / model_not_found
+    ├── ModelNotFound (LookupError)     404 invalid_request_error / model_not_found
+    └── ClientDisconnected              499: the client left before its answer; nothing is sent
+
+    models.BackendUnavailable (ConnectionError)
+    ├── TierOverloaded                  503 service_unavailable / overloaded, Retry-After: shed by admission
+    └── TierCircuitOpen                 503 service_unavailable / circuit_open, Retry-After: the tier's breaker is open
+
+The last two are the gateway's own refusals to call a tier (gateway/guard.py). They are backend
+errors so that the service treats them as a tier it cannot reach, and tells them apart where it
+matters: overload is never escalated to the teacher.
 
 An exception says what it means to a client itself, as httpx's do: `http_status`, the OpenAI
 error `type` and `code` are class attributes, on these and on the backend errors
@@ -27,7 +36,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from distill_loop import DistillError
-from models import BackendError
+from models import BackendError, BackendUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +82,30 @@ class ModelNotFound(GatewayError, LookupError):
     http_status = 404
     error_type = "invalid_request_error"
     code = "model_not_found"
+
+
+class TierOverloaded(BackendUnavailable):
+    """The tier's admission is full: too many calls running and waiting, or the wait ran out."""
+
+    code = "overloaded"
+    retry_after = 1.0
+
+
+class TierCircuitOpen(BackendUnavailable):
+    """The tier's circuit breaker is open: it failed too often, and is given time to recover."""
+
+    code = "circuit_open"
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = max(1.0, retry_after)
+
+
+class ClientDisconnected(GatewayError):
+    """The client closed the connection before its answer was ready (nginx's 499)."""
+
+    http_status = 499
+    error_type = "client_disconnected"
 
 
 def error_body(message: str, error_type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:

@@ -66,7 +66,8 @@ class Metrics:
         )
         self.fallbacks = Counter(
             "tiergate_fallbacks_total",
-            "Escalations answered by the student's draft because the teacher failed.",
+            "Escalations answered by the student's draft, by reason: teacher_unavailable (it failed, or its"
+            " circuit is open), teacher_busy (its admission was full).",
             ["reason"],
             registry=r,
         )
@@ -162,6 +163,46 @@ class Metrics:
         )
         self.inflight = Gauge("tiergate_inflight_requests", "Requests being served now.", registry=r)
         self.ready = Gauge("tiergate_tier_ready", "1 when the tier is loaded and serving.", ["tier"], registry=r)
+        self.breaker_state = Gauge(
+            "tiergate_breaker_state", "A tier's circuit breaker: 0 closed, 1 half-open, 2 open.", ["tier"], registry=r
+        )
+        self.shed = Counter(
+            "tiergate_shed_total",
+            "Calls refused because the tier's admission was full (max_inflight running, max_queue"
+            " waiting) or the wait passed server.queue_timeout_s.",
+            ["tier"],
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "tiergate_queue_wait_seconds",
+            "Time a call waited for a slot on the tier (only calls that waited).",
+            ["tier"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.retries = Counter(
+            "tiergate_retries_total", "Calls to a tier tried again (before their first byte).", ["tier"], registry=r
+        )
+        self.teacher_backlog = Gauge(
+            "tiergate_teacher_backlog",
+            "Escalations answered by the draft while the teacher was out, waiting to be asked again.",
+            registry=r,
+        )
+        self.teacher_backlog_dropped = Counter(
+            "tiergate_teacher_backlog_dropped_total",
+            "Backlog escalations dropped unasked because the backlog was full (guard.backlog_max).",
+            registry=r,
+        )
+        self.escalations_deferred = Counter(
+            "tiergate_deferred_escalations_total",
+            "Escalations from the backlog answered by the teacher once it was back, and recorded.",
+            registry=r,
+        )
+        self.client_disconnects = Counter(
+            "tiergate_client_disconnects_total",
+            "Non-streaming requests cancelled because the client went away before the answer.",
+            registry=r,
+        )
         # Children bound once: labels() is a lock and a dict lookup, paid several times a request.
         self._answered = {t: (self.requests.labels(t), self.latency.labels(t)) for t in TIERS}
         self._usage = {
@@ -169,6 +210,12 @@ class Metrics:
         }
         for reason in ESCALATION_REASONS:
             self.escalations.labels(reason)
+        for tier in TIERS:
+            self.breaker_state.labels(tier).set(0)
+            self.shed.labels(tier)
+            self.retries.labels(tier)
+        for fallback in ("teacher_unavailable", "teacher_busy"):
+            self.fallbacks.labels(fallback)
         for result in ("written", "failed", "dropped", "truncated"):
             self.signal_records.labels(result)
         for result in ("ok", "failed"):

@@ -1,9 +1,12 @@
 """The tiered request flow: draft with the student, score, escalate or keep, audit, record.
 
 Everything here is transport-free: it takes a parsed `ChatCall` and returns a `Route` plus a
-`Generation` or a stream of deltas; `routes.py` turns those into HTTP. A failing teacher
-degrades to the student's draft; a failing signal store never fails a request. Which confident
-answers get an active label is `labels.py`'s choice; asking the teacher and recording is here.
+`Generation` or a stream of deltas; `routes.py` turns those into HTTP. Every backend call goes
+through its tier's guard (`guard.py`: admission, deadline, retries, breaker). A failing, busy or
+open-circuit teacher degrades to the student's draft at once; a failing student escalates, but
+an overloaded one is shed (503), so overload never turns into teacher traffic. A failing signal
+store never fails a request. Which confident answers get an active label is `labels.py`'s
+choice; asking the teacher and recording is here.
 """
 
 from __future__ import annotations
@@ -13,16 +16,20 @@ import logging
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from distill_loop import Sample, SignalStore, StoreClosed
+from gateway.errors import TierCircuitOpen, TierOverloaded
+from gateway.guard import BreakerState, Lease, LogThrottle, TierGuard
 from gateway.metrics import Metrics
 from gateway.settings import Settings
 from models import (
     Backend,
+    BackendConfig,
     BackendError,
     BackendResponseError,
     BackendTimeout,
@@ -43,6 +50,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Tier = Literal["student", "teacher"]
+R = TypeVar("R")
 Alias = Literal["tiered", "student", "teacher"]
 
 
@@ -128,6 +136,10 @@ async def _aclose(source: AsyncIterator[GenerationDelta]) -> None:
 
 
 def error_class(exc: BaseException) -> str:
+    if isinstance(exc, TierOverloaded):
+        return "overloaded"
+    if isinstance(exc, TierCircuitOpen):
+        return "circuit_open"
     if isinstance(exc, BackendTimeout):
         return "timeout"
     if isinstance(exc, BackendUnavailable):
@@ -137,6 +149,26 @@ def error_class(exc: BaseException) -> str:
     if isinstance(exc, BackendError):
         return "upstream"
     return "internal"
+
+
+def _backend_error(tier: str, exc: BaseException) -> BackendError | None:
+    """The backend error a call ended with: the deadline's TimeoutError becomes a
+    `BackendTimeout`; None for anything else that is not one (cancellation, a bug)."""
+    if isinstance(exc, BackendError):
+        return exc
+    if isinstance(exc, TimeoutError):
+        return BackendTimeout(f"{tier} tier did not answer within its deadline")
+    return None
+
+
+def tier_capacity(config: BackendConfig) -> int:
+    """Calls a tier takes at once when guard.<tier>.max_inflight is unset: an in-process model
+    its batch, a server its connection limit."""
+    if config.kind == "local":
+        return config.max_batch_size
+    if config.kind == "remote":
+        return config.max_connections
+    return 256
 
 
 class TieredService:
@@ -164,6 +196,20 @@ class TieredService:
         self._background: set[asyncio.Task[None]] = set()
         self._spent = 0.0
         self._teacher_only = 0.0
+        self.guards: dict[Tier, TierGuard] = {
+            tier: TierGuard(
+                tier,
+                getattr(settings.guard, tier),
+                capacity=tier_capacity(getattr(settings, tier)),
+                queue_timeout_s=settings.server.queue_timeout_s,
+                on_change=lambda state, tier=tier: self._breaker_changed(tier, state),  # type: ignore[misc]
+            )
+            for tier in ("student", "teacher")
+        }
+        # Escalations the draft answered while the teacher was out: asked again once it is back.
+        self._backlog: deque[tuple[ChatCall, Route, Generation]] = deque(maxlen=settings.guard.backlog_max)
+        self._draining: asyncio.Task[None] | None = None
+        self._logs = LogThrottle()
 
     # -- public ------------------------------------------------------------------------------
     def student_version(self) -> str:
@@ -239,7 +285,9 @@ class TieredService:
         try:
             draft = await self._generate("student", call.messages, call.params)
         except BackendError as exc:
-            if call.alias == "student" or isinstance(exc, InvalidGenerationRequest):
+            # An overloaded student is the gateway's own overload: shed it (503), never pass it
+            # on to the teacher. Only a student that really fails (or whose breaker is open) escalates.
+            if call.alias == "student" or isinstance(exc, (InvalidGenerationRequest, TierOverloaded)):
                 raise
             self.metrics.escalations.labels("student_error").inc()
             return Route("teacher", True, "student_error", threshold, self.student_version()), None
@@ -263,21 +311,67 @@ class TieredService:
     ) -> tuple[Route, Generation]:
         if draft is None or not route.escalated or isinstance(exc, InvalidGenerationRequest):
             raise exc
-        log.warning("teacher failed on %s (%s); answering with the student's draft", call.request_id, exc)
-        self.metrics.fallbacks.labels("teacher_unavailable").inc()
-        degraded = replace(route, tier="student", reason="teacher_unavailable", degraded=True)
+        reason: RouteReason = "teacher_busy" if isinstance(exc, TierOverloaded) else "teacher_unavailable"
+        self._logs.warning(log, f"fallback:{reason}", "teacher %s on %s (%s); answering with the student's draft",
+                           reason.removeprefix("teacher_"), call.request_id, exc)  # fmt: skip
+        self.metrics.fallbacks.labels(reason).inc()
+        degraded = replace(route, tier="student", reason=reason, degraded=True)
         self._finish(call, degraded, draft)
+        if call.alias == "tiered":
+            self._defer(call, route, draft)
         return degraded, draft
 
     # -- backend calls with accounting -------------------------------------------------------
-    async def _generate(self, tier: Tier, messages: tuple[ChatMessage, ...], params: SamplingParams) -> Generation:
-        try:
-            gen = await self.tiers[tier].generate(messages, params)
-        except BackendError as exc:
-            self.metrics.errors.labels(tier, error_class(exc)).inc()
-            raise
+    async def _generate(
+        self, tier: Tier, messages: tuple[ChatMessage, ...], params: SamplingParams, *, wait: bool = True
+    ) -> Generation:
+        """One call through the tier's guard. `wait=False` (background work) takes a slot only
+        if one is free now."""
+        gen, lease = await self._guarded(tier, lambda: self.tiers[tier].generate(messages, params), wait)
+        lease.done()
         self._account(tier, gen.usage.prompt_tokens, gen.usage.completion_tokens)
         return gen
+
+    async def _guarded(self, tier: Tier, attempt: Callable[[], Awaitable[R]], wait: bool = True) -> tuple[R, Lease]:
+        """`attempt()` on a lease of the tier, under one deadline for every try, retried while
+        the guard allows (the attempt must end before any byte reaches the client). Returns
+        the result and the lease, still held: the caller ends it."""
+        guard = self.guards[tier]
+        deadline: float | None = None
+        tries = 0
+        while True:
+            lease = await self._lease(tier, wait)
+            deadline = deadline or lease.deadline
+            try:
+                async with asyncio.timeout_at(deadline):
+                    return await attempt(), lease
+            except BaseException as raised:
+                exc = _backend_error(tier, raised)
+                lease.done(exc or raised)
+                if exc is None:
+                    raise  # cancelled, or a bug: neither says anything about the tier
+                self.metrics.errors.labels(tier, error_class(exc)).inc()
+                if guard.may_retry(exc, tries):
+                    self.metrics.retries.labels(tier).inc()
+                    tries += 1
+                    await guard.backoff(tries)
+                    continue
+                if exc is raised:
+                    raise
+                raise exc from raised
+
+    async def _lease(self, tier: Tier, wait: bool = True) -> Lease:
+        """A slot on the tier, or the guard's refusal (counted as an error of the tier)."""
+        try:
+            lease, waited = await self.guards[tier].lease(wait=wait)
+        except (TierOverloaded, TierCircuitOpen) as exc:
+            self.metrics.errors.labels(tier, error_class(exc)).inc()
+            if isinstance(exc, TierOverloaded):
+                self.metrics.shed.labels(tier).inc()
+            raise
+        if waited:
+            self.metrics.queue_wait.labels(tier).observe(waited)
+        return lease
 
     def _account(self, tier: Tier, prompt_tokens: int, completion_tokens: int) -> None:
         price = getattr(self.settings.pricing, tier)
@@ -297,18 +391,23 @@ class TieredService:
     async def _open_live(
         self, tier: Tier, call: ChatCall, route: Route, draft: Generation | None = None
     ) -> AnswerStream:
+        """Open the tier's stream and take its first delta; retried (within the budget) only
+        until that first delta, since after it bytes may have reached the client."""
         params = self._teacher_params(call) if tier == "teacher" else call.params
-        source = self.tiers[tier].stream(call.messages, params)
-        try:
-            first = await anext(source)
-        except StopAsyncIteration:
-            first = GenerationDelta(finish_reason="stop")
-        except BackendError as exc:
-            self.metrics.errors.labels(tier, error_class(exc)).inc()
-            await _aclose(source)
-            raise
+
+        async def first_delta() -> tuple[GenerationDelta, AsyncIterator[GenerationDelta]]:
+            source = self.tiers[tier].stream(call.messages, params)
+            try:
+                return await anext(source), source
+            except StopAsyncIteration:
+                return GenerationDelta(finish_reason="stop"), source
+            except BaseException:
+                await _aclose(source)
+                raise
+
+        (first, source), lease = await self._guarded(tier, first_delta)
         handle = AnswerStream(route)
-        handle.deltas = self._relay(tier, call, route, first, source, draft, handle)
+        handle.deltas = self._relay(tier, call, route, first, source, draft, handle, lease)
         return handle
 
     async def _relay(
@@ -320,26 +419,38 @@ class TieredService:
         source: AsyncIterator[GenerationDelta],
         draft: Generation | None,
         handle: AnswerStream,
+        lease: Lease,
     ) -> AsyncIterator[GenerationDelta]:
+        """Pass the deltas on, under the call's deadline; the tier's slot is held until the end."""
         deltas: list[GenerationDelta] = []
         delta = first
+        outcome: BaseException | None = None
         try:
             while True:
                 deltas.append(delta)
                 if delta.finish_reason is not None:
+                    lease.done()  # the tier's part is over; the record's commit is not its concern
                     # Account and score before the last delta leaves, so the final chunk carries it.
                     await self._acknowledge(call, self._complete_live(tier, call, route, deltas, draft, handle))
                     yield delta
                     return
                 yield delta
                 try:
-                    delta = await anext(source)
+                    async with asyncio.timeout_at(lease.deadline):
+                        delta = await anext(source)
                 except StopAsyncIteration:
                     raise BackendResponseError(f"{tier} stream ended without a finish_reason") from None
+                except TimeoutError:
+                    raise BackendTimeout(f"{tier} stream did not finish within its deadline") from None
         except BackendError as exc:
+            outcome = exc
             self.metrics.errors.labels(tier, error_class(exc)).inc()
             raise  # a partial answer is never recorded as signal
+        except BaseException as exc:  # the client went away (GeneratorExit, cancellation)
+            outcome = exc
+            raise
         finally:
+            lease.done(outcome)
             await _aclose(source)
 
     def _complete_live(
@@ -402,11 +513,12 @@ class TieredService:
         outcomes = self.metrics.audits if kind == "audit" else self.metrics.active_labels
         labels = () if kind == "audit" else (reason,)
         try:
-            answer = await self._generate("teacher", call.messages, self._teacher_params(call))
+            # Background work takes a free teacher slot or none: it never queues ahead of escalations.
+            answer = await self._generate("teacher", call.messages, self._teacher_params(call), wait=False)
         except BackendError as exc:
             outcomes.labels(*labels, "failed").inc()
             what = "audit" if kind == "audit" else f"active label ({reason})"
-            log.warning("%s of %s failed: %s", what, call.request_id, exc)
+            self._logs.warning(log, f"{kind}:{error_class(exc)}", "%s of %s failed: %s", what, call.request_id, exc)
             return
         outcomes.labels(*labels, "ok").inc()
         if kind == "label":
@@ -415,6 +527,49 @@ class TieredService:
             cost = self.settings.pricing.teacher.cost(usage.prompt_tokens, usage.completion_tokens)
             self.metrics.label_cost.inc(cost)
         self._record(call, kind, reason, draft, route.decision, answer)
+
+    # -- escalations the teacher missed ---------------------------------------------------------
+    def _defer(self, call: ChatCall, route: Route, draft: Generation) -> None:
+        """Keep an escalation the draft answered because the teacher was out, to ask it later."""
+        if self._backlog.maxlen:
+            if len(self._backlog) == self._backlog.maxlen:
+                self.metrics.teacher_backlog_dropped.inc()  # the oldest goes
+            self._backlog.append((call, route, draft))
+            self.metrics.teacher_backlog.set(len(self._backlog))
+            self._drain_soon()
+
+    def _breaker_changed(self, tier: Tier, state: BreakerState) -> None:
+        self.metrics.breaker_state.labels(tier).set(BREAKER_VALUE[state])
+        log.warning("%s tier circuit %s", tier, state.replace("_", "-"))
+        if tier == "teacher" and state == "closed":
+            self._drain_soon()
+
+    def _drain_soon(self) -> None:
+        if self._backlog and self.guards["teacher"].breaker.state == "closed" and self._draining is None:
+            self._draining = asyncio.get_running_loop().create_task(self._drain(), name="teacher-backlog")
+            self._background.add(self._draining)
+            self._draining.add_done_callback(self._drained)
+
+    def _drained(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        self._draining = None
+
+    async def _drain(self) -> None:
+        """Ask the teacher, one at a time, about the escalations it missed; record the pairs.
+        Starts one probe interval after it is asked to, so a teacher that just failed is not
+        asked again at once; stops at the first failure (the next fallback or close resumes)."""
+        await asyncio.sleep(self.guards["teacher"].breaker.config.open_s)
+        while self._backlog and self.guards["teacher"].breaker.state == "closed":
+            call, route, draft = self._backlog.popleft()
+            try:
+                answer = await self._generate("teacher", call.messages, self._teacher_params(call), wait=False)
+            except BackendError:
+                self._backlog.appendleft((call, route, draft))
+                return
+            finally:
+                self.metrics.teacher_backlog.set(len(self._backlog))
+            self.metrics.escalations_deferred.inc()
+            self._record(call, "escalation", route.reason, draft, route.decision, answer)
 
     def _record(
         self,
@@ -498,6 +653,8 @@ class TieredService:
             log.error("signal store closed; record %s lost", sample.id)
         return None
 
+
+BREAKER_VALUE: dict[BreakerState, int] = {"closed": 0, "half_open": 1, "open": 2}
 
 # Seeded from os.urandom once; 128 random bits per id, as uuid4 has, without a getrandom(2)
 # syscall per request (4% of the gateway's CPU under load, bench/README.md). Request ids are

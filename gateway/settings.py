@@ -42,6 +42,52 @@ class ServerConfig(BaseModel):
     sse_ping_s: int = Field(default=15, ge=1)
     # Seconds shutdown waits for background audit calls before giving up on them.
     shutdown_grace_s: float = Field(default=20.0, ge=0.0)
+    # Longest a request waits for a free slot on a tier (guard.*.max_inflight) before it is
+    # refused with 503 and Retry-After; overload is shed, not queued without end.
+    queue_timeout_s: float = Field(default=5.0, gt=0.0)
+
+
+class BreakerConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Open after this many failed calls in a row (Envoy's consecutive_5xx default is 5).
+    consecutive_failures: int = Field(default=5, ge=1)
+    # Or when at least this share of the calls in the last `window_s` failed ...
+    failure_ratio: float = Field(default=0.5, gt=0.0, le=1.0)
+    # ... and there were at least this many of them.
+    min_calls: int = Field(default=20, ge=1)
+    # Seconds of history the failure ratio is read over.
+    window_s: float = Field(default=10.0, gt=0)
+    # Seconds an open breaker refuses calls before it lets one probe through (half-open).
+    open_s: float = Field(default=5.0, gt=0)
+
+
+class TierGuardConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Most calls running on the tier at once. None: the tier's own capacity (its batch size
+    # in-process, its connection limit over HTTP).
+    max_inflight: int | None = Field(default=None, ge=1)
+    # Most calls waiting for a slot; more are refused with 503 at once.
+    max_queue: int = Field(default=256, ge=0)
+    # Seconds one call may take, retries included (the whole stream, for a streamed answer).
+    deadline_s: float = Field(default=60.0, gt=0)
+    # Most retries of one call; a retry happens only before its first byte.
+    max_retries: int = Field(default=1, ge=0)
+    # Retries may add at most this share of the tier's calls over the last 10 s (plus 3, so a
+    # quiet tier can still retry; Envoy's budget_percent and min_retry_concurrency).
+    retry_budget: float = Field(default=0.2, ge=0.0, le=1.0)
+    breaker: BreakerConfig = BreakerConfig()
+
+
+class GuardConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    student: TierGuardConfig = TierGuardConfig()
+    teacher: TierGuardConfig = TierGuardConfig()
+    # Escalations answered by the draft while the teacher was unavailable are kept (in memory,
+    # at most this many) and sent to the teacher once its breaker closes, then recorded.
+    backlog_max: int = Field(default=1000, ge=0)
 
 
 class TierPrice(BaseModel):
@@ -70,6 +116,7 @@ class Settings(SharedSettings):
     model_config = SettingsConfigDict(extra="forbid")
 
     server: ServerConfig = ServerConfig()
+    guard: GuardConfig = GuardConfig()
     pricing: PricingConfig = PricingConfig()
 
 

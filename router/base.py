@@ -36,6 +36,7 @@ RouteReason = Literal[
     "student_error",
     "forced",
     "teacher_unavailable",
+    "teacher_busy",
 ]
 ROUTE_REASONS: tuple[RouteReason, ...] = get_args(RouteReason)
 EscalationReason = Literal["low_confidence", "empty_answer", "predicted_hard", "student_error"]
