@@ -15,7 +15,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -28,7 +28,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sse_starlette import EventSourceResponse
 from starlette.routing import Route
 
-from gateway.errors import Forbidden, InvalidRequest, ModelNotFound, PayloadTooLarge, Unauthorized, describe
+from gateway.errors import (
+    ClientDisconnected,
+    Forbidden,
+    InvalidRequest,
+    ModelNotFound,
+    PayloadTooLarge,
+    Unauthorized,
+    describe,
+)
 from gateway.protocol import (
     MODEL_ALIASES,
     ChatCompletionRequest,
@@ -46,6 +54,7 @@ from router import DEFAULT_TENANT, FixedThreshold, Policy
 
 log = logging.getLogger(__name__)
 router = APIRouter()
+T = TypeVar("T")
 DASHBOARD = Path(__file__).with_name("dashboard.html")
 STARTED = int(time.time())
 
@@ -235,7 +244,7 @@ async def chat_completions(request: Request) -> Response:
         if body.stream:
             handle = await service.open_stream(call)
         else:
-            route, gen = await service.complete(call)
+            route, gen = await _unless_disconnected(request, service.complete(call))
     except BaseException:
         service.metrics.inflight.dec()
         raise
@@ -262,6 +271,32 @@ async def chat_completions(request: Request) -> Response:
         media_type="application/json",
         headers=route.headers(call.request_id, call.client_request_id),
     )
+
+
+async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """Run `work`, cancelled if the client disconnects first: a client that went away gets no
+    teacher call and no record, as a stream already stops. The body is read by now, so the next
+    ASGI message can only be the disconnect."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
+    finally:
+        watch.cancel()
+    if not task.done():
+        task.cancel()
+        _service(request).metrics.client_disconnects.inc()
+        await asyncio.gather(task, return_exceptions=True)
+        raise ClientDisconnected("client disconnected")
+    return task.result()
+
+
+async def _disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _sse(
@@ -333,13 +368,16 @@ async def live() -> dict[str, str]:
 
 @router.get("/health/ready")
 async def ready(request: Request) -> JSONResponse:
+    """503 while a tier loads, during shutdown, or while neither tier can take calls. One open
+    circuit leaves the gateway ready but `degraded`: the other tier still answers (a load
+    balancer that pulled every replica off a dead shared teacher would turn it into an outage)."""
     service = _service(request)
-    tiers = {name: backend.info.ready for name, backend in service.tiers.items()}
-    ok = all(tiers.values()) and not request.app.state.shutting_down
-    return JSONResponse(
-        {"status": "ready" if ok else "not_ready", "tiers": tiers},
-        status_code=200 if ok else 503,
-    )
+    breakers = {name: guard.breaker.state for name, guard in service.guards.items()}
+    tiers = {name: backend.info.ready and breakers[name] != "open" for name, backend in service.tiers.items()}
+    loaded = all(backend.info.ready for backend in service.tiers.values())
+    ok = loaded and any(tiers.values()) and not request.app.state.shutting_down
+    status = ("ready" if all(tiers.values()) else "degraded") if ok else "not_ready"
+    return JSONResponse({"status": status, "tiers": tiers, "breakers": breakers}, status_code=200 if ok else 503)
 
 
 @router.get("/health")

@@ -182,7 +182,10 @@ def test_teacher_outage_degrades_to_the_student_draft(
     assert raw.parse().choices[0].message.content == student_script.text
     assert raw.parse().model_extra["tiergate"]["degraded"] is True
     assert metric(gateway_url, "tiergate_fallbacks_total", reason="teacher_unavailable") == 1
-    assert metric(gateway_url, "tiergate_request_errors_total", tier="teacher", error="unavailable") == 1
+    # A 503 is retried once, before the first byte (the retry budget allows it): two errors.
+    assert metric(gateway_url, "tiergate_request_errors_total", tier="teacher", error="unavailable") == 2
+    assert metric(gateway_url, "tiergate_retries_total", tier="teacher") == 1
+    assert len(teacher_script.requests) == 2
 
 
 def test_teacher_stream_cut_after_first_byte_is_an_in_band_error(
@@ -308,3 +311,22 @@ def test_an_escalated_answer_is_committed_before_it_is_sent(student_url: str, te
                 list(raw.parse())  # the whole stream, last chunk included
             own = raw.headers["x-tiergate-request-id"]
             assert own in {s.id for s in read_samples(db)}  # read while the gateway still runs
+
+
+def test_a_client_that_disconnects_cancels_its_request(
+    gateway_url: str, student_script: UpstreamScript, teacher_script: UpstreamScript, db: Path
+) -> None:
+    """Non-streaming, as streams already do: a probe found the draft finished, the teacher
+    called and a record written for a client that had gone."""
+    student_script.delay_s = 1.0
+    body = {"model": "tiered", "messages": [{"role": "user", "content": "HARD and then I hang up"}]}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(gateway_url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(10, read=0.3))
+    deadline = time.monotonic() + 10
+    while metric(gateway_url, "tiergate_client_disconnects_total") < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metric(gateway_url, "tiergate_client_disconnects_total") == 1
+    time.sleep(1.2)  # past the draft's delay: a request left running would call the teacher now
+    assert teacher_script.requests == []
+    assert list(read_samples(db)) == []
+    assert metric(gateway_url, "tiergate_requests_total", tier="student") == 0
