@@ -83,6 +83,8 @@ class UpstreamScript:
     delay_s: float = 0.0
     cut_stream_after: int | None = None  # drop the connection after N content chunks
     requests: list[dict[str, Any]] = field(default_factory=list)
+    inflight: int = 0  # requests being answered now, and the most there ever were at once
+    peak_inflight: int = 0
 
 
 def _tokens(text: str) -> list[str]:
@@ -108,7 +110,12 @@ def fake_upstream(script: UpstreamScript) -> FastAPI:
         body = await request.json()
         script.requests.append(body)
         if script.delay_s:
-            await asyncio.sleep(script.delay_s)
+            script.inflight += 1
+            script.peak_inflight = max(script.peak_inflight, script.inflight)
+            try:
+                await asyncio.sleep(script.delay_s)
+            finally:
+                script.inflight -= 1
         if script.status != 200:
             return JSONResponse(
                 {"error": {"message": "scripted failure", "type": "server_error", "param": None, "code": None}},

@@ -8,19 +8,16 @@ record is committed. A fault probe of the buffered behaviour lost 100 of 446 suc
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import httpx
 
-from tests.servers import free_port, wait_healthy
+from tests.servers import start_gateway
 
-ROOT = Path(__file__).resolve().parents[2]
 CYCLES = 20
 CLIENTS = 8
 PER_CYCLE = 25  # responses received before the kill
@@ -29,22 +26,14 @@ PER_CYCLE = 25  # responses received before the kill
 def _gateway(
     db: Path, student_url: str, teacher_url: str, log: Path, durability: str
 ) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
     env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("TIERGATE_")},
         "TIERGATE_SIGNAL__PATH": str(db),
         "TIERGATE_SIGNAL__AUDIT_FRACTION": "0",
         "TIERGATE_SIGNAL__DURABILITY": durability,
         "TIERGATE_DISTILL__LABEL_BUDGET_PER_HOUR": "0",
         "TIERGATE_RUNTIME__LOG_LEVEL": "WARNING",
     }
-    cmd = [sys.executable, "-m", "gateway", "--port", str(port), "--threshold", "0.5"]
-    cmd += ["--student-url", student_url, "--teacher-url", teacher_url]
-    with log.open("a") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    wait_healthy(proc, url + "/health/ready", log, timeout=60, poll_s=0.1)
-    return proc, url
+    return start_gateway(env, log, "--threshold", "0.5", "--student-url", student_url, "--teacher-url", teacher_url)
 
 
 def _client(url: str, tag: str, stop: threading.Event, received: list[str]) -> None:
