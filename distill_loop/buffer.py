@@ -1,7 +1,9 @@
 """Data for one distillation run: new records, a replay reservoir, the anchor set, and the split.
 
-Records are de-duplicated on (prompt, teacher answer), then split by a hash of the prompt, so
-a held-out prompt (and its near-copies) never reaches training. Each kept record becomes
+Records are de-duplicated on (prompt, teacher answer), near-duplicates collapse to the newest
+(`neardup`), then they are split by a hash of the prompt, so a held-out prompt (and its
+near-copies) never reaches training. No tenant holds more than `max_tenant_share` of the
+training examples or of the held-out items (`tenants`). Each kept record becomes
 `Example`s: the teacher's answer (a), its reasoning chain (b) and top-k logprobs (c) where
 present, and a correction example (d) when the student's draft disagreed. The anchor set joins
 the training examples (as kind "anchor", trained at a lower weight) and is also the gate's
@@ -13,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -21,8 +24,10 @@ from typing import Literal
 
 from distill_loop.config import DistillConfig
 from distill_loop.metrics import normalise
+from distill_loop.neardup import collapse
 from distill_loop.sample import Sample
 from distill_loop.store import read_samples
+from distill_loop.tenants import cap_share
 from models import ChatMessage, TokenLogprob
 
 Kind = Literal["answer", "correction", "anchor"]
@@ -123,10 +128,44 @@ def load_anchor(path: Path | None) -> list[Example]:
     return out
 
 
+def collapse_near_duplicates(samples: Sequence[Sample], similarity: float | None) -> tuple[list[Sample], int]:
+    """`samples` (oldest first) less near-duplicates, and how many went. The newest of a group is
+    kept, as `dedupe` keeps the newest exact copy: the teacher's latest answer is the one it
+    would give now, and a group that keeps arriving keeps one current representative."""
+    if similarity is None:
+        return list(samples), 0
+    kept, dropped = collapse(samples[::-1], _prompt_text, lambda s: s.teacher.text, similarity)
+    return kept[::-1], dropped
+
+
+def _prompt_text(sample: Sample) -> str:
+    return "\n".join(m.content for m in sample.messages if m.role != "system")
+
+
+def heldout_window(records: Sequence[Sample], n: int, cap: float, rng: random.Random) -> tuple[list[Sample], int]:
+    """The held-out records (oldest first) the gate evaluates: the newest `n`, skipping a
+    tenant's records once it holds its quota of the window (its share of `n`), then held to
+    the share cap. Returns them and how many of the plain newest `n` the cap displaced."""
+    tenants = {s.tenant for s in records}
+    quota = max(1, int(max(cap, 1.0 / max(1, len(tenants))) * n))
+    taken: Counter[str] = Counter()
+    window: list[Sample] = []
+    for s in reversed(records):
+        if len(window) == n:
+            break
+        if taken[s.tenant] < quota:
+            taken[s.tenant] += 1
+            window.append(s)
+    window, _ = cap_share(window[::-1], lambda s: s.tenant, lambda _s: 1, cap, rng)
+    return window, min(n, len(records)) - len(window)
+
+
 def build_run_data(signal_path: Path, config: DistillConfig, since: float, until: float, seed: int = 0) -> RunData:
     """Assemble train/held-out/anchor examples from records up to `until`; new means after `since`."""
     # A record cut to max_record_bytes holds a prompt the teacher never saw: not trained on.
-    everything = dedupe(s for s in read_samples(signal_path) if s.created_at <= until and s.truncated_from is None)
+    exact = dedupe(s for s in read_samples(signal_path) if s.created_at <= until and s.truncated_from is None)
+    # Before the split: a near-copy of a held-out prompt in training would flatter the candidate.
+    everything, near = collapse_near_duplicates(exact, config.near_duplicate_similarity)
     new = [s for s in everything if s.created_at > since]
     old = [s for s in everything if s.created_at <= since]
     holdout = [s for s in everything if is_heldout(s.messages, config.holdout_fraction)]
@@ -134,14 +173,19 @@ def build_run_data(signal_path: Path, config: DistillConfig, since: float, until
     old_train = [s for s in old if not is_heldout(s.messages, config.holdout_fraction)]
     rng = random.Random(seed)
     replay = reservoir(old_train, config.replay_size, rng)
+    per_record = [(s, examples_for(s, config)) for s in new_train + replay]
+    cap = config.max_tenant_share
+    capped, capped_train = cap_share(per_record, lambda r: r[0].tenant, lambda r: len(r[1]), cap, rng)
     anchor = load_anchor(config.anchor_path)
     # The anchor set is trained on (at a lower weight) as well as gated on: rehearsal is what
     # keeps the student's general behaviour while it specialises, and the gate checks it held.
-    train = [e for s in new_train + replay for e in examples_for(s, config)] + anchor
-    heldout = [e for s in holdout for e in examples_for(s, config) if e.kind == "answer"]
+    # It belongs to no tenant, so it is left out of tenant shares.
+    train = [e for _, examples in capped for e in examples] + anchor
+    window, capped_heldout = heldout_window(holdout, config.gate.max_items, cap, rng)
+    heldout = [e for s in window for e in examples_for(s, config) if e.kind == "answer"]
     return RunData(
         train=tuple(train),
-        heldout=tuple(heldout[-config.gate.max_items :]),
+        heldout=tuple(heldout),
         anchor=tuple(anchor),
         window={
             "since": since,
@@ -149,7 +193,12 @@ def build_run_data(signal_path: Path, config: DistillConfig, since: float, until
             "new_records": len(new),
             "replayed": len(replay),
             "train_examples": len(train),
-            "heldout_examples": len(heldout),
+            "heldout_examples": len(holdout),  # the gate evaluates at most gate.max_items of them
+            "near_duplicates": near,
+            "near_duplicates_new": sum(s.created_at > since for s in exact) - len(new),
+            "tenants": len({s.tenant for s in everything}),
+            "tenant_capped_train": capped_train,
+            "tenant_capped_heldout": capped_heldout,
         },
     )
 

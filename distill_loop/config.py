@@ -141,6 +141,14 @@ class DistillConfig(BaseModel):
     holdout_fraction: float = Field(default=0.3, gt=0, lt=1)
     # Older records replayed per run (a reservoir sample), against forgetting.
     replay_size: int = Field(default=64, ge=0)
+    # Largest share of a run's training examples, and of its held-out items, one tenant (API
+    # key) may hold when several contribute: a larger one is downsampled, seeded by the run. It is
+    # never below 1/k for k tenants, so data from one tenant alone is never cut. 1 turns it off.
+    max_tenant_share: float = Field(default=0.5, gt=0, le=1)
+    # Records whose prompts and teacher answers are both at least this similar (Jaccard of the
+    # character 5-grams of their words), with the same numbers and names in the answers, are
+    # near-duplicates: only the newest is used. None turns this off.
+    near_duplicate_similarity: float | None = Field(default=0.7, gt=0, le=1)
     # JSONL of {"messages": [...], "answer": "..."} guarding general behaviour; None = the shipped set.
     anchor_path: Path | None = None
     # Versions kept on disk (the current and previous are always kept).

@@ -79,6 +79,19 @@ def anchor_allowance(cfg: GateSettings, n_anchor: int) -> float:
     return max(cfg.anchor_max_agreement_drop, 1.0 / n_anchor) if n_anchor else cfg.anchor_max_agreement_drop
 
 
+def anchor_regression(cfg: GateSettings, anchor: tuple[Measured, Measured], n_anchor: int) -> str | None:
+    """The gate's forgetting check on the anchor set (serving, candidate): the reason it
+    fails, or None when the candidate held. No anchor items, no check."""
+    serving, candidate = anchor
+    if not n_anchor:
+        return None
+    if candidate.agreement < serving.agreement - anchor_allowance(cfg, n_anchor):
+        return "anchor_agreement_regressed"
+    if candidate.nll > serving.nll + cfg.anchor_max_nll_rise:
+        return "anchor_nll_regressed"
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class GateReport:
     passed: bool
@@ -168,9 +181,7 @@ def decide(
             # items it is mostly noise. Only a measured saving pays for that risk (the stream
             # benchmark promoted such a version on 6 items, and live escalations rose).
             return report(False, "no_escalations_saved")
-    if n_anchor:
-        if ac.agreement < as_.agreement - anchor_allowance(cfg, n_anchor):
-            return report(False, "anchor_agreement_regressed")
-        if ac.nll > as_.nll + cfg.anchor_max_nll_rise:
-            return report(False, "anchor_nll_regressed")
+    regressed = anchor_regression(cfg, anchor, n_anchor)
+    if regressed is not None:
+        return report(False, regressed)
     return report(True, "passed")

@@ -255,6 +255,7 @@ class DistillLoop:
         until = time.time()
         data = build_run_data(self.signal_path, self.config, self.state.last_cut, until, seed=self.state.runs)
         self.state.last_run_at = until
+        self._data_dropped(data.window)
         from_records = sum(e.kind != "anchor" for e in data.train)  # the anchor set is always there
         skip = None if from_records else "no_training_data"
         if skip is None and len(data.heldout) < self.config.gate.min_heldout:
@@ -351,6 +352,20 @@ class DistillLoop:
         self.registry.set_current(name, "promoted")
         log.info("promoted %s (held-out NLL %.3f -> %.3f; %s)", name, h_serving.nll, h_cand.nll, _gate_line(gate))
         return self._done(RunOutcome("promoted", "passed", version=name, gate=gate, train=train_info))
+
+    def _data_dropped(self, window: dict[str, float | int]) -> None:
+        """Log and report what the run's data left out against poisoning: near-duplicates (each
+        counted once, in the run where it is new) and what the tenant cap dropped."""
+        near, capped = int(window["near_duplicates_new"]), int(window["tenant_capped_train"])
+        capped_heldout = int(window["tenant_capped_heldout"])
+        if near or capped or capped_heldout:
+            log.info(
+                "run data: %d new near-duplicate records collapsed (%d in all); tenant cap (%.2f, %d tenants) "
+                "dropped %d training records and %d held-out items",
+                near, window["near_duplicates"], self.config.max_tenant_share, window["tenants"], capped,
+                capped_heldout,
+            )  # fmt: skip
+        self._emit("data", {"near_duplicate": near, "tenant_cap": capped + capped_heldout})
 
     def _replay_routing(self, serving: str, h_serving: EvalResult, h_cand: EvalResult) -> Replay:
         """The gateway's routing on the held-out drafts.

@@ -139,6 +139,12 @@ class Metrics:
         self.distill_samples = Counter(
             "tiergate_distill_samples_trained_total", "Training examples used by distillation runs.", registry=r
         )
+        self.distill_dropped = Counter(
+            "tiergate_distill_records_dropped_total",
+            "Records left out of distillation runs against poisoning, by reason (near_duplicate, tenant_cap).",
+            ["reason"],
+            registry=r,
+        )
         self.distill_loss = Gauge(
             "tiergate_distill_train_loss", "Training loss of the latest distillation step.", registry=r
         )
@@ -224,6 +230,8 @@ class Metrics:
                 self.active_labels.labels(label_reason, result)
         for result in ("promoted", "rejected", "skipped", "failed"):
             self.distill_runs.labels(result)
+        for dropped in ("near_duplicate", "tenant_cap"):
+            self.distill_dropped.labels(dropped)
         for trigger in ("manual", "auto"):
             self.rollbacks.labels(trigger)
         self._swapped_at = time.time()
@@ -247,6 +255,9 @@ class Metrics:
             self.distill_runs.labels(str(data["result"])).inc()
             if data["result"] in ("promoted", "rejected"):
                 self.gate_results.labels("pass" if data["result"] == "promoted" else "fail", str(data["reason"])).inc()
+        elif event == "data":
+            for dropped in ("near_duplicate", "tenant_cap"):
+                self.distill_dropped.labels(dropped).inc(float(data[dropped]))  # type: ignore[arg-type]
         elif event == "trained":
             self.distill_samples.inc(float(data["examples"]))  # type: ignore[arg-type]
         elif event == "step":
