@@ -18,7 +18,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
-from distill_loop import Sample, SignalStore, StoreClosed
+from distill_loop import Redactor, Sample, SignalStore, StoreClosed
 from gateway.metrics import Metrics
 from gateway.settings import Settings
 from models import (
@@ -164,6 +164,7 @@ class TieredService:
         self._background: set[asyncio.Task[None]] = set()
         self._spent = 0.0
         self._teacher_only = 0.0
+        self._teacher_redactor = Redactor() if settings.signal.redact_teacher_requests else None
 
     # -- public ------------------------------------------------------------------------------
     def student_version(self) -> str:
@@ -181,7 +182,7 @@ class TieredService:
             self._maybe_audit(call, route, draft)
             return route, draft
         try:
-            answer = await self._generate("teacher", call.messages, self._teacher_params(call))
+            answer = await self._generate("teacher", self._for_teacher(call.messages), self._teacher_params(call))
         except BackendError as exc:
             return self._fallback(call, route, draft, exc)
         self._finish(call, route, answer)
@@ -254,6 +255,11 @@ class TieredService:
             return Route("teacher", True, decision.reason, decision.threshold, draft.version, decision), draft
         return Route("student", False, "confident", decision.threshold, draft.version, decision), draft
 
+    def _for_teacher(self, messages: tuple[ChatMessage, ...]) -> tuple[ChatMessage, ...]:
+        """The prompt as the teacher gets it: redacted under `signal.redact_teacher_requests`,
+        numbered as the stored record will be (prompt first), so the answer's placeholders match."""
+        return self._teacher_redactor.messages(messages) if self._teacher_redactor is not None else messages
+
     def _teacher_params(self, call: ChatCall) -> SamplingParams:
         k = max(call.params.top_logprobs, self.settings.signal.teacher_top_logprobs)
         return replace(call.params, top_logprobs=k)
@@ -298,7 +304,8 @@ class TieredService:
         self, tier: Tier, call: ChatCall, route: Route, draft: Generation | None = None
     ) -> AnswerStream:
         params = self._teacher_params(call) if tier == "teacher" else call.params
-        source = self.tiers[tier].stream(call.messages, params)
+        messages = self._for_teacher(call.messages) if tier == "teacher" else call.messages
+        source = self.tiers[tier].stream(messages, params)
         try:
             first = await anext(source)
         except StopAsyncIteration:
@@ -402,7 +409,7 @@ class TieredService:
         outcomes = self.metrics.audits if kind == "audit" else self.metrics.active_labels
         labels = () if kind == "audit" else (reason,)
         try:
-            answer = await self._generate("teacher", call.messages, self._teacher_params(call))
+            answer = await self._generate("teacher", self._for_teacher(call.messages), self._teacher_params(call))
         except BackendError as exc:
             outcomes.labels(*labels, "failed").inc()
             what = "audit" if kind == "audit" else f"active label ({reason})"
@@ -458,7 +465,10 @@ class TieredService:
 
     async def _score_then_submit(self, sample: Sample, draft: str, scorer: DraftScorer, acked: bool) -> None:
         try:
-            scores = await scorer.score(sample.messages, draft, top_k=self.settings.signal.teacher_top_logprobs or 1)
+            # Redacted (if so set) as one text with the prompt, so both share the numbering.
+            *messages, last = self._for_teacher((*sample.messages, ChatMessage("assistant", draft)))
+            top_k = self.settings.signal.teacher_top_logprobs or 1
+            scores = await scorer.score(tuple(messages), last.content, top_k=top_k)
             sample = replace(sample, draft_scores=tuple(scores))
         except BackendError as exc:  # the record matters more than its scores
             log.warning("teacher could not score draft %s: %s", sample.id, exc)
