@@ -47,6 +47,7 @@ _NINO_FIRST, _NINO_SECOND = set("DFIQUV"), set("DFIOQUV")
 _NINO_BARRED = {"BG", "GB", "KN", "NK", "NT", "TN", "ZZ"}
 # A phone number needs at least 7 digits; the windows phonenumbers is run on.
 _PHONE_WINDOW = re.compile(r"[+(]?\b\d[\d ().\-/]{5,}\d(?:\s*(?:ext\.?|x)\s*\d{1,6})?")
+_DATE = re.compile(r"\b\d{4}[-/.]\d{1,2}[-/.]\d{1,2}\b|\b\d{1,2}[-/.]\d{1,2}[-/.]\d{4}\b")
 _STREET = re.compile(
     r"\b\d{1,5}[A-Za-z]?,?\s+(?:[A-Z][\w'.-]*\s+){0,4}"
     r"(?:Street|St|Road|Rd|Avenue|Ave|Lane|Ln|Drive|Dr|Boulevard|Blvd|Way|Court|Ct|Place|Pl|Close|Crescent|"
@@ -165,7 +166,9 @@ class Redactor:
                     # Inside a code ("INV-2023-004512", "A7/415 555 2671") it is not a phone number.
                     before = text[start - 1] if start else " "
                     after = text[end] if end < len(text) else " "
-                    if before.isalnum() or before in "-/#_" or after.isalnum() or after in "-/_":
+                    if before.isalnum() or before in "-/#_:" or after.isalnum() or after in "-/_:":
+                        continue
+                    if _DATE.search(m.raw_string):  # "2024-03-15 10" reads as a US number
                         continue
                     e164 = phonenumbers.format_number(m.number, phonenumbers.PhoneNumberFormat.E164)
                     found.append(Span(start, end, "PHONE", e164))
@@ -208,7 +211,8 @@ class Redactor:
         draft_scores = sample.draft_scores
         if draft_scores and (student is not sample.student or self._spelled(t.token for t in draft_scores)):
             draft_scores = ()
-        if not names.total:
+        tokens_kept = student is sample.student and teacher is sample.teacher and draft_scores is sample.draft_scores
+        if not names.total and tokens_kept:
             return sample, 0
         return (
             replace(

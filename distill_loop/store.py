@@ -219,6 +219,9 @@ class SignalStore:
         self._closing = threading.Event()
         self._closed = False
         self._retry_s = 0.05
+        # The database failed after close(): later batches go straight to the spill file, not
+        # each through another busy_timeout (10 s) wait that could outlast the close timeout.
+        self._failed_closing = False
         self.spill_path = config.spill_path or config.path.with_suffix(".spill.jsonl")
         self._redactor = Redactor() if config.redact else None
 
@@ -375,6 +378,8 @@ class SignalStore:
         """Commit a batch, retrying while the database fails; False only if it is lost."""
         delay = self._retry_s
         while True:
+            if self._failed_closing:  # each try waits out busy_timeout: spill the rest at once
+                return self._spill(batch, "database still failing at shutdown")
             try:
                 self._insert_batch(conn, batch)
                 return True
@@ -385,6 +390,7 @@ class SignalStore:
                 # The database itself is failing (disk full, locked, I/O): keep the batch.
                 log.warning("signal store write failed (%s); retrying %d records", exc, len(batch))
                 if self._closing.is_set():
+                    self._failed_closing = True
                     return self._spill(batch, str(exc))
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)

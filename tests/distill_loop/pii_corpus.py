@@ -275,6 +275,9 @@ LOOKALIKES = [
     lambda r: (
         f"Meeting on 2024-{r.randint(1, 12):02d}-{r.randint(1, 28):02d} at {r.randint(8, 18)}:{r.randint(0, 59):02d}"
     ),
+    lambda r: (
+        f"Logged 2024-{r.randint(1, 12):02d}-{r.randint(1, 28):02d} {r.randint(0, 23):02d}:{r.randint(0, 59):02d} UTC, {r.randint(1, 28):02d}.{r.randint(1, 12):02d}.2024"
+    ),
     lambda r: f"Ticket #{r.randint(20200101, 20251231)}-{r.randint(0, 9999):04d} was closed",
     lambda r: f"SKU-{r.randint(1000, 9999)}-XL is out of stock; qty {r.randint(1000, 99999)}",
     lambda r: (
