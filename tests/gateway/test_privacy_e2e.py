@@ -104,3 +104,22 @@ def test_no_raw_identifier_reaches_the_database_wal_spill_or_log(
     assert len(stored) == len(escalated) + len(confident)
     assert {s.kind for s in stored} == {"escalation", "audit"}
     assert sum("_1>" in s.teacher.text for s in stored) >= 0.9 * len(stored)
+
+
+def test_redact_teacher_requests_sends_the_teacher_placeholders_numbered_as_the_record(
+    student_url: str, teacher_url: str, teacher_script: UpstreamScript, tmp_path: Path
+) -> None:
+    teacher_script.echo = True
+    db = tmp_path / "signal.db"
+    prompt = "HARD mail jane@example.com or call +44 20 7946 0958"
+    for redact_teacher in (False, True):
+        settings = settings_for(student_url, teacher_url, db, redact_teacher_requests=redact_teacher)
+        with serve_in_thread(create_app(settings), ready_path="/health/ready") as url:
+            answer = post(url, prompt).json()["choices"][0]["message"]["content"]
+        sent = teacher_script.requests[-1]["messages"][-1]["content"]
+        if redact_teacher:
+            assert sent == "HARD mail <EMAIL_1> or call <PHONE_1>" and answer.endswith(sent)
+        else:
+            assert sent == prompt and answer.endswith(prompt)  # the client's answer is never redacted
+    stored = [s.teacher.text for s in read_samples(db)]
+    assert len(stored) == 2 and all(t.endswith("HARD mail <EMAIL_1> or call <PHONE_1>") for t in stored)
