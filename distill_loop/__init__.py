@@ -8,6 +8,7 @@ from distill_loop.buffer import is_heldout, prompt_key
 from distill_loop.config import DistillConfig, GateSettings, LoraSettings, LossSettings, SignalConfig
 from distill_loop.errors import DistillError, SignalStoreError, StoreClosed
 from distill_loop.metrics import METRICS
+from distill_loop.redact import Redactor, install_log_redaction
 from distill_loop.registry import BASE, Registry, RoutingState, UnknownVersion, VersionMeta
 from distill_loop.sample import Sample, to_chat_jsonl
 from distill_loop.settings import (
@@ -48,6 +49,7 @@ __all__ = [
     "LossSettings",
     "Registry",
     "RoutingState",
+    "Redactor",
     "RunOutcome",
     "Sample",
     "SignalConfig",
@@ -58,6 +60,7 @@ __all__ = [
     "VersionMeta",
     "VllmPublisher",
     "export_jsonl",
+    "install_log_redaction",
     "is_heldout",
     "prompt_key",
     "read_samples",

@@ -18,6 +18,7 @@ from typing import Annotated
 
 import typer
 
+from distill_loop.redact import Redactor, install_log_redaction
 from distill_loop.registry import Registry
 from distill_loop.settings import SharedSettings, load_shared_settings
 from distill_loop.store import export_jsonl
@@ -44,6 +45,8 @@ def run(config: ConfigOpt = None, once: Annotated[bool, typer.Option(help="one r
 
     settings = _settings(config)
     logging.basicConfig(level=settings.runtime.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.signal.redact:
+        install_log_redaction(Redactor())
 
     def show(event: str, data: dict[str, object]) -> None:
         if event != "step":
@@ -107,10 +110,11 @@ def export(
     db: Annotated[Path, typer.Option(help="signal database")] = Path("data/signal.db"),
     kind: Annotated[str | None, typer.Option(help="only 'escalation', 'audit' or 'label' records")] = None,
     since_hours: Annotated[float | None, typer.Option(help="only records newer than this")] = None,
+    redact: Annotated[bool, typer.Option(help="replace personal identifiers (docs/privacy.md)")] = True,
 ) -> None:
     """Write stored records as chat-format JSONL: prompt messages + the teacher's answer."""
     since = time.time() - since_hours * 3600 if since_hours else 0.0
-    n = export_jsonl(db, out, since=since, kind=kind)
+    n = export_jsonl(db, out, since=since, kind=kind, redact=redact)
     typer.echo(f"wrote {n} records to {out}")
 
 

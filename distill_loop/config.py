@@ -44,6 +44,13 @@ class SignalConfig(BaseModel):
     # Larger ones are cut, flagged (`truncated_from`) and counted, never dropped, and never
     # trained on. 256 KiB is about 64k tokens of English.
     max_record_bytes: int = Field(default=256 * 1024, ge=1024)
+    # Replace emails, phone, card and IBAN numbers, SSNs, NI numbers and street-address postcodes
+    # with typed placeholders (<EMAIL_1>) before a record reaches the database, the spill file,
+    # an export or the logs (docs/privacy.md). A record's token logprobs go where its text changed.
+    redact: bool = True
+    # Also redact the prompt sent live to the teacher (escalations, audits, labels). Off: the
+    # teacher answers what the client asked; its answer is redacted before it is stored.
+    redact_teacher_requests: bool = False
 
 
 class LoraSettings(BaseModel):

@@ -7,7 +7,7 @@ package stores and (later) trains on it. Plain frozen values, with JSON (de)seri
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -112,16 +112,24 @@ def messages_from_json(raw: str) -> tuple[ChatMessage, ...]:
 TRUNCATED = "…[truncated]"
 
 
-def _cut(text: str, limit: int) -> str:
-    """`text` in at most `limit` UTF-8 bytes, marker included, cut on a character boundary."""
+def _cut(text: str, limit: int, safe_cut: SafeCut | None = None) -> str:
+    """`text` in at most `limit` UTF-8 bytes, marker included, cut on a character boundary
+    (moved back by `safe_cut`, if given, to the start of an identifier it would split)."""
     raw = text.encode()
     if len(raw) <= limit:
         return text
     keep = max(0, limit - len(TRUNCATED.encode()))
-    return raw[:keep].decode(errors="ignore") + TRUNCATED
+    kept = raw[:keep].decode(errors="ignore")
+    if safe_cut is not None:
+        kept = kept[: safe_cut(text, len(kept))]
+    return kept + TRUNCATED
 
 
-def cap_texts(sample: Sample, max_bytes: int) -> Sample:
+# (text, character position) -> a position at or before it that splits no personal identifier.
+SafeCut = Callable[[str, int], int]
+
+
+def cap_texts(sample: Sample, max_bytes: int, safe_cut: SafeCut | None = None) -> Sample:
     """The record with its prompt messages and both answers cut to `max_bytes` of UTF-8 in
     all, and `truncated_from` set, when they are larger; otherwise the record unchanged.
 
@@ -144,9 +152,9 @@ def cap_texts(sample: Sample, max_bytes: int) -> Sample:
             each = share
             break
         left -= size
-    messages = tuple(ChatMessage(m.role, _cut(m.content, each)) for m in sample.messages)
-    teacher = replace(sample.teacher, text=_cut(sample.teacher.text, each))
-    student = replace(sample.student, text=_cut(sample.student.text, each)) if sample.student else None
+    messages = tuple(ChatMessage(m.role, _cut(m.content, each, safe_cut)) for m in sample.messages)
+    teacher = replace(sample.teacher, text=_cut(sample.teacher.text, each, safe_cut))
+    student = replace(sample.student, text=_cut(sample.student.text, each, safe_cut)) if sample.student else None
     return replace(sample, messages=messages, teacher=teacher, student=student, truncated_from=total)
 
 

@@ -9,7 +9,10 @@ arrives during that fsync is the next group (group commit), so many requests sha
 If the database fails (disk full, locked), batches are kept and retried with back-off; a row
 the database rejects on its own (a constraint) goes to the dead-letter table. `close()`
 drains the queue, and whatever still cannot be written is spilled to a JSONL file that the
-next `open()` replays, so a graceful shutdown loses nothing. Training reads happen elsewhere.
+next `open()` replays, so a graceful shutdown loses nothing. With `signal.redact` (the
+default) the writer thread replaces personal identifiers (`redact.py`) before a record
+reaches the database, the dead-letter table or the spill file; the event loop never pays for
+it. Training reads happen elsewhere.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import orjson
 
 from distill_loop.config import SignalConfig
 from distill_loop.errors import SignalStoreError, StoreClosed
+from distill_loop.redact import Redactor
 from distill_loop.sample import (
     Sample,
     cap_texts,
@@ -114,7 +118,8 @@ MIGRATIONS: tuple[str, ...] = (
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
-Listener = Callable[[str, int], None]  # (event, count): written | failed | dropped | dead_letter | truncated
+# (event, count): written | failed | dropped | dead_letter | truncated | redacted
+Listener = Callable[[str, int], None]
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -214,7 +219,11 @@ class SignalStore:
         self._closing = threading.Event()
         self._closed = False
         self._retry_s = 0.05
+        # The database failed after close(): later batches go straight to the spill file, not
+        # each through another busy_timeout (10 s) wait that could outlast the close timeout.
+        self._failed_closing = False
         self.spill_path = config.spill_path or config.path.with_suffix(".spill.jsonl")
+        self._redactor = Redactor() if config.redact else None
 
     # -- lifecycle ---------------------------------------------------------------------------
     def open(self) -> None:
@@ -270,7 +279,9 @@ class SignalStore:
     def _enqueue(self, sample: Sample, done: Future[bool] | None) -> bool:
         if self._closed:
             raise StoreClosed("signal store is closed")
-        capped = cap_texts(sample, self.config.max_record_bytes)
+        # Cut here (cheap), so the writer never redacts megabytes; never through an identifier.
+        safe_cut = self._redactor.safe_cut if self._redactor is not None else None
+        capped = cap_texts(sample, self.config.max_record_bytes, safe_cut)
         if capped is not sample:
             self._listener("truncated", 1)
             log.warning(
@@ -334,16 +345,41 @@ class SignalStore:
 
     def _write_and_ack(self, conn: sqlite3.Connection, batch: list[tuple[Sample, Future[bool] | None]]) -> None:
         """Write a batch, then resolve its acknowledged records' futures: once `_write` returns,
-        each record is committed, quarantined in the dead-letter table, or spilled and synced."""
-        stored = self._write(conn, [s for s, _ in batch])
+        each record is committed, quarantined in the dead-letter table, or spilled and synced.
+        Records are redacted first; one the redactor fails on is dropped, never stored raw."""
+        if self._redactor is not None:
+            batch = self._redact(batch, self._redactor)
+        stored = self._write(conn, [s for s, _ in batch]) if batch else True
         for _, done in batch:
             if done is not None and not done.done():
                 done.set_result(stored)
+
+    def _redact(
+        self, batch: list[tuple[Sample, Future[bool] | None]], redactor: Redactor
+    ) -> list[tuple[Sample, Future[bool] | None]]:
+        out: list[tuple[Sample, Future[bool] | None]] = []
+        redacted = 0
+        for sample, done in batch:
+            try:
+                clean, found = redactor.sample(sample)
+            except Exception as exc:  # noqa: BLE001 - any failure: the raw record must not be stored
+                self._listener("failed", 1)
+                log.error("signal record %s dropped: redaction failed (%s)", sample.id, type(exc).__name__)
+                if done is not None:
+                    done.set_result(False)
+                continue
+            redacted += found > 0
+            out.append((clean, done))
+        if redacted:
+            self._listener("redacted", redacted)
+        return out
 
     def _write(self, conn: sqlite3.Connection, batch: list[Sample]) -> bool:
         """Commit a batch, retrying while the database fails; False only if it is lost."""
         delay = self._retry_s
         while True:
+            if self._failed_closing:  # each try waits out busy_timeout: spill the rest at once
+                return self._spill(batch, "database still failing at shutdown")
             try:
                 self._insert_batch(conn, batch)
                 return True
@@ -354,6 +390,7 @@ class SignalStore:
                 # The database itself is failing (disk full, locked, I/O): keep the batch.
                 log.warning("signal store write failed (%s); retrying %d records", exc, len(batch))
                 if self._closing.is_set():
+                    self._failed_closing = True
                     return self._spill(batch, str(exc))
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
@@ -456,11 +493,15 @@ def set_critique(path: Path, record_id: str, critique: str) -> None:
         conn.close()
 
 
-def export_jsonl(path: Path, out: Path, since: float = 0.0, kind: str | None = None) -> int:
-    """Write records as chat-format JSONL (see `to_chat_jsonl`); returns how many."""
+def export_jsonl(path: Path, out: Path, since: float = 0.0, kind: str | None = None, redact: bool = True) -> int:
+    """Write records as chat-format JSONL (see `to_chat_jsonl`); returns how many. Redacted
+    again on the way out, so records stored before `signal.redact` was on leave clean too."""
+    redactor = Redactor() if redact else None
     n = 0
     with open(out, "w", encoding="utf-8") as fh:
         for s in read_samples(path, since=since, kind=kind):
+            if redactor is not None:
+                s = redactor.sample(s)[0]
             fh.write(json.dumps(to_chat_jsonl(s), ensure_ascii=False) + "\n")
             n += 1
     return n

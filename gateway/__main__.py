@@ -14,6 +14,7 @@ from pathlib import Path
 
 import uvicorn
 
+from distill_loop import Redactor, install_log_redaction
 from gateway.app import create_app
 from gateway.settings import cli_overrides, load_settings
 
@@ -48,6 +49,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"tiergate: invalid configuration: {exc}", file=sys.stderr)  # noqa: T201
         raise SystemExit(2) from exc
     logging.basicConfig(level=settings.runtime.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.signal.redact:  # every logger's records, uvicorn's included (docs/privacy.md)
+        install_log_redaction(Redactor())
     app = create_app(settings)
     # uvicorn drains on SIGTERM, then re-raises the signal under the handler it found. A no-op
     # handler here makes a clean drain exit 0, as orchestrators expect of a graceful stop.

@@ -115,7 +115,8 @@ class Metrics:
         self.signal_records = Counter(
             "tiergate_signal_records_total",
             "Distillation records by result: written, failed (quarantined or lost), dropped (queue full), "
-            "truncated (texts cut to signal.max_record_bytes; also written).",
+            "truncated (texts cut to signal.max_record_bytes; also written), redacted (personal identifiers "
+            "replaced; also written).",
             ["result"],
             registry=r,
         )
@@ -222,7 +223,7 @@ class Metrics:
             self.retries.labels(tier)
         for fallback in ("teacher_unavailable", "teacher_busy"):
             self.fallbacks.labels(fallback)
-        for result in ("written", "failed", "dropped", "truncated"):
+        for result in ("written", "failed", "dropped", "truncated", "redacted"):
             self.signal_records.labels(result)
         for result in ("ok", "failed"):
             self.audits.labels(result)

@@ -22,7 +22,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from distill_loop import Sample, SignalStore, StoreClosed
+from distill_loop import Redactor, Sample, SignalStore, StoreClosed
 from gateway.errors import TierCircuitOpen, TierOverloaded
 from gateway.guard import BreakerState, Lease, LogThrottle, TierGuard
 from gateway.metrics import Metrics
@@ -210,6 +210,7 @@ class TieredService:
         self._backlog: deque[tuple[ChatCall, Route, Generation]] = deque(maxlen=settings.guard.backlog_max)
         self._draining: asyncio.Task[None] | None = None
         self._logs = LogThrottle()
+        self._teacher_redactor = Redactor() if settings.signal.redact_teacher_requests else None
 
     # -- public ------------------------------------------------------------------------------
     def student_version(self) -> str:
@@ -227,7 +228,7 @@ class TieredService:
             self._maybe_audit(call, route, draft)
             return route, draft
         try:
-            answer = await self._generate("teacher", call.messages, self._teacher_params(call))
+            answer = await self._generate("teacher", self._for_teacher(call.messages), self._teacher_params(call))
         except BackendError as exc:
             return self._fallback(call, route, draft, exc)
         self._finish(call, route, answer)
@@ -301,6 +302,11 @@ class TieredService:
             self.metrics.escalations.labels(decision.reason).inc()
             return Route("teacher", True, decision.reason, decision.threshold, draft.version, decision), draft
         return Route("student", False, "confident", decision.threshold, draft.version, decision), draft
+
+    def _for_teacher(self, messages: tuple[ChatMessage, ...]) -> tuple[ChatMessage, ...]:
+        """The prompt as the teacher gets it: redacted under `signal.redact_teacher_requests`,
+        numbered as the stored record will be (prompt first), so the answer's placeholders match."""
+        return self._teacher_redactor.messages(messages) if self._teacher_redactor is not None else messages
 
     def _teacher_params(self, call: ChatCall) -> SamplingParams:
         k = max(call.params.top_logprobs, self.settings.signal.teacher_top_logprobs)
@@ -394,9 +400,10 @@ class TieredService:
         """Open the tier's stream and take its first delta; retried (within the budget) only
         until that first delta, since after it bytes may have reached the client."""
         params = self._teacher_params(call) if tier == "teacher" else call.params
+        messages = self._for_teacher(call.messages) if tier == "teacher" else call.messages
 
         async def first_delta() -> tuple[GenerationDelta, AsyncIterator[GenerationDelta]]:
-            source = self.tiers[tier].stream(call.messages, params)
+            source = self.tiers[tier].stream(messages, params)
             try:
                 return await anext(source), source
             except StopAsyncIteration:
@@ -514,7 +521,9 @@ class TieredService:
         labels = () if kind == "audit" else (reason,)
         try:
             # Background work takes a free teacher slot or none: it never queues ahead of escalations.
-            answer = await self._generate("teacher", call.messages, self._teacher_params(call), wait=False)
+            answer = await self._generate(
+                "teacher", self._for_teacher(call.messages), self._teacher_params(call), wait=False
+            )
         except BackendError as exc:
             outcomes.labels(*labels, "failed").inc()
             what = "audit" if kind == "audit" else f"active label ({reason})"
@@ -562,7 +571,9 @@ class TieredService:
         while self._backlog and self.guards["teacher"].breaker.state == "closed":
             call, route, draft = self._backlog.popleft()
             try:
-                answer = await self._generate("teacher", call.messages, self._teacher_params(call), wait=False)
+                answer = await self._generate(
+                    "teacher", self._for_teacher(call.messages), self._teacher_params(call), wait=False
+                )
             except BackendError:
                 self._backlog.appendleft((call, route, draft))
                 return
@@ -613,7 +624,10 @@ class TieredService:
 
     async def _score_then_submit(self, sample: Sample, draft: str, scorer: DraftScorer, acked: bool) -> None:
         try:
-            scores = await scorer.score(sample.messages, draft, top_k=self.settings.signal.teacher_top_logprobs or 1)
+            # Redacted (if so set) as one text with the prompt, so both share the numbering.
+            *messages, last = self._for_teacher((*sample.messages, ChatMessage("assistant", draft)))
+            top_k = self.settings.signal.teacher_top_logprobs or 1
+            scores = await scorer.score(tuple(messages), last.content, top_k=top_k)
             sample = replace(sample, draft_scores=tuple(scores))
         except BackendError as exc:  # the record matters more than its scores
             log.warning("teacher could not score draft %s: %s", sample.id, exc)

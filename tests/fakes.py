@@ -82,6 +82,7 @@ class UpstreamScript:
     status: int = 200  # answer this status instead of a completion
     delay_s: float = 0.0
     cut_stream_after: int | None = None  # drop the connection after N content chunks
+    echo: bool = False  # answer with `text` followed by the last message (a model that repeats what it read)
     requests: list[dict[str, Any]] = field(default_factory=list)
     inflight: int = 0  # requests being answered now, and the most there ever were at once
     peak_inflight: int = 0
@@ -117,15 +118,18 @@ def fake_upstream(script: UpstreamScript) -> FastAPI:
             finally:
                 script.inflight -= 1
         if script.status != 200:
+            # An echoing upstream repeats the prompt in its error, as some servers' validation errors do.
+            message = f"scripted failure: {body['messages'][-1]['content']}" if script.echo else "scripted failure"
             return JSONResponse(
-                {"error": {"message": "scripted failure", "type": "server_error", "param": None, "code": None}},
+                {"error": {"message": message, "type": "server_error", "param": None, "code": None}},
                 status_code=script.status,
             )
         last = body["messages"][-1]["content"]
         lp = script.hard_logprob if "HARD" in last else script.logprob
         k = int(body.get("top_logprobs") or 0)
-        toks = _tokens(script.text)[: int(body.get("max_tokens") or 1000)]
-        finish = "stop" if len(toks) == len(_tokens(script.text)) else "length"
+        answer = f"{script.text} {last}" if script.echo else script.text
+        toks = _tokens(answer)[: int(body.get("max_tokens") or 1000)]
+        finish = "stop" if len(toks) == len(_tokens(answer)) else "length"
 
         def entry(t: str) -> dict[str, Any]:
             return {
