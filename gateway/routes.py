@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import orjson
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -494,6 +494,13 @@ class PolicyIn(BaseModel):
 PolicyBody = Annotated[PolicyIn, Depends(json_body(PolicyIn))]
 
 
+# Finite only: a NaN window or bucket would reach the JSON answer as NaN, which is no JSON.
+Hours = Annotated[float | None, Query(allow_inf_nan=False, description="Look back this many hours (all when absent).")]
+BucketSeconds = Annotated[
+    float, Query(allow_inf_nan=False, description="Bucket width in seconds; under 1 counts as 1.")
+]
+
+
 def _tuning(request: Request) -> Tuning:
     tuning: Tuning = request.app.state.tuning
     return tuning
@@ -514,7 +521,7 @@ async def get_policies(request: Request, _admin: str = Depends(require_admin)) -
 @router.put("/admin/policy", openapi_extra=body_doc(PolicyIn))
 async def put_policy(
     request: Request,
-    hours: float | None = None,
+    hours: Hours = None,
     admin: str = Depends(require_admin),
     *,
     body: PolicyBody,
@@ -532,7 +539,7 @@ async def put_policy(
 @router.post("/admin/policy/dry-run", openapi_extra=body_doc(PolicyIn))
 async def dry_run_policy(
     request: Request,
-    hours: float | None = None,
+    hours: Hours = None,
     _admin: str = Depends(require_admin),
     *,
     body: PolicyBody,
@@ -550,7 +557,7 @@ async def policy_audit(request: Request, limit: int = 100, _admin: str = Depends
 
 @router.get("/admin/whatif")
 async def whatif(
-    request: Request, hours: float | None = None, tenant: str = DEFAULT_TENANT, _admin: str = Depends(require_admin)
+    request: Request, hours: Hours = None, tenant: str = DEFAULT_TENANT, _admin: str = Depends(require_admin)
 ) -> dict[str, Any]:
     """Escalation rate vs estimated quality and cost across thresholds, current point marked."""
     return await asyncio.to_thread(_tuning(request).whatif, hours, tenant)
@@ -558,7 +565,7 @@ async def whatif(
 
 @router.get("/admin/timeline")
 async def timeline(
-    request: Request, hours: float | None = None, bucket_s: float = 3600.0, _admin: str = Depends(require_admin)
+    request: Request, hours: Hours = None, bucket_s: BucketSeconds = 3600.0, _admin: str = Depends(require_admin)
 ) -> dict[str, Any]:
     rows = await asyncio.to_thread(_tuning(request).timeline, hours, max(bucket_s, 1.0))
     return {"buckets": rows, "serving": _service(request).student_version()}
