@@ -22,6 +22,7 @@ from gateway.errors import install_handlers
 from gateway.gc_tuning import release_gc, tune_gc
 from gateway.labels import ActiveLabeler, HeldoutNeed
 from gateway.metrics import Metrics
+from gateway.openapi import install_openapi
 from gateway.routes import install_chat_routes
 from gateway.routes import router as http_routes
 from gateway.service import TieredService
@@ -138,4 +139,5 @@ def create_app(settings: Settings, *, student: Backend | None = None, teacher: B
     install_handlers(app)
     app.include_router(http_routes)
     install_chat_routes(app)
+    install_openapi(app, settings)
     return app

@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import orjson
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from sse_starlette import EventSourceResponse
 from starlette.routing import Route
 
@@ -42,6 +42,7 @@ from gateway.protocol import (
     ChatCompletionRequest,
     chunk_json,
     completion_json,
+    integral,
     logprobs_json,
     model_card,
     model_list,
@@ -137,12 +138,11 @@ def _to_call(body: ChatCompletionRequest, request: Request, tenant: str, service
     server = service.settings.server
     if len(body.messages) > server.max_messages:
         raise InvalidRequest(f"at most {server.max_messages} messages", param="messages")
+    # Each given limit is checked, not only the one that wins: the schema bounds both fields.
+    for param, asked in (("max_completion_tokens", body.max_completion_tokens), ("max_tokens", body.max_tokens)):
+        if asked is not None and asked > server.max_tokens_limit:
+            raise InvalidRequest(f"{param} must be ≤ {server.max_tokens_limit}, got {asked}", param=param)
     max_tokens = body.max_completion_tokens or body.max_tokens or server.default_max_tokens
-    if max_tokens > server.max_tokens_limit:
-        raise InvalidRequest(
-            f"max_tokens must be ≤ {server.max_tokens_limit}, got {max_tokens}",
-            param="max_completion_tokens" if body.max_completion_tokens else "max_tokens",
-        )
     messages = tuple(ChatMessage(m.role, m.text()) for m in body.messages)
     params = SamplingParams(
         max_tokens=max_tokens,
@@ -194,7 +194,8 @@ def parse_chat_request(raw: bytes) -> ChatCompletionRequest:
         raise RequestValidationError(exc.errors(include_url=False)) from None
 
 
-_CHAT_OPERATION: dict[str, Any] = {
+# The chat route is a plain Starlette route, so FastAPI cannot infer its document; this is it.
+CHAT_OPERATION: dict[str, Any] = {
     "summary": "Create a chat completion (OpenAI-compatible; model tiered, student or teacher)",
     "operationId": "chat_completions",
     "requestBody": {
@@ -202,36 +203,32 @@ _CHAT_OPERATION: dict[str, Any] = {
         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}},
     },
     "responses": {
-        "200": {"description": "A chat.completion object, or an SSE stream of chat.completion.chunk objects."},
-        "400": {"description": "Invalid request, in the OpenAI error shape."},
-        "401": {"description": "Missing or invalid API key."},
+        "200": {
+            "description": "A chat.completion object, or an SSE stream of chat.completion.chunk objects.",
+            "content": {"application/json": {}, "text/event-stream": {}},
+        },
+        "400": {"description": "Invalid request (`param` names the field), or a prompt too long for the tier."},
+        "404": {"description": "Unknown model name (code model_not_found)."},
+        # What a tier can raise (models/errors.py); the error schema is added by gateway/openapi.py.
+        "429": {"description": "A remote tier answered 429; its Retry-After is passed on."},
+        "502": {"description": "A remote tier answered with another error, or not with a completion."},
+        "503": {"description": "A tier is not loaded yet, is shutting down, or cannot be reached (Retry-After: 2)."},
+        "504": {"description": "A tier did not answer within its deadline."},
     },
 }
 
 
 def install_chat_routes(app: FastAPI) -> None:
-    """Mount chat completions first in the app, as plain Starlette routes, and document them.
+    """Mount chat completions first in the app, as plain Starlette routes (documented by
+    gateway/openapi.py from `CHAT_OPERATION`).
 
     The hottest endpoint skips FastAPI's per-request machinery (dependency solving, the body
     model, exit stacks, matching past the docs routes): about 55 µs of the gateway's CPU per
     request (bench/README.md). It validates its own body and raises the same errors, which the
-    app's handlers render. OpenAPI cannot infer such a route, so it is added to the schema here.
+    app's handlers render.
     """
     for path in ("/v1/chat/completions", "/chat/completions"):
         app.router.routes.insert(0, Route(path, chat_completions, methods=["POST"], name=f"chat:{path}"))
-    build = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            schema = build()
-            chat = ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-            components = schema.setdefault("components", {}).setdefault("schemas", {})
-            components.update(chat.pop("$defs", {}))
-            components["ChatCompletionRequest"] = chat
-            schema.setdefault("paths", {})["/v1/chat/completions"] = {"post": _CHAT_OPERATION}
-        return app.openapi_schema or {}
-
-    app.openapi = openapi  # type: ignore[method-assign]
 
 
 async def chat_completions(request: Request) -> Response:
@@ -348,7 +345,7 @@ async def list_models(request: Request, _tenant: str = Depends(tenant_of)) -> di
     return model_list(STARTED, _concrete(_service(request)))
 
 
-@router.get("/v1/models/{model_id}")
+@router.get("/v1/models/{model_id}", responses={404: {"description": "Unknown model name (code model_not_found)."}})
 async def get_model(model_id: str, request: Request, _tenant: str = Depends(tenant_of)) -> dict[str, Any]:
     concrete = _concrete(_service(request))
     if model_id not in concrete:
@@ -366,7 +363,22 @@ async def live() -> dict[str, str]:
     return {"status": "alive"}
 
 
-@router.get("/health/ready")
+READINESS = {
+    "type": "object",
+    "properties": {"status": {"enum": ["ready", "not_ready"]}, "tiers": {"additionalProperties": {"type": "boolean"}}},
+}
+
+
+@router.get(
+    "/health/ready",
+    responses={
+        200: {"description": "Both tiers are loaded.", "content": {"application/json": {"schema": READINESS}}},
+        503: {
+            "description": "A tier is still loading, or shutting down.",
+            "content": {"application/json": {"schema": READINESS}},
+        },
+    },
+)
 async def ready(request: Request) -> JSONResponse:
     """503 while a tier loads, during shutdown, or while neither tier can take calls. One open
     circuit leaves the gateway ready but `degraded`: the other tier still answers (a load
@@ -394,7 +406,11 @@ async def health(request: Request) -> dict[str, Any]:
     }
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"description": "Prometheus text exposition (docs/metrics.md).", "content": {"text/plain": {}}}},
+)
 async def metrics(request: Request) -> Response:
     service = _service(request)
     service.metrics.signal_queue.set(service.store.pending)
@@ -424,15 +440,22 @@ def body_doc(model: type[BaseModel]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
 
 
+VERSION_NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"description": "This student has no version registry here, or no such kept version."}
+}
+# Admin bodies: unknown fields and coercions (`"threshold": true`) are refused.
+ADMIN_BODY = ConfigDict(extra="forbid", strict=True)
+
+
 class RollbackIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ADMIN_BODY
     version: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
 
 
 RollbackBody = Annotated[RollbackIn, Depends(json_body(RollbackIn))]
 
 
-@router.get("/admin/student/versions")
+@router.get("/admin/student/versions", responses=VERSION_NOT_FOUND)
 async def student_versions(request: Request, _admin: str = Depends(require_admin)) -> dict[str, Any]:
     registry = request.app.state.students.require_registry()
     return {
@@ -443,7 +466,7 @@ async def student_versions(request: Request, _admin: str = Depends(require_admin
     }
 
 
-@router.post("/admin/student/rollback", openapi_extra=body_doc(RollbackIn))
+@router.post("/admin/student/rollback", openapi_extra=body_doc(RollbackIn), responses=VERSION_NOT_FOUND)
 async def student_rollback(
     request: Request, admin: str = Depends(require_admin), *, body: RollbackBody
 ) -> dict[str, str]:
@@ -453,7 +476,7 @@ async def student_rollback(
 
 
 class ThresholdIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ADMIN_BODY
     threshold: float = Field(ge=0.0, le=1.0)
 
 
@@ -478,8 +501,24 @@ async def put_threshold(
     return {"threshold": body.threshold, "previous": old}
 
 
+def _needs(kind: str, field: str) -> dict[str, Any]:
+    return {
+        "if": {"properties": {"kind": {"const": kind}}},
+        "then": {"required": [field], "properties": {field: {"type": "number"}}},
+    }
+
+
 class PolicyIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Which of threshold, rate and quality a policy needs follows its kind (gateway/tuning.py
+    `resolve`); the schema says so, so clients can check before they ask."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={
+            "allOf": [_needs("fixed", "threshold"), _needs("target_rate", "rate"), _needs("target_quality", "quality")]
+        },
+    )
     tenant: str = Field(default=DEFAULT_TENANT, min_length=1, max_length=64)
     kind: Literal["fixed", "target_rate", "target_quality"]
     threshold: float | None = Field(default=None, ge=0.0, le=1.0)
@@ -487,8 +526,17 @@ class PolicyIn(BaseModel):
     quality: float | None = Field(default=None, ge=0.0, le=1.0)
     window: int = Field(default=500, ge=20, le=100_000)
 
+    _integers = field_validator("window", mode="before")(integral)
+
 
 PolicyBody = Annotated[PolicyIn, Depends(json_body(PolicyIn))]
+
+
+# Finite only: a NaN window or bucket would reach the JSON answer as NaN, which is no JSON.
+Hours = Annotated[float | None, Query(allow_inf_nan=False, description="Look back this many hours (all when absent).")]
+BucketSeconds = Annotated[
+    float, Query(allow_inf_nan=False, description="Bucket width in seconds; under 1 counts as 1.")
+]
 
 
 def _tuning(request: Request) -> Tuning:
@@ -511,7 +559,7 @@ async def get_policies(request: Request, _admin: str = Depends(require_admin)) -
 @router.put("/admin/policy", openapi_extra=body_doc(PolicyIn))
 async def put_policy(
     request: Request,
-    hours: float | None = None,
+    hours: Hours = None,
     admin: str = Depends(require_admin),
     *,
     body: PolicyBody,
@@ -529,7 +577,7 @@ async def put_policy(
 @router.post("/admin/policy/dry-run", openapi_extra=body_doc(PolicyIn))
 async def dry_run_policy(
     request: Request,
-    hours: float | None = None,
+    hours: Hours = None,
     _admin: str = Depends(require_admin),
     *,
     body: PolicyBody,
@@ -547,7 +595,7 @@ async def policy_audit(request: Request, limit: int = 100, _admin: str = Depends
 
 @router.get("/admin/whatif")
 async def whatif(
-    request: Request, hours: float | None = None, tenant: str = DEFAULT_TENANT, _admin: str = Depends(require_admin)
+    request: Request, hours: Hours = None, tenant: str = DEFAULT_TENANT, _admin: str = Depends(require_admin)
 ) -> dict[str, Any]:
     """Escalation rate vs estimated quality and cost across thresholds, current point marked."""
     return await asyncio.to_thread(_tuning(request).whatif, hours, tenant)
@@ -555,7 +603,7 @@ async def whatif(
 
 @router.get("/admin/timeline")
 async def timeline(
-    request: Request, hours: float | None = None, bucket_s: float = 3600.0, _admin: str = Depends(require_admin)
+    request: Request, hours: Hours = None, bucket_s: BucketSeconds = 3600.0, _admin: str = Depends(require_admin)
 ) -> dict[str, Any]:
     rows = await asyncio.to_thread(_tuning(request).timeline, hours, max(bucket_s, 1.0))
     return {"buckets": rows, "serving": _service(request).student_version()}
