@@ -16,6 +16,7 @@ import httpx
 
 from distill_loop import Redactor, install_log_redaction, read_samples
 from gateway import create_app
+from gateway.settings import GuardConfig
 from tests.distill_loop.pii_corpus import identifier_prompts
 from tests.fakes import UpstreamScript
 from tests.gateway.test_e2e import metric, settings_for
@@ -56,6 +57,9 @@ def test_no_raw_identifier_reaches_the_database_wal_spill_or_log(
     settings = settings_for(
         student_url, teacher_url, db, audit=1.0, spill_path=spill, ack_timeout_s=0.3, teacher_top_logprobs=2
     )
+    # The failed escalation is not asked again later (guard.backlog_max): the spill holds exactly
+    # the records of the locked period. A deferred record takes the same path to the store.
+    settings = settings.model_copy(update={"guard": GuardConfig(backlog_max=0)})
     handler = logging.FileHandler(log_path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     loggers = [logging.getLogger(), logging.getLogger("uvicorn")]
