@@ -21,6 +21,7 @@ from distill_loop import RuntimeConfig, SignalStore
 from gateway.errors import install_handlers
 from gateway.gc_tuning import release_gc, tune_gc
 from gateway.labels import ActiveLabeler, HeldoutNeed
+from gateway.limits import Limiter
 from gateway.metrics import Metrics
 from gateway.openapi import install_openapi
 from gateway.routes import install_chat_routes
@@ -30,7 +31,7 @@ from gateway.settings import Settings
 from gateway.student import StudentManager
 from gateway.tuning import Tuning
 from models import Backend, BackendError, build_backend
-from router import DEFAULT_TENANT, ConfidenceRouter, PolicyBook
+from router import DEFAULT_TENANT, AuditedTable, ConfidenceRouter, PolicyBook
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,12 @@ def create_app(settings: Settings, *, student: Backend | None = None, teacher: B
     budget = settings.distill.label_budget_per_hour
     need = HeldoutNeed(settings.distill.holdout_fraction, settings.distill.gate.min_heldout)
     labeler = ActiveLabeler(budget, need=need) if budget > 0 else None
-    service = TieredService(settings, student, teacher, router, store, metrics, policies=policies, labeler=labeler)
+    limits = Limiter(
+        settings.limits, settings.pricing.teacher, table=AuditedTable(settings.policy_db, "limits"), metrics=metrics
+    )
+    service = TieredService(
+        settings, student, teacher, router, store, metrics, policies=policies, labeler=labeler, limits=limits
+    )
     tuning = Tuning(settings, router, policies)
     manager = StudentManager(settings, student, teacher, metrics, on_serving=tuning.on_serving)
 
@@ -88,6 +94,7 @@ def create_app(settings: Settings, *, student: Backend | None = None, teacher: B
             torch.set_num_threads(settings.runtime.torch_threads)
         await asyncio.to_thread(store.open)
         await asyncio.to_thread(policies.open)
+        await asyncio.to_thread(limits.open)
         metrics.threshold.set(policies.threshold(DEFAULT_TENANT))
         starters = [
             asyncio.create_task(_start_until_ready(name, backend, metrics), name=f"start-{name}")

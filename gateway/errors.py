@@ -6,6 +6,8 @@
     ├── Unauthorized (PermissionError)  401 authentication_error (with a Bearer or Basic challenge)
     ├── Forbidden (PermissionError)     403 permission_error
     ├── ModelNotFound (LookupError)     404 invalid_request_error / model_not_found
+    ├── RateLimited                     429 rate_limit_exceeded / rate_limit_exceeded (a key's limit, gateway/limits.py)
+    │   └── TeacherBudgetExceeded       429 rate_limit_exceeded / teacher_budget_exceeded (no draft to fall back on)
     └── ClientDisconnected              499: the client left before its answer; nothing is sent
 
     models.BackendUnavailable (ConnectionError)
@@ -19,7 +21,8 @@ matters: overload is never escalated to the teacher.
 An exception says what it means to a client itself, as httpx's do: `http_status`, the OpenAI
 error `type` and `code` are class attributes, on these and on the backend errors
 (models/errors.py: 400, 429 with the upstream's Retry-After, 502, 503 with Retry-After, 504)
-and the registry's `UnknownVersion` (404). `describe` reads them; nothing here matches on an
+and the registry's `UnknownVersion` (404); `retry_after` and `headers`, where an exception has
+them, become response headers. `describe` reads them; nothing here matches on an
 exception family. Any other exception is a bug: it is logged with its traceback and answered
 500. FastAPI's 422 becomes a 400.
 """
@@ -109,6 +112,29 @@ class ClientDisconnected(GatewayError):
     error_type = "client_disconnected"
 
 
+class RateLimited(GatewayError):
+    """A key went over one of its limits. `limit` names it (requests, tokens, calls, usd);
+    `retry_after` is when the request would fit again, in seconds; `headers` are the key's
+    `x-ratelimit-*` headers."""
+
+    http_status = 429
+    error_type = "rate_limit_exceeded"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, limit: str, retry_after: float, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.retry_after = retry_after
+        self.headers = headers or {}
+
+
+class TeacherBudgetExceeded(RateLimited):
+    """A teacher call over the key's teacher budget. With a student draft to serve it never
+    reaches the client (the draft is served, degraded); without one it is the answer."""
+
+    code = "teacher_budget_exceeded"
+
+
 def error_body(message: str, error_type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 
@@ -125,7 +151,8 @@ def describe(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]:
     body = error_body(
         str(exc), getattr(exc, "error_type", "server_error"), getattr(exc, "param", None), getattr(exc, "code", None)
     )
-    headers: dict[str, str] = {}
+    extra = getattr(exc, "headers", None)
+    headers: dict[str, str] = dict(extra) if isinstance(extra, dict) else {}
     challenge = getattr(exc, "challenge", None)
     if challenge:
         headers["www-authenticate"] = challenge

@@ -1,7 +1,7 @@
 """Prometheus metrics for the gateway, on a registry of the app's own (tests read it directly).
 
 Names follow Prometheus conventions: `tiergate_` prefix, base units, `_total` counters.
-Labels are bounded: tier, reason, result, outcome, error. Never prompts, users or request ids.
+Labels are bounded: tier, reason, result, outcome, error, call, limit. Never prompts, users or request ids.
 """
 
 from __future__ import annotations
@@ -67,8 +67,21 @@ class Metrics:
         self.fallbacks = Counter(
             "tiergate_fallbacks_total",
             "Escalations answered by the student's draft, by reason: teacher_unavailable (it failed, or its"
-            " circuit is open), teacher_busy (its admission was full).",
+            " circuit is open), teacher_busy (its admission was full), teacher_budget (the key's budget is spent).",
             ["reason"],
+            registry=r,
+        )
+        self.rate_limited = Counter(
+            "tiergate_rate_limited_total",
+            "Requests refused with 429 by their key's limits, by limit (requests, tokens).",
+            ["limit"],
+            registry=r,
+        )
+        self.teacher_budget = Counter(
+            "tiergate_teacher_budget_denials_total",
+            "Teacher calls not made because the key's teacher budget was spent, by call (request, audit, label)"
+            " and limit (calls, usd).",
+            ["call", "limit"],
             registry=r,
         )
         self.confidence = Histogram(
@@ -221,8 +234,13 @@ class Metrics:
             self.breaker_state.labels(tier).set(0)
             self.shed.labels(tier)
             self.retries.labels(tier)
-        for fallback in ("teacher_unavailable", "teacher_busy"):
+        for fallback in ("teacher_unavailable", "teacher_busy", "teacher_budget"):
             self.fallbacks.labels(fallback)
+        for limit in ("requests", "tokens"):
+            self.rate_limited.labels(limit)
+        for call in ("request", "audit", "label"):
+            for limit in ("calls", "usd"):
+                self.teacher_budget.labels(call, limit)
         for result in ("written", "failed", "dropped", "truncated", "redacted"):
             self.signal_records.labels(result)
         for result in ("ok", "failed"):

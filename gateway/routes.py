@@ -1,4 +1,4 @@
-"""HTTP endpoints: OpenAI chat completions and models, health, admin threshold, metrics.
+"""HTTP endpoints: OpenAI chat completions and models, health, admin threshold and limits, metrics.
 
 Handlers translate between the wire format (`protocol.py`) and `TieredService`; they hold
 no routing logic. Streams use sse-starlette (client-disconnect cancels generation, keep-alive
@@ -37,6 +37,7 @@ from gateway.errors import (
     Unauthorized,
     describe,
 )
+from gateway.limits import TenantState, prompt_chars
 from gateway.protocol import (
     MODEL_ALIASES,
     ChatCompletionRequest,
@@ -49,6 +50,7 @@ from gateway.protocol import (
     usage_json,
 )
 from gateway.service import AnswerStream, ChatCall, TieredService, new_request_id
+from gateway.settings import TenantLimits
 from gateway.tuning import Tuning
 from models import ChatMessage, SamplingParams
 from router import DEFAULT_TENANT, FixedThreshold, Policy
@@ -234,8 +236,12 @@ def install_chat_routes(app: FastAPI) -> None:
 async def chat_completions(request: Request) -> Response:
     tenant = await tenant_of(request)  # authenticate before reading the body
     service = _service(request)
+    limits = service.limits
+    # The request bucket before the body is read: a flooding key is refused for a few µs.
+    quota = limits.admit(tenant) if limits.active else None
     body = parse_chat_request(await read_body(request, service.settings.server.max_body_bytes))
     call = _to_call(body, request, tenant, service)
+    charged = 0 if quota is None else limits.charge_tokens(quota, prompt_chars(call.messages), call.params.max_tokens)
     service.metrics.inflight.inc()
     try:
         if body.stream:
@@ -244,16 +250,26 @@ async def chat_completions(request: Request) -> Response:
             route, gen = await _unless_disconnected(request, service.complete(call))
     except BaseException:
         service.metrics.inflight.dec()
+        if quota is not None:
+            limits.settle_tokens(quota, charged, 0)  # not answered: the tokens were not used
         raise
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        headers = handle.route.headers(call.request_id, call.client_request_id)
+        if quota is not None:
+            headers.update(limits.headers(quota))
+        settle = None if quota is None else (quota, charged)
         return EventSourceResponse(
-            _sse(service, call, handle, include_usage),
-            headers=handle.route.headers(call.request_id, call.client_request_id),
+            _sse(service, call, handle, include_usage, settle),
+            headers=headers,
             sep="\n",
             ping=service.settings.server.sse_ping_s,
         )
     service.metrics.inflight.dec()
+    headers = route.headers(call.request_id, call.client_request_id)
+    if quota is not None:
+        limits.settle_tokens(quota, charged, gen.usage.prompt_tokens + gen.usage.completion_tokens)
+        headers.update(limits.headers(quota))
     payload = completion_json(
         request_id=call.request_id,
         model=service.concrete_model(route.tier, gen.version),
@@ -263,11 +279,7 @@ async def chat_completions(request: Request) -> Response:
         logprobs=logprobs_json(gen.logprobs, call.params.top_logprobs) if call.want_logprobs else None,
         tiergate=route.body(call.request_id),
     )
-    return Response(
-        orjson.dumps(payload),
-        media_type="application/json",
-        headers=route.headers(call.request_id, call.client_request_id),
-    )
+    return Response(orjson.dumps(payload), media_type="application/json", headers=headers)
 
 
 async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:
@@ -297,8 +309,14 @@ async def _disconnect(request: Request) -> None:
 
 
 async def _sse(
-    service: TieredService, call: ChatCall, handle: AnswerStream, include_usage: bool
+    service: TieredService,
+    call: ChatCall,
+    handle: AnswerStream,
+    include_usage: bool,
+    settle: tuple[TenantState, int] | None,
 ) -> AsyncIterator[dict[str, str]]:
+    """The SSE events of an answer. `settle`: the key's token charge, replaced by the real usage
+    at the end (kept whole when the stream is cut short)."""
     route = handle.route
     created = int(time.time())
     model = service.concrete_model(route.tier)
@@ -321,6 +339,8 @@ async def _sse(
                 yield chunk(delta={"content": delta.text}, logprobs=lp)
             if delta.finish_reason is not None:
                 usage = delta.usage
+                if settle is not None and usage is not None:
+                    service.limits.settle_tokens(*settle, usage.prompt_tokens + usage.completion_tokens)
                 final_body = route.body(call.request_id, handle.decision)
                 # tiergate again at the end: a forced-student stream is scored only now.
                 yield chunk(delta={}, finish_reason=delta.finish_reason, tiergate=final_body)
@@ -591,6 +611,41 @@ async def dry_run_policy(
 @router.get("/admin/policy/audit")
 async def policy_audit(request: Request, limit: int = 100, _admin: str = Depends(require_admin)) -> dict[str, Any]:
     return {"audit": await asyncio.to_thread(_service(request).policies.audit, min(max(limit, 1), 1000))}
+
+
+class LimitsIn(TenantLimits):
+    """A tenant ("*": the default) and the limits to change; the others stay as they are."""
+
+    tenant: str = Field(default=DEFAULT_TENANT, min_length=1, max_length=64)
+
+
+LimitsBody = Annotated[LimitsIn, Depends(json_body(LimitsIn))]
+
+
+@router.get("/admin/limits")
+async def get_limits(
+    request: Request, tenant: str | None = None, _admin: str = Depends(require_admin)
+) -> dict[str, Any]:
+    """Every tenant with limits of its own and the default; with `?tenant=`, that tenant's
+    limits and what it has left now."""
+    limits = _service(request).limits
+    if tenant is None:
+        return {"limits": limits.configured()}
+    return {"tenant": tenant, "limits": limits.limits(tenant).model_dump(), "usage": limits.usage(tenant)}
+
+
+@router.put("/admin/limits", openapi_extra=body_doc(LimitsIn))
+async def put_limits(request: Request, admin: str = Depends(require_admin), *, body: LimitsBody) -> dict[str, Any]:
+    """Change a tenant's limits at runtime, audited; they persist across restarts."""
+    changes = body.model_dump(exclude_unset=True, exclude={"tenant"})
+    old, new = await _service(request).limits.set(body.tenant, changes, admin)
+    log.info("limits for %s changed by %s: %s -> %s", body.tenant, admin, old.model_dump(), new.model_dump())
+    return {"tenant": body.tenant, "previous": old.model_dump(), "limits": new.model_dump()}
+
+
+@router.get("/admin/limits/audit")
+async def limits_audit(request: Request, limit: int = 100, _admin: str = Depends(require_admin)) -> dict[str, Any]:
+    return {"audit": await asyncio.to_thread(_service(request).limits.audit, min(max(limit, 1), 1000))}
 
 
 @router.get("/admin/whatif")

@@ -3,10 +3,11 @@
 Everything here is transport-free: it takes a parsed `ChatCall` and returns a `Route` plus a
 `Generation` or a stream of deltas; `routes.py` turns those into HTTP. Every backend call goes
 through its tier's guard (`guard.py`: admission, deadline, retries, breaker). A failing, busy or
-open-circuit teacher degrades to the student's draft at once; a failing student escalates, but
-an overloaded one is shed (503), so overload never turns into teacher traffic. A failing signal
-store never fails a request. Which confident answers get an active label is `labels.py`'s
-choice; asking the teacher and recording is here.
+open-circuit teacher degrades to the student's draft at once, and so does a key whose teacher
+budget is spent (`limits.py` decides; here the refused call becomes a degraded answer). A failing
+student escalates, but an overloaded one is shed (503), so overload never turns into teacher
+traffic. A failing signal store never fails a request. Which confident answers get an active
+label is `labels.py`'s choice; asking the teacher and recording is here.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from distill_loop import Redactor, Sample, SignalStore, StoreClosed
-from gateway.errors import TierCircuitOpen, TierOverloaded
+from gateway.errors import TeacherBudgetExceeded, TierCircuitOpen, TierOverloaded
 from gateway.guard import BreakerState, Lease, LogThrottle, TierGuard
+from gateway.limits import Limiter, TeacherGrant, prompt_chars
 from gateway.metrics import Metrics
 from gateway.settings import Settings
 from models import (
@@ -184,6 +186,7 @@ class TieredService:
         policies: PolicyBook | None = None,
         rng: random.Random | None = None,
         labeler: ActiveLabeler | None = None,
+        limits: Limiter | None = None,
     ) -> None:
         self.settings = settings
         self.policies = policies or PolicyBook(settings.policy_db, settings.router.threshold)
@@ -193,6 +196,7 @@ class TieredService:
         self.metrics = metrics
         self._rng = rng or random.Random()
         self.labeler = labeler  # None: active labels are off (budget 0)
+        self.limits = limits or Limiter(settings.limits, settings.pricing.teacher, metrics=metrics)
         self._background: set[asyncio.Task[None]] = set()
         self._spent = 0.0
         self._teacher_only = 0.0
@@ -228,9 +232,15 @@ class TieredService:
             self._maybe_audit(call, route, draft)
             return route, draft
         try:
+            grant = self._admit_teacher(call, "request")
+        except TeacherBudgetExceeded as exc:
+            return await self._over_budget(call, route, draft, exc)
+        try:
             answer = await self._generate("teacher", self._for_teacher(call.messages), self._teacher_params(call))
         except BackendError as exc:
+            self.limits.settle_teacher(grant, 0.0)
             return self._fallback(call, route, draft, exc)
+        self._settle(grant, answer)
         self._finish(call, route, answer)
         if route.escalated:
             await self._acknowledge(call, self._record(call, "escalation", route.reason, draft, route.decision, answer))
@@ -251,8 +261,14 @@ class TieredService:
             self._maybe_audit(call, route, draft)
             return AnswerStream(route, self._replay(call, route, draft))
         try:
-            return await self._open_live("teacher", call, route, draft)
+            grant = self._admit_teacher(call, "request")
+        except TeacherBudgetExceeded as exc:
+            route, answer = await self._over_budget(call, route, draft, exc)
+            return AnswerStream(route, self._replay(call, route, answer, already_finished=True))
+        try:
+            return await self._open_live("teacher", call, route, draft, grant)
         except BackendError as exc:
+            self.limits.settle_teacher(grant, 0.0)
             route, answer = self._fallback(call, route, draft, exc)
             return AnswerStream(route, self._replay(call, route, answer, already_finished=True))
 
@@ -327,6 +343,34 @@ class TieredService:
             self._defer(call, route, draft)
         return degraded, draft
 
+    # -- the teacher budget ------------------------------------------------------------------
+    def _admit_teacher(self, call: ChatCall, kind: Literal["request", "audit", "label"]) -> TeacherGrant | None:
+        """Admit one teacher call against the tenant's budget; raises TeacherBudgetExceeded (counted)."""
+        if not self.limits.active:
+            return None
+        return self.limits.admit_teacher(call.tenant, prompt_chars(call.messages), call.params.max_tokens, kind)
+
+    def _settle(self, grant: TeacherGrant | None, answer: Generation) -> None:
+        if grant is not None:
+            cost = self.settings.pricing.teacher.cost(answer.usage.prompt_tokens, answer.usage.completion_tokens)
+            self.limits.settle_teacher(grant, cost)
+
+    async def _over_budget(
+        self, call: ChatCall, route: Route, draft: Generation | None, exc: TeacherBudgetExceeded
+    ) -> tuple[Route, Generation]:
+        """Serve the student's draft instead of the teacher's answer, degraded and counted. No
+        escalation record is written: there is no teacher answer to learn from. A prompt the
+        learned router sent straight to the teacher gets its student draft now; a request with
+        no draft at all (the student failed, or `model: teacher`) gets the 429."""
+        if draft is None and route.reason == "predicted_hard":
+            draft = await self._generate("student", call.messages, call.params)
+        if draft is None:
+            raise exc
+        self.metrics.fallbacks.labels("teacher_budget").inc()
+        degraded = replace(route, tier="student", reason="teacher_budget", degraded=True)
+        self._finish(call, degraded, draft)
+        return degraded, draft
+
     # -- backend calls with accounting -------------------------------------------------------
     async def _generate(
         self, tier: Tier, messages: tuple[ChatMessage, ...], params: SamplingParams, *, wait: bool = True
@@ -395,7 +439,12 @@ class TieredService:
 
     # -- streaming ---------------------------------------------------------------------------
     async def _open_live(
-        self, tier: Tier, call: ChatCall, route: Route, draft: Generation | None = None
+        self,
+        tier: Tier,
+        call: ChatCall,
+        route: Route,
+        draft: Generation | None = None,
+        grant: TeacherGrant | None = None,
     ) -> AnswerStream:
         """Open the tier's stream and take its first delta; retried (within the budget) only
         until that first delta, since after it bytes may have reached the client."""
@@ -414,7 +463,7 @@ class TieredService:
 
         (first, source), lease = await self._guarded(tier, first_delta)
         handle = AnswerStream(route)
-        handle.deltas = self._relay(tier, call, route, first, source, draft, handle, lease)
+        handle.deltas = self._relay(tier, call, route, first, source, draft, handle, lease, grant)
         return handle
 
     async def _relay(
@@ -427,6 +476,7 @@ class TieredService:
         draft: Generation | None,
         handle: AnswerStream,
         lease: Lease,
+        grant: TeacherGrant | None,
     ) -> AsyncIterator[GenerationDelta]:
         """Pass the deltas on, under the call's deadline; the tier's slot is held until the end."""
         deltas: list[GenerationDelta] = []
@@ -438,7 +488,7 @@ class TieredService:
                 if delta.finish_reason is not None:
                     lease.done()  # the tier's part is over; the record's commit is not its concern
                     # Account and score before the last delta leaves, so the final chunk carries it.
-                    await self._acknowledge(call, self._complete_live(tier, call, route, deltas, draft, handle))
+                    await self._acknowledge(call, self._complete_live(tier, call, route, deltas, draft, handle, grant))
                     yield delta
                     return
                 yield delta
@@ -458,6 +508,7 @@ class TieredService:
             raise
         finally:
             lease.done(outcome)
+            self.limits.settle_teacher(grant, None)  # cut short: the estimate stands; settled already otherwise
             await _aclose(source)
 
     def _complete_live(
@@ -468,12 +519,15 @@ class TieredService:
         deltas: list[GenerationDelta],
         draft: Generation | None,
         handle: AnswerStream,
+        grant: TeacherGrant | None,
     ) -> Future[bool] | asyncio.Task[None] | None:
         """Account a finished live stream; returns what its escalation record's commit awaits."""
         info = self.tiers[tier].info
         gen = collect(deltas, model=info.name, version=info.version)
         self._account(tier, gen.usage.prompt_tokens, gen.usage.completion_tokens)
         self._finish(call, route, gen)
+        if tier == "teacher":
+            self._settle(grant, gen)
         if tier == "student":
             # A forced-student stream is scored after the fact, for metrics and the last chunk.
             threshold = self.policies.effective_threshold(call.tenant, gen.version)
@@ -520,15 +574,22 @@ class TieredService:
         outcomes = self.metrics.audits if kind == "audit" else self.metrics.active_labels
         labels = () if kind == "audit" else (reason,)
         try:
+            grant = self._admit_teacher(call, kind)
+        except TeacherBudgetExceeded as exc:
+            log.debug("%s of %s skipped: %s", kind, call.request_id, exc)  # counted by the limiter
+            return
+        try:
             # Background work takes a free teacher slot or none: it never queues ahead of escalations.
             answer = await self._generate(
                 "teacher", self._for_teacher(call.messages), self._teacher_params(call), wait=False
             )
         except BackendError as exc:
+            self.limits.settle_teacher(grant, 0.0)
             outcomes.labels(*labels, "failed").inc()
             what = "audit" if kind == "audit" else f"active label ({reason})"
             self._logs.warning(log, f"{kind}:{error_class(exc)}", "%s of %s failed: %s", what, call.request_id, exc)
             return
+        self._settle(grant, answer)
         outcomes.labels(*labels, "ok").inc()
         if kind == "label":
             # `_generate` counted this in the teacher's cost already; this is the labels' share of it.
@@ -570,15 +631,21 @@ class TieredService:
         await asyncio.sleep(self.guards["teacher"].breaker.config.open_s)
         while self._backlog and self.guards["teacher"].breaker.state == "closed":
             call, route, draft = self._backlog.popleft()
+            self.metrics.teacher_backlog.set(len(self._backlog))
+            try:
+                grant = self._admit_teacher(call, "request")
+            except TeacherBudgetExceeded:
+                continue  # the key's budget is spent: this one is not asked again (counted by the limiter)
             try:
                 answer = await self._generate(
                     "teacher", self._for_teacher(call.messages), self._teacher_params(call), wait=False
                 )
             except BackendError:
+                self.limits.settle_teacher(grant, 0.0)
                 self._backlog.appendleft((call, route, draft))
-                return
-            finally:
                 self.metrics.teacher_backlog.set(len(self._backlog))
+                return
+            self._settle(grant, answer)
             self.metrics.escalations_deferred.inc()
             self._record(call, "escalation", route.reason, draft, route.decision, answer)
 

@@ -1,7 +1,7 @@
 """All gateway settings, from one YAML file, `TIERGATE_<SECTION>__<KEY>` variables and CLI flags.
 
 The sections every process shares live in `distill_loop/settings.py`; this adds the HTTP
-server and pricing, and refuses unknown keys. Precedence, highest first: CLI flags,
+server, pricing and per-key limits, and refuses unknown keys. Precedence, highest first: CLI flags,
 environment, YAML file, defaults. Inner packages never read the environment; every inner
 package gets its frozen config passed in.
 """
@@ -110,6 +110,32 @@ class PricingConfig(BaseModel):
     teacher: TierPrice = TierPrice(input_per_mtok=1.25, output_per_mtok=5.0)
 
 
+class TenantLimits(BaseModel):
+    """One key's limits; 0 turns a limit off. A tenant entry names only what it changes."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Requests per minute: a token bucket holding one minute's worth, refilled continuously.
+    requests_per_minute: int = Field(default=0, ge=0)
+    # Tokens per minute, estimated on arrival as prompt characters / 4 + max_tokens and settled
+    # to the answer's real usage; same bucket shape as requests.
+    tokens_per_minute: int = Field(default=0, ge=0)
+    # Teacher calls per minute made for the key: escalations, `model: teacher`, audits, labels.
+    teacher_calls_per_minute: int = Field(default=0, ge=0)
+    # Teacher spend per UTC day in US dollars, priced by `pricing.teacher`.
+    teacher_usd_per_day: float = Field(default=0.0, ge=0.0)
+
+
+class LimitsConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Limits of every key (and of "anonymous" callers without one).
+    default: TenantLimits = TenantLimits()
+    # Per key, by tenant id (`key-` + 12 hex digits of the key's SHA-256): the limits that
+    # differ from `default`. `PUT /admin/limits` replaces a key's entry at runtime.
+    tenants: dict[str, TenantLimits] = Field(default_factory=dict)
+
+
 class Settings(SharedSettings):
     """The gateway's settings: the shared sections plus its own. Unknown keys are errors."""
 
@@ -118,6 +144,7 @@ class Settings(SharedSettings):
     server: ServerConfig = ServerConfig()
     guard: GuardConfig = GuardConfig()
     pricing: PricingConfig = PricingConfig()
+    limits: LimitsConfig = LimitsConfig()
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from router.audited import AuditedTable
 from router.base import (
     ESCALATION_REASONS,
     ROUTE_REASONS,
@@ -43,6 +44,7 @@ from router.threshold import ConfidenceRouter, check_threshold
 from router.whatif import CurvePoint, Observation, curve, point, threshold_for_quality
 
 __all__ = [
+    "AuditedTable",
     "ESCALATION_REASONS",
     "ROUTE_REASONS",
     "EscalationReason",

@@ -28,6 +28,7 @@ Reason = Literal["confident", "low_confidence", "empty_answer"]
 #   student_error        the student failed (unavailable, timeout, upstream error); escalated
 #   forced               the client named a tier (`student` or `teacher`); no routing
 #   teacher_unavailable  escalated, but the teacher failed; the student's draft was served
+#   teacher_budget       escalated, but the key's teacher budget was spent; the student's draft was served
 RouteReason = Literal[
     "confident",
     "low_confidence",
@@ -37,6 +38,7 @@ RouteReason = Literal[
     "forced",
     "teacher_unavailable",
     "teacher_busy",
+    "teacher_budget",
 ]
 ROUTE_REASONS: tuple[RouteReason, ...] = get_args(RouteReason)
 EscalationReason = Literal["low_confidence", "empty_answer", "predicted_hard", "student_error"]

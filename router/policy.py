@@ -12,23 +12,20 @@
 `PolicyBook` holds one policy per tenant ("*" is the default) and each student version's
 routing floor, and answers the one question routing asks: `effective_threshold(tenant,
 version)`. It persists policies in a small SQLite file with an append-only audit trail (who,
-when, old, new); writes run in a worker thread, never on the event loop. Policies are small
-mutable objects owned by the gateway's event loop (no locks needed there).
+when, old, new: `router/audited.py`); writes run in a worker thread, never on the event loop.
+Policies are small mutable objects owned by the gateway's event loop (no locks needed there).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
-import sqlite3
-import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from router.audited import AuditedTable
 from router.confidence import quantile
 from router.replay import effective_threshold
 
@@ -132,6 +129,7 @@ class PolicyBook:
 
     def __init__(self, path: Path, default_threshold: float) -> None:
         self.path = path
+        self._table = AuditedTable(path, "policy")
         self._policies: dict[str, Policy] = {DEFAULT_TENANT: FixedThreshold(default_threshold)}
         # Per student version, the lowest threshold it may be routed with (the registry's routing
         # state); replaced whole at each swap, so a reader sees the old or the new map.
@@ -141,17 +139,9 @@ class PolicyBook:
 
     def open(self) -> None:
         """Create the file if needed and load the persisted policies (blocking: call in a thread)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.closing(sqlite3.connect(self.path)) as conn, conn:
-            conn.execute("CREATE TABLE IF NOT EXISTS policy (tenant TEXT PRIMARY KEY, body TEXT NOT NULL)")
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS policy_audit (seq INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL,"
-                " actor TEXT NOT NULL, tenant TEXT NOT NULL, old TEXT, new TEXT NOT NULL)"
-            )
-            rows = conn.execute("SELECT tenant, body FROM policy").fetchall()
         default = self._policies[DEFAULT_TENANT].current()
-        for tenant, body in rows:
-            self._policies[tenant] = policy_from_json(json.loads(body), initial=default)
+        for tenant, body in self._table.open().items():
+            self._policies[tenant] = policy_from_json(body, initial=default)
 
     @classmethod
     def load(cls, path: Path, default_threshold: float) -> PolicyBook:
@@ -190,25 +180,10 @@ class PolicyBook:
         policy's JSON."""
         old = self._policies.get(tenant)
         old_json = old.to_json() if old is not None else None
-        await asyncio.to_thread(self._write, tenant, old_json, policy.to_json(), actor)
+        await asyncio.to_thread(self._table.write, tenant, old_json, policy.to_json(), actor)
         self._policies[tenant] = policy
         return old_json
 
-    def _write(self, tenant: str, old: dict[str, Any] | None, new: dict[str, Any], actor: str) -> None:
-        with contextlib.closing(sqlite3.connect(self.path)) as conn, conn:
-            conn.execute("INSERT OR REPLACE INTO policy (tenant, body) VALUES (?, ?)", (tenant, json.dumps(new)))
-            conn.execute(
-                "INSERT INTO policy_audit (at, actor, tenant, old, new) VALUES (?, ?, ?, ?, ?)",
-                (time.time(), actor, tenant, json.dumps(old) if old else None, json.dumps(new)),
-            )
-
     def audit(self, limit: int = 100) -> list[dict[str, Any]]:
         """The newest audit rows first (blocking: call in a thread)."""
-        with contextlib.closing(sqlite3.connect(self.path)) as conn:
-            rows = conn.execute(
-                "SELECT seq, at, actor, tenant, old, new FROM policy_audit ORDER BY seq DESC LIMIT ?", (limit,)
-            ).fetchall()
-        return [
-            {"seq": s, "at": at, "actor": a, "tenant": t, "old": json.loads(o) if o else None, "new": json.loads(n)}
-            for s, at, a, t, o, n in rows
-        ]
+        return self._table.audit(limit)

@@ -1,0 +1,390 @@
+"""Per-key fair limits: token buckets on requests and tokens per minute, and a teacher budget
+(teacher calls per minute, US dollars per UTC day).
+
+`Limiter` keeps a small state per tenant, made on first use and evicted once it has nothing to
+remember (its buckets full again, nothing spent today); both clocks are injected, so tests drive
+time. It raises `RateLimited` and `TeacherBudgetExceeded` and builds OpenAI's `x-ratelimit-*`
+headers; turning those into responses is gateway/errors.py's, and what a refused teacher call
+becomes is the service's. With no limit set anywhere `active` is False, and callers skip it
+altogether. Owned by the event loop: no locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from gateway.errors import InvalidRequest, RateLimited, TeacherBudgetExceeded
+from gateway.settings import LimitsConfig, TenantLimits, TierPrice
+from models import ChatMessage
+from router import DEFAULT_TENANT, AuditedTable
+
+if TYPE_CHECKING:
+    from gateway.metrics import Metrics
+
+MINUTE = 60.0
+DAY = 86_400.0
+SWEEP_S = 60.0  # at most one sweep of idle tenants a minute, when a new tenant arrives
+MAX_TENANTS = 100_000  # past this, the least recently seen tenants are forgotten first
+
+
+def prompt_chars(messages: Iterable[ChatMessage]) -> int:
+    return sum(len(m.content) for m in messages)
+
+
+def estimate_tokens(chars: int, max_tokens: int) -> int:
+    """What a request is charged on arrival: a token per 4 prompt characters (OpenAI's rule of
+    thumb for English) plus the whole completion it may ask for. Settled to the real usage after."""
+    return chars // 4 + max_tokens
+
+
+def duration(seconds: float) -> str:
+    """OpenAI's reset format: `250ms`, `1.5s`, `6m0s`."""
+    ms = max(0, round(seconds * 1000))
+    if ms < 1000:
+        return f"{ms}ms"
+    minutes, rest = divmod(ms / 1000, 60)
+    text = f"{round(rest, 3):g}s"
+    return f"{int(minutes)}m{text}" if minutes else text
+
+
+class Bucket:
+    """A token bucket holding one minute's worth of `per_minute`, refilled continuously. Its level
+    goes below zero when a request used more than it was charged: debt that the refill repays."""
+
+    __slots__ = ("level", "per_minute", "stamp")
+
+    def __init__(self, per_minute: int, now: float) -> None:
+        self.per_minute = per_minute
+        self.level = float(per_minute)
+        self.stamp = now
+
+    def refill(self, now: float) -> float:
+        if now > self.stamp:
+            self.level = min(float(self.per_minute), self.level + (now - self.stamp) * self.per_minute / MINUTE)
+            self.stamp = now
+        return self.level
+
+    def take(self, n: float, now: float) -> float:
+        """Take `n` if the bucket holds it and return 0.0; otherwise take nothing and return the
+        seconds until it will hold `n`."""
+        level = self.refill(now)
+        if level >= n:
+            self.level = level - n
+            return 0.0
+        return (n - level) * MINUTE / self.per_minute
+
+    def give(self, n: float, now: float) -> None:
+        """Put back `n` (negative: take more, into debt), never above one minute's worth."""
+        self.level = min(float(self.per_minute), self.refill(now) + n)
+
+    def reset_s(self, now: float) -> float:
+        """Seconds until the bucket is full again."""
+        return (self.per_minute - self.refill(now)) * MINUTE / self.per_minute
+
+    def full(self, now: float) -> bool:
+        return self.refill(now) >= self.per_minute
+
+
+def _bucket(old: Bucket | None, per_minute: int, now: float) -> Bucket | None:
+    """A bucket for a changed limit that keeps what the tenant had used of the old one."""
+    if per_minute <= 0:
+        return None
+    if old is None:
+        return Bucket(per_minute, now)
+    old.refill(now)
+    used = old.per_minute - old.level
+    old.per_minute = per_minute
+    old.level = per_minute - used
+    return old
+
+
+class TenantState:
+    __slots__ = ("calls", "day", "limits", "requests", "seen", "spent_usd", "tokens")
+
+    def __init__(self, limits: TenantLimits, now: float, day: int) -> None:
+        self.requests: Bucket | None = None
+        self.tokens: Bucket | None = None
+        self.calls: Bucket | None = None  # teacher calls
+        self.day = day  # the UTC day `spent_usd` belongs to
+        self.spent_usd = 0.0  # teacher spend that day: real costs, plus estimates of calls in flight
+        self.seen = now
+        self.limits = limits
+        self.apply(limits, now)
+
+    def apply(self, limits: TenantLimits, now: float) -> None:
+        self.limits = limits
+        self.requests = _bucket(self.requests, limits.requests_per_minute, now)
+        self.tokens = _bucket(self.tokens, limits.tokens_per_minute, now)
+        self.calls = _bucket(self.calls, limits.teacher_calls_per_minute, now)
+
+    def spent(self, day: int) -> float:
+        if self.day != day:
+            self.day, self.spent_usd = day, 0.0
+        return self.spent_usd
+
+    def idle(self, now: float, day: int) -> bool:
+        """Nothing worth remembering: forgetting it changes no later decision."""
+        buckets = (self.requests, self.tokens, self.calls)
+        return all(b is None or b.full(now) for b in buckets) and self.spent(day) == 0.0
+
+
+class TeacherGrant:
+    """One admitted teacher call: its estimated cost is held against the day's budget until
+    `Limiter.settle_teacher` replaces it with the real one."""
+
+    __slots__ = ("day", "open", "state", "usd")
+
+    def __init__(self, state: TenantState, usd: float, day: int) -> None:
+        self.state, self.usd, self.day, self.open = state, usd, day, True
+
+
+def _any(limits: TenantLimits) -> bool:
+    return bool(
+        limits.requests_per_minute
+        or limits.tokens_per_minute
+        or limits.teacher_calls_per_minute
+        or limits.teacher_usd_per_day
+    )
+
+
+class Limiter:
+    """Limits per tenant from `limits.*` and runtime overrides (persisted in `table`, audited).
+
+    A key's limits: its runtime override if it has one (complete limits); else its entry in
+    `limits.tenants` over the default; the default is `limits.default`, or its runtime override
+    (tenant "*").
+    """
+
+    def __init__(
+        self,
+        config: LimitsConfig,
+        teacher_price: TierPrice,
+        *,
+        table: AuditedTable | None = None,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        max_tenants: int = MAX_TENANTS,
+    ) -> None:
+        self.config = config
+        self._price = teacher_price
+        self._table = table
+        self._metrics = metrics
+        self._clock, self._wall = clock, wall
+        self._max_tenants = max_tenants
+        self._overrides: dict[str, TenantLimits] = {}
+        self._default = config.default
+        self._states: dict[str, TenantState] = {}
+        self._next_sweep = clock() + SWEEP_S
+        self.active = False
+        self._refresh()
+
+    # -- configuration -----------------------------------------------------------------------
+    def open(self) -> None:
+        """Load the runtime overrides (blocking: call in a thread)."""
+        if self._table is not None:
+            self._overrides = {t: TenantLimits.model_validate(b) for t, b in self._table.open().items()}
+            self._refresh()
+
+    def limits(self, tenant: str) -> TenantLimits:
+        if tenant in self._overrides:
+            return self._overrides[tenant]
+        entry = self.config.tenants.get(tenant) if tenant != DEFAULT_TENANT else None
+        return self._default if entry is None else self._default.model_copy(update=entry.model_dump(exclude_unset=True))
+
+    def configured(self) -> dict[str, dict[str, Any]]:
+        """Every tenant with limits of its own, and the default ("*")."""
+        tenants = {DEFAULT_TENANT, *self.config.tenants, *self._overrides}
+        return {t: self.limits(t).model_dump() for t in sorted(tenants)}
+
+    async def set(self, tenant: str, changes: dict[str, Any], actor: str) -> tuple[TenantLimits, TenantLimits]:
+        """Change some of a tenant's limits at runtime: persist its complete new limits with who
+        changed what (in a thread), then apply them. Returns (old, new)."""
+        old = self.limits(tenant)
+        new = TenantLimits.model_validate({**old.model_dump(), **changes})
+        if self._table is not None:
+            await asyncio.to_thread(self._table.write, tenant, old.model_dump(), new.model_dump(), actor)
+        self._overrides[tenant] = new
+        self._refresh()
+        return old, new
+
+    def audit(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The newest changes first (blocking: call in a thread)."""
+        return self._table.audit(limit) if self._table is not None else []
+
+    def _refresh(self) -> None:
+        self._default = self._overrides.get(DEFAULT_TENANT, self.config.default)
+        now = self._clock()
+        for tenant, state in self._states.items():
+            state.apply(self.limits(tenant), now)
+        self.active = any(_any(self.limits(t)) for t in (DEFAULT_TENANT, *self.config.tenants, *self._overrides))
+
+    # -- per-tenant state --------------------------------------------------------------------
+    def _today(self) -> int:
+        return int(self._wall() // DAY)
+
+    def _state(self, tenant: str, now: float) -> TenantState:
+        state = self._states.get(tenant)
+        if state is None:
+            if now >= self._next_sweep or len(self._states) >= self._max_tenants:
+                self._sweep(now)
+            state = self._states[tenant] = TenantState(self.limits(tenant), now, self._today())
+        state.seen = now
+        return state
+
+    def _sweep(self, now: float) -> None:
+        """Forget idle tenants; past `max_tenants`, the least recently seen ones too."""
+        self._next_sweep = now + SWEEP_S
+        day = self._today()
+        for tenant in [t for t, s in self._states.items() if s.idle(now, day)]:
+            del self._states[tenant]
+        excess = len(self._states) - self._max_tenants + 1
+        if excess > 0:
+            for tenant in sorted(self._states, key=lambda t: self._states[t].seen)[:excess]:
+                del self._states[tenant]
+
+    def tracked(self) -> int:
+        """How many tenants have state now (the memory bound's measure)."""
+        return len(self._states)
+
+    def _count(self, limit: str) -> None:
+        if self._metrics is not None:
+            self._metrics.rate_limited.labels(limit).inc()
+
+    # -- requests and tokens -----------------------------------------------------------------
+    def admit(self, tenant: str) -> TenantState | None:
+        """Charge one request to the tenant. Returns its state when a request or token limit
+        applies to it (for `charge_tokens` and `headers`), None when none does. Raises
+        RateLimited when its request bucket is empty."""
+        now = self._clock()
+        state = self._state(tenant, now)
+        requests = state.requests
+        if requests is None:
+            return state if state.tokens is not None else None
+        wait = requests.take(1, now)
+        if wait:
+            self._count("requests")
+            raise RateLimited(
+                f"rate limit reached for requests per minute: limit {requests.per_minute}; retry in {duration(wait)}",
+                limit="requests",
+                retry_after=wait,
+                headers=self.headers(state),
+            )
+        return state
+
+    def charge_tokens(self, state: TenantState, chars: int, max_tokens: int) -> int:
+        """Charge a parsed request's estimated tokens; returns the charge, for `settle_tokens`.
+        Raises RateLimited when the bucket lacks them (the request is then not counted either),
+        and InvalidRequest when no full bucket could ever hold them."""
+        tokens = state.tokens
+        if tokens is None:
+            return 0
+        need = estimate_tokens(chars, max_tokens)
+        now = self._clock()
+        if need > tokens.per_minute:
+            self._refund_request(state, now)
+            raise InvalidRequest(
+                f"this request's estimated {need} tokens (prompt characters / 4 + max_tokens) exceed this key's "
+                f"limit of {tokens.per_minute} tokens per minute; send a shorter prompt or a lower max_tokens",
+                param="max_tokens",
+            )
+        wait = tokens.take(need, now)
+        if wait:
+            self._refund_request(state, now)
+            self._count("tokens")
+            raise RateLimited(
+                f"rate limit reached for tokens per minute: limit {tokens.per_minute}, requested {need}; "
+                f"retry in {duration(wait)}",
+                limit="tokens",
+                retry_after=wait,
+                headers=self.headers(state),
+            )
+        return need
+
+    def _refund_request(self, state: TenantState, now: float) -> None:
+        if state.requests is not None:
+            state.requests.give(1, now)
+
+    def settle_tokens(self, state: TenantState, charged: int, used: int) -> None:
+        """Replace a request's estimate with the tokens it really used (0 when it failed)."""
+        if state.tokens is not None and charged:
+            state.tokens.give(charged - used, self._clock())
+
+    def headers(self, state: TenantState) -> dict[str, str]:
+        """OpenAI's `x-ratelimit-*` headers for the limits that apply to the tenant."""
+        now = self._clock()
+        out: dict[str, str] = {}
+        for name, bucket in (("requests", state.requests), ("tokens", state.tokens)):
+            if bucket is not None:
+                out[f"x-ratelimit-limit-{name}"] = str(bucket.per_minute)
+                out[f"x-ratelimit-remaining-{name}"] = str(max(0, int(bucket.refill(now))))
+                out[f"x-ratelimit-reset-{name}"] = duration(bucket.reset_s(now))
+        return out
+
+    # -- the teacher budget ------------------------------------------------------------------
+    def admit_teacher(self, tenant: str, chars: int, max_tokens: int, call: str) -> TeacherGrant | None:
+        """Admit one teacher call for `tenant` (`call`: request, audit or label, for the count).
+
+        Holds its estimated cost (prompt characters / 4 input tokens, `max_tokens` output
+        tokens at `pricing.teacher`) against the day's budget and takes one teacher call.
+        Returns None when the tenant has no teacher budget; raises TeacherBudgetExceeded when
+        the call would go over either limit.
+        """
+        now = self._clock()
+        state = self._state(tenant, now)
+        limits = state.limits
+        if state.calls is None and not limits.teacher_usd_per_day:
+            return None
+        day = self._today()
+        usd = self._price.cost(chars // 4, max_tokens)
+        spent = state.spent(day)
+        if limits.teacher_usd_per_day and spent + usd > limits.teacher_usd_per_day:
+            self._deny(call, "usd")
+            raise TeacherBudgetExceeded(
+                f"this key's teacher budget of {limits.teacher_usd_per_day} USD per day is spent "
+                f"({spent:.6f} used, {usd:.6f} needed); it renews at 00:00 UTC",
+                limit="usd",
+                retry_after=(day + 1) * DAY - self._wall(),
+            )
+        if state.calls is not None:
+            wait = state.calls.take(1, now)
+            if wait:
+                self._deny(call, "calls")
+                raise TeacherBudgetExceeded(
+                    f"this key's limit of {state.calls.per_minute} teacher calls per minute is reached; "
+                    f"retry in {duration(wait)}",
+                    limit="calls",
+                    retry_after=wait,
+                )
+        state.spent_usd += usd
+        return TeacherGrant(state, usd, day)
+
+    def settle_teacher(self, grant: TeacherGrant | None, usd: float | None) -> None:
+        """Replace a call's estimate with its real cost; None keeps the estimate as the cost (a
+        stream cut short: it cost something, and the estimate prices its whole `max_tokens`)."""
+        if grant is None or not grant.open:
+            return
+        grant.open = False
+        state = grant.state
+        if usd is not None and state.day == grant.day:
+            state.spent_usd = max(0.0, state.spent_usd + usd - grant.usd)
+
+    def _deny(self, call: str, limit: str) -> None:
+        if self._metrics is not None:
+            self._metrics.teacher_budget.labels(call, limit).inc()
+
+    def usage(self, tenant: str) -> dict[str, Any]:
+        """What the tenant has left now, and its teacher spend today (0 when not tracked)."""
+        state = self._states.get(tenant)
+        if state is None:
+            return {"tracked": False}
+        now = self._clock()
+        left = {
+            name: int(b.refill(now))
+            for name, b in (("requests", state.requests), ("tokens", state.tokens), ("teacher_calls", state.calls))
+            if b is not None
+        }
+        return {"tracked": True, "remaining": left, "teacher_usd_today": state.spent(self._today())}
