@@ -28,6 +28,7 @@ from gateway.errors import TierCircuitOpen, TierOverloaded
 from gateway.settings import BreakerConfig, TierGuardConfig
 from models import BackendError, BackendResponseError, BackendTimeout, BackendUnavailable, InvalidGenerationRequest
 
+log = logging.getLogger(__name__)
 BreakerState = Literal["closed", "half_open", "open"]
 BREAKER_STATES: tuple[BreakerState, ...] = ("closed", "half_open", "open")
 
@@ -130,6 +131,12 @@ class Breaker:
         self._consecutive += 1
         self._calls.add(1, 1)
         if self.state == "half_open" or self._tripped():
+            self._opened_at = self._clock()
+            self._set("open")
+
+    def trip(self) -> None:
+        """Open a closed breaker without a failed call (a tier that answers nothing)."""
+        if self.state == "closed":
             self._opened_at = self._clock()
             self._set("open")
 
@@ -245,6 +252,7 @@ class Lease:
         else:
             self._guard.breaker.record("failed" if counts_as_failure(exc) else "ignored")
         self._guard.admission.release()
+        self._guard.progress()
 
 
 class TierGuard:
@@ -265,6 +273,8 @@ class TierGuard:
         self.admission = Admission(config.max_inflight or capacity, config.max_queue, queue_timeout_s)
         self.breaker = Breaker(config.breaker, clock=clock, on_change=on_change)
         self.retries = RetryBudget(config.retry_budget, clock)
+        self._clock = clock
+        self._progress = clock()  # when a call last finished, or the tier last went from idle to busy
 
     @property
     def usable(self) -> bool:
@@ -273,6 +283,7 @@ class TierGuard:
     async def lease(self, *, wait: bool = True) -> tuple[Lease, float]:
         """A slot on the tier and the seconds waited for it. Raises `TierCircuitOpen` while the
         breaker refuses, `TierOverloaded` when there is no room (at once if `wait` is False)."""
+        self._check_stall()
         if not self.breaker.allow():
             raise TierCircuitOpen(
                 f"{self.tier} tier is failing: circuit open, next probe in {self.breaker.retry_in():.1f}s",
@@ -289,7 +300,22 @@ class TierGuard:
             self.breaker.record("ignored")  # frees a half-open probe slot
             raise
         self.retries.called()
+        if self.admission.inflight == 1:
+            self._progress = self._clock()  # busy from idle: the stall clock starts now
         return Lease(self, asyncio.get_running_loop().time() + self.config.deadline_s), waited
+
+    def progress(self) -> None:
+        self._progress = self._clock()
+
+    def _check_stall(self) -> None:
+        """A hung tier fails no call until the deadline: open the breaker when calls are
+        running and none has finished for `breaker.stall_s`."""
+        stall = self.config.breaker.stall_s
+        if stall and self.admission.inflight and self._clock() - self._progress >= stall:
+            if self.breaker.state == "closed":
+                log.warning("%s tier stalled: %d calls running, none finished in %.0fs", self.tier,
+                            self.admission.inflight, stall)  # fmt: skip
+            self.breaker.trip()
 
     def may_retry(self, exc: BaseException, attempt: int) -> bool:
         return attempt < self.config.max_retries and retryable(exc) and self.retries.try_retry()

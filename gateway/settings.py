@@ -60,6 +60,9 @@ class BreakerConfig(BaseModel):
     window_s: float = Field(default=10.0, gt=0)
     # Seconds an open breaker refuses calls before it lets one probe through (half-open).
     open_s: float = Field(default=5.0, gt=0)
+    # Also open when calls are running and none has finished for this many seconds: a hung
+    # tier fails nothing until the deadline. Above a slow tier's longest answer. 0: off.
+    stall_s: float = Field(default=20.0, ge=0)
 
 
 class TierGuardConfig(BaseModel):

@@ -26,8 +26,9 @@ import aiohttp
 import httpx
 import pytest
 
+from bench.chaos import ChaosProxy
 from tests.fakes import UpstreamScript
-from tests.servers import ChaosProxy, start_gateway
+from tests.servers import start_gateway
 
 log = logging.getLogger(__name__)
 CLIENTS = 32

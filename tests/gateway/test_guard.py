@@ -170,3 +170,31 @@ def test_log_throttle_keeps_one_line_per_interval_and_counts_the_rest(caplog: py
         "teacher failed: boom",
         "teacher failed: boom (and 99 more like it since the last line)",
     ]
+
+
+@pytest.mark.anyio
+async def test_a_tier_that_finishes_nothing_for_stall_s_opens_its_breaker() -> None:
+    """A hung tier fails no call until the deadline; with default deadlines that is a minute
+    of escalations waiting. Calls running and none finished for stall_s opens the breaker."""
+    clock = Clock()
+    config = TierGuardConfig(breaker=BreakerConfig(stall_s=10, open_s=5))
+    guard = TierGuard("teacher", config, capacity=8, queue_timeout_s=1, clock=clock)
+    hung, _ = await guard.lease()
+    clock.t += 9
+    busy, _ = await guard.lease()  # 9 s without a finish: not yet
+    busy.done()  # a finish is progress
+    clock.t += 9
+    await guard.lease()
+    clock.t += 10
+    with pytest.raises(TierCircuitOpen):
+        await guard.lease()
+    assert guard.breaker.state == "open"
+    # An idle tier never stalls, however long it waits for traffic.
+    idle = TierGuard("student", config, capacity=8, queue_timeout_s=1, clock=clock)
+    clock.t += 100
+    lease, _ = await idle.lease()
+    clock.t += 9
+    await idle.lease()
+    assert idle.breaker.state == "closed"
+    lease.done()
+    hung.done()
