@@ -1,7 +1,7 @@
 """Answer agreement between a student answer and the teacher's (the gate's and rollback's measure).
 
-Pure string functions; no models. `token_f1` is SQuAD-style bag-of-words F1 after lower-casing
-and stripping punctuation; `exact` compares normalised strings; `contains` asks whether the
+Pure string functions; no models. `token_f1` is SQuAD-style bag-of-words F1 after case-folding
+and stripping punctuation, over words in any script; `exact` compares normalised strings; `contains` asks whether the
 normalised teacher answer appears in the student's. `fact_f1` is token F1 times the share of
 the reference's facts (numbers, and capitalised names inside a sentence) that the candidate
 states: the right sentence with the wrong number scores 0, which token F1 rewards.
@@ -13,14 +13,18 @@ import re
 from collections import Counter
 from collections.abc import Callable
 
-_WORD = re.compile(r"[a-z0-9]+")
+# Words in any script (letters and digits, no underscore); Chinese and Japanese script, written
+# without spaces, one character a word. ASCII-only words made every non-Latin answer empty, and
+# two empty answers "agreed": the gate scored any two Chinese answers as equal.
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_WORD = re.compile(rf"[{_CJK}]|[^\W_{_CJK}]+")
 _NUMBER = re.compile(r"\d+(?:[.,:]\d+)*")
 # A capitalised word that does not open the text or a sentence: a product, place or scheme name.
 _NAME = re.compile(r"(?<![.!?]\s)(?<!^)\b[A-Z][A-Za-z0-9]+")
 
 
 def normalise(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
+    return _WORD.findall(text.casefold())
 
 
 def token_f1(candidate: str, reference: str) -> float:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from distill_loop.metrics import fact_f1, facts, token_f1
+from distill_loop.metrics import fact_f1, facts, normalise, token_f1
 
 REF = "Unused bikes can be returned within 41 days at our Tacoma returns center."
 
@@ -28,3 +28,12 @@ def test_fact_f1_zeroes_the_right_shape_with_the_wrong_number() -> None:
 
 def test_fact_f1_is_token_f1_when_the_reference_states_no_fact() -> None:
     assert fact_f1("happy to help", "glad to help") == token_f1("happy to help", "glad to help")
+
+
+def test_answers_in_other_scripts_are_compared_word_by_word() -> None:
+    """ASCII-only words made every Chinese or Russian answer empty, so any two agreed (1.0)."""
+    assert token_f1("退款需要五个工作日", "退款需要三个工作日") == pytest.approx(8 / 9)
+    assert token_f1("退款需要五个工作日", "请重置您的密码") < 0.2
+    assert token_f1("Возврат займёт пять дней", "Сбросьте пароль на странице") == 0.0
+    assert token_f1("Возврат займёт пять дней", "возврат займёт пять дней!") == 1.0
+    assert normalise("Straße 12") == ["strasse", "12"]
