@@ -150,8 +150,11 @@ class DistillConfig(BaseModel):
     replay_size: int = Field(default=64, ge=0)
     # Largest share of a run's training examples, and of its held-out items, one tenant (API
     # key) may hold when several contribute: a larger one is downsampled, seeded by the run. It is
-    # never below 1/k for k tenants, so data from one tenant alone is never cut. 1 turns it off.
-    max_tenant_share: float = Field(default=0.5, gt=0, le=1)
+    # never below 1/k for k tenants, so data from one tenant alone is never cut. 1 (the default)
+    # turns it off: a cap cannot tell a flood from a key that carries most of the traffic, and
+    # beside a trickle from a second key it would starve the main key's training. Set 0.5 where
+    # keys belong to parties who must not steer each other's student.
+    max_tenant_share: float = Field(default=1.0, gt=0, le=1)
     # Records whose prompts and teacher answers are both at least this similar (Jaccard of the
     # character 5-grams of their words), with the same numbers and names in the answers, are
     # near-duplicates: only the newest is used. None turns this off.

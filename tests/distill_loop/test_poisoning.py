@@ -136,6 +136,9 @@ def record_tenants(data: RunData, samples: Sequence[Sample]) -> tuple[Counter[st
 
 
 def config(tmp_path: Path, **kw: object) -> DistillConfig:
+    """The cap is off by default (it would starve a dominant key beside a trickle); these tests
+    are of a deployment that turned it on, at 0.5."""
+    kw.setdefault("max_tenant_share", 0.5)
     return DistillConfig(registry_dir=tmp_path / "registry", **kw)  # type: ignore[arg-type]
 
 
