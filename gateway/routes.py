@@ -614,9 +614,17 @@ async def policy_audit(request: Request, limit: int = 100, _admin: str = Depends
 
 
 class LimitsIn(TenantLimits):
-    """A tenant ("*": the default) and the limits to change; the others stay as they are."""
+    """A tenant ("*": the default) and the limits to change; the others stay as they are.
+    Strict, as every admin body: `false` is not a budget (YAML and environment values, read
+    through `TenantLimits` itself, stay lax)."""
+
+    model_config = ConfigDict(frozen=True, **ADMIN_BODY)
 
     tenant: str = Field(default=DEFAULT_TENANT, min_length=1, max_length=64)
+
+    _integers = field_validator("requests_per_minute", "tokens_per_minute", "teacher_calls_per_minute", mode="before")(
+        integral
+    )
 
 
 LimitsBody = Annotated[LimitsIn, Depends(json_body(LimitsIn))]

@@ -126,7 +126,7 @@ class TenantLimits(BaseModel):
     # Teacher calls per minute made for the key: escalations, `model: teacher`, audits, labels.
     teacher_calls_per_minute: int = Field(default=0, ge=0)
     # Teacher spend per UTC day in US dollars, priced by `pricing.teacher`.
-    teacher_usd_per_day: float = Field(default=0.0, ge=0.0)
+    teacher_usd_per_day: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)
 
 
 class LimitsConfig(BaseModel):
