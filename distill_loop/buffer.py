@@ -24,7 +24,6 @@ from typing import Literal
 
 from distill_loop.config import DistillConfig
 from distill_loop.metrics import normalise
-from distill_loop.neardup import collapse
 from distill_loop.sample import Sample
 from distill_loop.store import read_samples
 from distill_loop.tenants import cap_share
@@ -134,6 +133,8 @@ def collapse_near_duplicates(samples: Sequence[Sample], similarity: float | None
     would give now, and a group that keeps arriving keeps one current representative."""
     if similarity is None:
         return list(samples), 0
+    from distill_loop.neardup import collapse  # numpy: not for a gateway that never trains
+
     kept, dropped = collapse(samples[::-1], _prompt_text, lambda s: s.teacher.text, similarity)
     return kept[::-1], dropped
 
