@@ -2,6 +2,7 @@
 
 POST /v1/chat/completions answers a fixed, cached completion with usage and per-token logprobs (-3.0
 a token when the last user message contains "HARD", else -0.05); GET /v1/models and /health answer.
+`--latency-ms` delays each completion, as a model's generation would (default: none).
 It does not stream, sample, authenticate or validate beyond what the benchmark needs.
 """
 
@@ -119,8 +120,10 @@ class Answers:
             return _error("400 Bad Request", f"malformed request: {exc!r}")
         if req.get("stream"):
             return _error("400 Bad Request", "this fake upstream does not stream")
-        # Rough token count (4 bytes a token), bucketed so the cache stays small.
-        prompt_tokens = max(1, len(raw) // 4 // 8 * 8)
+        # Rough token count (4 characters of message content a token, the gateway's own estimate),
+        # bucketed so the cache stays small.
+        chars = sum(len(str(m.get("content") or "")) for m in messages)
+        prompt_tokens = max(1, chars // 4 // 8 * 8)
         key = (hard, top_k, n_tokens, prompt_tokens)
         answer = self._cache.get(key)
         if answer is None:
@@ -135,8 +138,9 @@ class Answers:
 class UpstreamProtocol(asyncio.Protocol):
     """One HTTP/1.1 connection: keep-alive and pipelining, answers written in request order."""
 
-    def __init__(self, answers: Answers) -> None:
+    def __init__(self, answers: Answers, latency_s: float = 0.0) -> None:
         self._answers = answers
+        self._latency_s = latency_s
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
         self._url = b""
@@ -172,6 +176,10 @@ class UpstreamProtocol(asyncio.Protocol):
         method, path = self._parser.get_method(), self._url.split(b"?", 1)[0]
         if method == b"POST" and path in (b"/v1/chat/completions", b"/chat/completions"):
             out = self._answers.chat(b"".join(self._body))
+            if self._latency_s:  # a constant delay keeps the answers in request order
+                keep_alive = self._parser.should_keep_alive()
+                asyncio.get_running_loop().call_later(self._latency_s, self._send_later, out, keep_alive)
+                return
         elif method == b"GET" and path in (b"/v1/models", b"/models"):
             out = MODELS
         elif method == b"GET" and path == b"/health":
@@ -180,6 +188,14 @@ class UpstreamProtocol(asyncio.Protocol):
             out = NOT_FOUND
         transport.write(out)
         if not self._parser.should_keep_alive():
+            transport.close()
+
+    def _send_later(self, out: bytes, keep_alive: bool) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return  # the client went away while it waited
+        transport.write(out)
+        if not keep_alive:
             transport.close()
 
 
@@ -192,10 +208,10 @@ def run_fast(main: Coroutine[Any, Any, T]) -> T:
     return uvloop.run(main)
 
 
-async def serve(host: str, port: int) -> None:
+async def serve(host: str, port: int, latency_s: float = 0.0) -> None:
     loop = asyncio.get_running_loop()
     answers = Answers()
-    server = await loop.create_server(lambda: UpstreamProtocol(answers), host, port, backlog=1024)
+    server = await loop.create_server(lambda: UpstreamProtocol(answers, latency_s), host, port, backlog=1024)
     bound = server.sockets[0].getsockname()
     log.warning("fake upstream listening on http://%s:%d/v1", bound[0], bound[1])
     async with server:
@@ -206,10 +222,11 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.upstream", description=__doc__)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8100)
+    p.add_argument("--latency-ms", type=float, default=0.0, help="delay before each completion is sent")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     with contextlib.suppress(KeyboardInterrupt):
-        run_fast(serve(args.host, args.port))
+        run_fast(serve(args.host, args.port, args.latency_ms / 1000))
 
 
 if __name__ == "__main__":

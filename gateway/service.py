@@ -348,7 +348,9 @@ class TieredService:
         """Admit one teacher call against the tenant's budget; raises TeacherBudgetExceeded (counted)."""
         if not self.limits.active:
             return None
-        return self.limits.admit_teacher(call.tenant, prompt_chars(call.messages), call.params.max_tokens, kind)
+        # The teacher's own system prompt goes before every conversation: it is paid for too.
+        chars = prompt_chars(call.messages) + len(self.settings.teacher.system_prompt or "")
+        return self.limits.admit_teacher(call.tenant, chars, call.params.max_tokens, kind)
 
     def _settle(self, grant: TeacherGrant | None, answer: Generation) -> None:
         if grant is not None:
