@@ -31,6 +31,8 @@ DEFAULT_REGIONS: tuple[str, ...] = ("US", "GB", "DE", "FR")
 # numbering plan; an email's digits are not a phone number).
 _PRIORITY = {"EMAIL": 0, "IBAN": 1, "CARD": 2, "SSN": 3, "NINO": 4, "POSTCODE": 5, "PHONE": 6}
 
+_DIGIT = re.compile(r"\d")
+_THREE_DIGITS = re.compile(r"\d(?:\D*\d){2}")  # in C: scanning characters in Python cost most of a record
 _EMAIL = re.compile(r"(?<![\w.%+-])[A-Za-z0-9][A-Za-z0-9._%+-]*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
 # 13-19 digits, compact or in groups of 4 (Amex 4-6-5) with one kind of separator throughout.
 _CARD = re.compile(
@@ -108,7 +110,7 @@ class Redactor:
         found: list[Span] = []
         if "@" in text:
             found += [Span(m.start(), m.end(), "EMAIL", m.group().lower()) for m in _EMAIL.finditer(text)]
-        if sum(c.isdigit() for c in text) >= 3:  # the fewest: "1 A Street, A1 1AA"
+        if _THREE_DIGITS.search(text):  # the fewest: "1 A Street, A1 1AA"
             found += self._numbers(text)
         if not found:
             return []
@@ -154,7 +156,7 @@ class Redactor:
         found: list[Span] = []
         for w in _PHONE_WINDOW.finditer(text):
             chunk = w.group()
-            if sum(c.isdigit() for c in chunk) < 7:
+            if len(_DIGIT.findall(chunk)) < 7:
                 continue
             # "+" numbers read the same from any region: one pass is enough.
             regions = self.regions[:1] if chunk.startswith("+") else self.regions
@@ -209,7 +211,8 @@ class Redactor:
         metadata = {k: self.text(v, names) for k, v in sample.metadata.items()}
         client_id = self.text(sample.client_request_id, names) if sample.client_request_id else None
         draft_scores = sample.draft_scores
-        if draft_scores and (student is not sample.student or self._spelled(t.token for t in draft_scores)):
+        drafted = sample.student.text if sample.student is not None else ""
+        if draft_scores and (student is not sample.student or self._spelled((t.token for t in draft_scores), drafted)):
             draft_scores = ()
         tokens_kept = student is sample.student and teacher is sample.teacher and draft_scores is sample.draft_scores
         if not names.total and tokens_kept:
@@ -230,14 +233,15 @@ class Redactor:
 
     def _generation(self, gen: Generation, names: Placeholders) -> Generation:
         text = self.text(gen.text, names)
-        if text == gen.text and not self._spelled(t.token for t in gen.logprobs):
+        if text == gen.text and not self._spelled((t.token for t in gen.logprobs), gen.text):
             return gen
         return replace(gen, text=text, token_ids=(), logprobs=())
 
-    def _spelled(self, tokens: Iterable[str]) -> bool:
-        """Whether tokens, joined, spell an identifier (a backend whose tokens differ from its text)."""
+    def _spelled(self, tokens: Iterable[str], text: str) -> bool:
+        """Whether tokens, joined, spell an identifier (a backend whose tokens differ from its
+        text; tokens that join to the text, already searched, spell none)."""
         joined = "".join(tokens)
-        return bool(joined) and bool(self.find(joined))
+        return bool(joined) and joined != text and bool(self.find(joined))
 
     # -- cutting -----------------------------------------------------------------------------
     def safe_cut(self, text: str, at: int) -> int:

@@ -283,29 +283,31 @@ async def chat_completions(request: Request) -> Response:
 
 
 async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:
-    """Run `work`, cancelled if the client disconnects first: a client that went away gets no
-    teacher call and no record, as a stream already stops. The body is read by now, so the next
-    ASGI message can only be the disconnect."""
-    task = asyncio.ensure_future(work)
-    watch = asyncio.ensure_future(_disconnect(request))
+    """Run `work` in this task, cancelled if the client disconnects first: a client that went
+    away gets no teacher call and no record, as a stream already stops. The body is read by
+    now, so the next ASGI message can only be the disconnect. One watcher task, no wait set:
+    this runs on every non-streaming request."""
+    task = asyncio.current_task()
+    assert task is not None
+    gone: list[bool] = []
+    watch = asyncio.get_running_loop().create_task(_cancel_on_disconnect(request, task, gone))
     try:
-        await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:
-        task.cancel()
-        raise
+        return await work
+    except asyncio.CancelledError:
+        if not gone:
+            raise
+        task.uncancel()
+        _service(request).metrics.client_disconnects.inc()
+        raise ClientDisconnected("client disconnected") from None
     finally:
         watch.cancel()
-    if not task.done():
-        task.cancel()
-        _service(request).metrics.client_disconnects.inc()
-        await asyncio.gather(task, return_exceptions=True)
-        raise ClientDisconnected("client disconnected")
-    return task.result()
 
 
-async def _disconnect(request: Request) -> None:
+async def _cancel_on_disconnect(request: Request, task: asyncio.Task[Any], gone: list[bool]) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
+    gone.append(True)
+    task.cancel()
 
 
 async def _sse(
