@@ -22,7 +22,7 @@ from distill_loop.settings import (
     load_shared_settings,
     training_student,
 )
-from distill_loop.store import SCHEMA_VERSION, SignalStore, export_jsonl, read_samples
+from distill_loop.store import SCHEMA_VERSION, SignalStore, export_jsonl, read_samples, teacher_usage_since
 
 if TYPE_CHECKING:
     from distill_loop.loop import DistillLoop, RunOutcome
@@ -64,6 +64,7 @@ __all__ = [
     "is_heldout",
     "prompt_key",
     "read_samples",
+    "teacher_usage_since",
     "to_chat_jsonl",
     "training_student",
 ]

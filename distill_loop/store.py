@@ -473,6 +473,23 @@ def read_samples(path: Path, since: float = 0.0, kind: str | None = None) -> Ite
         conn.close()
 
 
+def teacher_usage_since(path: Path, since: float) -> dict[str, tuple[int, int]]:
+    """Prompt and completion tokens of the teacher answers recorded since `since`, per tenant:
+    what a restarted gateway has already spent today (every answered teacher call is recorded)."""
+    if not path.exists():
+        return {}
+    conn = connect(path)
+    try:
+        rows = conn.execute(
+            "SELECT tenant, sum(json_extract(teacher, '$.usage[0]')), sum(json_extract(teacher, '$.usage[1]'))"
+            " FROM signal WHERE created_at >= ? GROUP BY tenant",
+            (since,),
+        )
+        return {tenant: (int(p or 0), int(c or 0)) for tenant, p, c in rows}
+    finally:
+        conn.close()
+
+
 def pending_since(path: Path, since: float) -> tuple[int, float | None]:
     """How many records were created after `since`, and when the oldest of them was (the loop's triggers)."""
     conn = connect(path)

@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from distill_loop import RuntimeConfig, SignalStore
+from distill_loop import RuntimeConfig, SignalStore, teacher_usage_since
 from gateway.errors import install_handlers
 from gateway.gc_tuning import release_gc, tune_gc
 from gateway.labels import ActiveLabeler, HeldoutNeed
@@ -77,8 +77,17 @@ def create_app(settings: Settings, *, student: Backend | None = None, teacher: B
     budget = settings.distill.label_budget_per_hour
     need = HeldoutNeed(settings.distill.holdout_fraction, settings.distill.gate.min_heldout)
     labeler = ActiveLabeler(budget, need=need) if budget > 0 else None
+
+    def spent_since(since: float) -> dict[str, float]:
+        usage = teacher_usage_since(settings.signal.path, since)
+        return {tenant: settings.pricing.teacher.cost(p, c) for tenant, (p, c) in usage.items()}
+
     limits = Limiter(
-        settings.limits, settings.pricing.teacher, table=AuditedTable(settings.policy_db, "limits"), metrics=metrics
+        settings.limits,
+        settings.pricing.teacher,
+        table=AuditedTable(settings.policy_db, "limits"),
+        metrics=metrics,
+        spent_since=spent_since,
     )
     service = TieredService(
         settings, student, teacher, router, store, metrics, policies=policies, labeler=labeler, limits=limits

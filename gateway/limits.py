@@ -168,6 +168,7 @@ class Limiter:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         max_tenants: int = MAX_TENANTS,
+        spent_since: Callable[[float], dict[str, float]] | None = None,
     ) -> None:
         self.config = config
         self._price = teacher_price
@@ -178,16 +179,23 @@ class Limiter:
         self._overrides: dict[str, TenantLimits] = {}
         self._default = config.default
         self._states: dict[str, TenantState] = {}
+        # What each tenant had spent on the teacher today when this process started (from the
+        # signal store): a restart must not hand every key its day's budget again.
+        self._spent_since = spent_since
+        self._seeded: tuple[int, dict[str, float]] = (-1, {})
         self._next_sweep = clock() + SWEEP_S
         self.active = False
         self._refresh()
 
     # -- configuration -----------------------------------------------------------------------
     def open(self) -> None:
-        """Load the runtime overrides (blocking: call in a thread)."""
+        """Load the runtime overrides, and today's teacher spend so far (blocking: call in a thread)."""
         if self._table is not None:
             self._overrides = {t: TenantLimits.model_validate(b) for t, b in self._table.open().items()}
             self._refresh()
+        if self._spent_since is not None:
+            day = self._today()
+            self._seeded = (day, self._spent_since(day * DAY))
 
     def limits(self, tenant: str) -> TenantLimits:
         if tenant in self._overrides:
@@ -231,7 +239,10 @@ class Limiter:
         if state is None:
             if now >= self._next_sweep or len(self._states) >= self._max_tenants:
                 self._sweep(now)
-            state = self._states[tenant] = TenantState(self.limits(tenant), now, self._today())
+            day = self._today()
+            state = self._states[tenant] = TenantState(self.limits(tenant), now, day)
+            if self._seeded[0] == day:
+                state.spent_usd = self._seeded[1].get(tenant, 0.0)
         state.seen = now
         return state
 

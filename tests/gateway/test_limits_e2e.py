@@ -125,6 +125,21 @@ def test_a_spent_teacher_budget_serves_the_draft_degraded_and_counts_it(
     assert [(s.kind, s.reason) for s in read_samples(db)] == [("escalation", "low_confidence")]
 
 
+def test_a_restart_does_not_hand_a_key_its_days_teacher_budget_again(
+    student_url: str, teacher_url: str, tmp_path: Path
+) -> None:
+    """The day's spend is read back from the signal store at start-up: a deploy, or a crash,
+    used to reset every key's budget. Each teacher answer here costs 310 µUSD (11 prompt and
+    10 completion tokens) and is admitted on an estimate of 420 (20 max_tokens)."""
+    db = tmp_path / "signal.db"
+    settings = limited(settings_for(student_url, teacher_url, db), ["k1"], TenantLimits(teacher_usd_per_day=0.001))
+    for texts, expected in ((["HARD 1", "HARD 2", "HARD 3"], ["low_confidence", "low_confidence", "teacher_budget"]),
+                            (["HARD 4"], ["teacher_budget"])):  # fmt: skip
+        with serve_in_thread(create_app(settings), ready_path="/health/ready") as url, httpx.Client(base_url=url) as c:
+            assert [chat(c, "k1", t).headers["x-tiergate-reason"] for t in texts] == expected
+    assert len(list(read_samples(db))) == 2
+
+
 def test_limits_change_at_runtime_through_the_admin_api_audited_and_kept_across_restarts(
     student_url: str, teacher_url: str, tmp_path: Path
 ) -> None:
