@@ -265,6 +265,7 @@ class TierGuard:
         *,
         capacity: int,
         queue_timeout_s: float,
+        default_stall_s: float = 0.0,
         on_change: Callable[[BreakerState], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -274,6 +275,7 @@ class TierGuard:
         self.breaker = Breaker(config.breaker, clock=clock, on_change=on_change)
         self.retries = RetryBudget(config.retry_budget, clock)
         self._clock = clock
+        self.stall_s = config.breaker.stall_s if config.breaker.stall_s is not None else default_stall_s
         self._progress = clock()  # when a call last finished, or the tier last went from idle to busy
 
     @property
@@ -310,7 +312,7 @@ class TierGuard:
     def _check_stall(self) -> None:
         """A hung tier fails no call until the deadline: open the breaker when calls are
         running and none has finished for `breaker.stall_s`."""
-        stall = self.config.breaker.stall_s
+        stall = self.stall_s
         if stall and self.admission.inflight and self._clock() - self._progress >= stall:
             if self.breaker.state == "closed":
                 log.warning("%s tier stalled: %d calls running, none finished in %.0fs", self.tier,

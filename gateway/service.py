@@ -163,6 +163,9 @@ def _backend_error(tier: str, exc: BaseException) -> BackendError | None:
     return None
 
 
+REMOTE_STALL_S = 20.0  # guard.<tier>.breaker.stall_s when unset, for a tier served over HTTP
+
+
 def tier_capacity(config: BackendConfig) -> int:
     """Calls a tier takes at once when guard.<tier>.max_inflight is unset: an in-process model
     its batch, a server its connection limit."""
@@ -205,6 +208,7 @@ class TieredService:
                 tier,
                 getattr(settings.guard, tier),
                 capacity=tier_capacity(getattr(settings, tier)),
+                default_stall_s=REMOTE_STALL_S if getattr(settings, tier).kind == "remote" else 0.0,
                 queue_timeout_s=settings.server.queue_timeout_s,
                 on_change=lambda state, tier=tier: self._breaker_changed(tier, state),  # type: ignore[misc]
             )

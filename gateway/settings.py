@@ -61,8 +61,10 @@ class BreakerConfig(BaseModel):
     # Seconds an open breaker refuses calls before it lets one probe through (half-open).
     open_s: float = Field(default=5.0, gt=0)
     # Also open when calls are running and none has finished for this many seconds: a hung
-    # tier fails nothing until the deadline. Above a slow tier's longest answer. 0: off.
-    stall_s: float = Field(default=20.0, ge=0)
+    # server fails nothing until the deadline. None: 20 s for a tier served over HTTP, off for
+    # an in-process one (it cannot hang like a peer, and is slow only when its CPU is busy, as
+    # during a training run, when opening would degrade answers for nothing). 0: off.
+    stall_s: float | None = Field(default=None, ge=0)
 
 
 class TierGuardConfig(BaseModel):

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
 import pytest
 
+from gateway import Settings, create_app
 from gateway.errors import TierCircuitOpen, TierOverloaded
 from gateway.guard import Admission, Breaker, LogThrottle, RetryBudget, TierGuard, counts_as_failure, retryable
-from gateway.settings import BreakerConfig, TierGuardConfig
+from gateway.settings import BreakerConfig, GuardConfig, TierGuardConfig
 from models import (
     BackendRateLimited,
     BackendResponseError,
@@ -198,3 +200,17 @@ async def test_a_tier_that_finishes_nothing_for_stall_s_opens_its_breaker() -> N
     assert idle.breaker.state == "closed"
     lease.done()
     hung.done()
+
+
+def test_stall_detection_is_on_for_a_tier_served_over_http_and_off_in_process(tmp_path: Path) -> None:
+    """An in-process model is slow only when its CPU is busy (a training run beside it); opening
+    its breaker then would serve degraded answers for nothing."""
+    settings = Settings(
+        student={"kind": "fake"},
+        teacher={"kind": "remote", "url": "http://127.0.0.1:9/v1", "model": "t"},
+        signal={"path": tmp_path / "s.db"},
+    )
+    guards = create_app(settings).state.service.guards
+    assert (guards["student"].stall_s, guards["teacher"].stall_s) == (0.0, 20.0)
+    explicit = settings.model_copy(update={"guard": GuardConfig(student=TierGuardConfig(breaker={"stall_s": 7}))})
+    assert create_app(explicit).state.service.guards["student"].stall_s == 7
