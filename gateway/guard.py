@@ -30,7 +30,6 @@ from models import BackendError, BackendResponseError, BackendTimeout, BackendUn
 
 log = logging.getLogger(__name__)
 BreakerState = Literal["closed", "half_open", "open"]
-BREAKER_STATES: tuple[BreakerState, ...] = ("closed", "half_open", "open")
 
 
 def counts_as_failure(exc: BaseException) -> bool:
@@ -277,10 +276,6 @@ class TierGuard:
         self._clock = clock
         self.stall_s = config.breaker.stall_s if config.breaker.stall_s is not None else default_stall_s
         self._progress = clock()  # when a call last finished, or the tier last went from idle to busy
-
-    @property
-    def usable(self) -> bool:
-        return self.breaker.state != "open" or self.breaker.retry_in() == 0.0
 
     async def lease(self, *, wait: bool = True) -> tuple[Lease, float]:
         """A slot on the tier and the seconds waited for it. Raises `TierCircuitOpen` while the

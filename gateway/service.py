@@ -236,15 +236,11 @@ class TieredService:
             self._maybe_audit(call, route, draft)
             return route, draft
         try:
-            grant = self._admit_teacher(call, "request")
+            answer = await self._ask_teacher(call, "request")
         except TeacherBudgetExceeded as exc:
             return await self._over_budget(call, route, draft, exc)
-        try:
-            answer = await self._generate("teacher", self._for_teacher(call.messages), self._teacher_params(call))
         except BackendError as exc:
-            self.limits.settle_teacher(grant, 0.0)
             return self._fallback(call, route, draft, exc)
-        self._settle(grant, answer)
         self._finish(call, route, answer)
         if route.escalated:
             await self._acknowledge(call, self._record(call, "escalation", route.reason, draft, route.decision, answer))
@@ -355,6 +351,23 @@ class TieredService:
         # The teacher's own system prompt goes before every conversation: it is paid for too.
         chars = prompt_chars(call.messages) + len(self.settings.teacher.system_prompt or "")
         return self.limits.admit_teacher(call.tenant, chars, call.params.max_tokens, kind)
+
+    async def _ask_teacher(
+        self, call: ChatCall, kind: Literal["request", "audit", "label"], *, wait: bool = True
+    ) -> Generation:
+        """One non-streamed teacher call for `call`: admitted against the key's budget (raises
+        TeacherBudgetExceeded), made through the guard, and settled at its real cost, or at
+        nothing when it failed."""
+        grant = self._admit_teacher(call, kind)
+        try:
+            answer = await self._generate(
+                "teacher", self._for_teacher(call.messages), self._teacher_params(call), wait=wait
+            )
+        except BackendError:
+            self.limits.settle_teacher(grant, 0.0)
+            raise
+        self._settle(grant, answer)
+        return answer
 
     def _settle(self, grant: TeacherGrant | None, answer: Generation) -> None:
         if grant is not None:
@@ -580,22 +593,16 @@ class TieredService:
         outcomes = self.metrics.audits if kind == "audit" else self.metrics.active_labels
         labels = () if kind == "audit" else (reason,)
         try:
-            grant = self._admit_teacher(call, kind)
+            # Background work takes a free teacher slot or none: it never queues ahead of escalations.
+            answer = await self._ask_teacher(call, kind, wait=False)
         except TeacherBudgetExceeded as exc:
             log.debug("%s of %s skipped: %s", kind, call.request_id, exc)  # counted by the limiter
             return
-        try:
-            # Background work takes a free teacher slot or none: it never queues ahead of escalations.
-            answer = await self._generate(
-                "teacher", self._for_teacher(call.messages), self._teacher_params(call), wait=False
-            )
         except BackendError as exc:
-            self.limits.settle_teacher(grant, 0.0)
             outcomes.labels(*labels, "failed").inc()
             what = "audit" if kind == "audit" else f"active label ({reason})"
             self._logs.warning(log, f"{kind}:{error_class(exc)}", "%s of %s failed: %s", what, call.request_id, exc)
             return
-        self._settle(grant, answer)
         outcomes.labels(*labels, "ok").inc()
         if kind == "label":
             # `_generate` counted this in the teacher's cost already; this is the labels' share of it.
@@ -622,12 +629,10 @@ class TieredService:
 
     def _drain_soon(self) -> None:
         if self._backlog and self.guards["teacher"].breaker.state == "closed" and self._draining is None:
-            self._draining = asyncio.get_running_loop().create_task(self._drain(), name="teacher-backlog")
-            self._background.add(self._draining)
+            self._draining = self._spawn(self._drain(), "teacher-backlog")
             self._draining.add_done_callback(self._drained)
 
-    def _drained(self, task: asyncio.Task[None]) -> None:
-        self._background.discard(task)
+    def _drained(self, _: asyncio.Task[None]) -> None:
         self._draining = None
 
     async def _drain(self) -> None:
@@ -639,19 +644,13 @@ class TieredService:
             call, route, draft = self._backlog.popleft()
             self.metrics.teacher_backlog.set(len(self._backlog))
             try:
-                grant = self._admit_teacher(call, "request")
+                answer = await self._ask_teacher(call, "request", wait=False)
             except TeacherBudgetExceeded:
                 continue  # the key's budget is spent: this one is not asked again (counted by the limiter)
-            try:
-                answer = await self._generate(
-                    "teacher", self._for_teacher(call.messages), self._teacher_params(call), wait=False
-                )
             except BackendError:
-                self.limits.settle_teacher(grant, 0.0)
                 self._backlog.appendleft((call, route, draft))
                 self.metrics.teacher_backlog.set(len(self._backlog))
                 return
-            self._settle(grant, answer)
             self.metrics.escalations_deferred.inc()
             self._record(call, "escalation", route.reason, draft, route.decision, answer)
 
@@ -719,8 +718,8 @@ class TieredService:
             await asyncio.wait_for(asyncio.shield(waiting), self.settings.signal.ack_timeout_s)
         except TimeoutError:
             self.metrics.signal_ack_timeouts.inc()
-            log.warning("signal record %s not committed within %.1f s; answering anyway", call.request_id,
-                        self.settings.signal.ack_timeout_s)  # fmt: skip
+            self._logs.warning(log, "ack_timeout", "signal record %s not committed within %.1f s; answering anyway",
+                               call.request_id, self.settings.signal.ack_timeout_s)  # fmt: skip
 
     def _spawn(self, coro: Coroutine[Any, Any, None], request_id: str) -> asyncio.Task[None]:
         task = asyncio.create_task(coro, name=f"signal-{request_id}")
