@@ -21,6 +21,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import aiohttp
 import httpx
@@ -56,23 +57,36 @@ def _p99(xs: list[float]) -> float:
     return statistics.quantiles(xs, n=100, method="inclusive")[98]
 
 
-class Load:
-    """CLIENTS clients (aiohttp, in a thread), each pausing THINK_S after an answer; 3 prompts
-    in 10 contain HARD."""
+class Background:
+    """`_work` in a daemon thread from `with` until its end, which sets `_stop` and joins it."""
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.shots: list[Shot] = []
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+        self._thread = threading.Thread(target=self._work, daemon=True)
 
-    def __enter__(self) -> Load:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(timeout=30)
+
+    def _work(self) -> None:
+        raise NotImplementedError
+
+
+class Load(Background):
+    """CLIENTS clients (aiohttp, in a thread), each pausing THINK_S after an answer; 3 prompts
+    in 10 contain HARD."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.shots: list[Shot] = []
+
+    def _work(self) -> None:
+        asyncio.run(self._run())
 
     async def _run(self) -> None:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
@@ -95,24 +109,14 @@ class Load:
             await asyncio.sleep(THINK_S)
 
 
-class Breakers:
+class Breakers(Background):
     """Polls /health/ready every 50 ms: the breaker states over time."""
 
     def __init__(self, url: str) -> None:
-        self.url = url
+        super().__init__(url)
         self.seen: list[tuple[float, dict[str, str]]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
 
-    def __enter__(self) -> Breakers:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-    def _poll(self) -> None:
+    def _work(self) -> None:
         with httpx.Client(timeout=5) as c:
             while not self._stop.is_set():
                 body = c.get(self.url + "/health/ready").json()
