@@ -39,6 +39,7 @@ from distill_loop.sample import (
     cap_texts,
     generation_from_json,
     generation_to_json,
+    json_default,
     logprobs_from_json,
     logprobs_to_json,
     messages_from_json,
@@ -153,7 +154,7 @@ def migrate(conn: sqlite3.Connection) -> int:
 def _json(value: Any) -> str:
     """Compact UTF-8 JSON text (orjson: a fifth of the stdlib's cost on logprob-heavy rows).
     Non-finite floats are written as null; `logprobs_from_json` reads them back as -inf."""
-    return orjson.dumps(value).decode()
+    return orjson.dumps(value, default=json_default).decode()
 
 
 def _row(s: Sample) -> tuple[Any, ...]:

@@ -187,6 +187,7 @@ class ActiveLabeler:
         *,
         clock: Callable[[], float] = time.perf_counter,
         ttl_s: float = 300.0,
+        offers: int = 128,
         inbox: int = 512,
         max_clusters: int = 4096,
         join: float = 0.5,
@@ -204,7 +205,10 @@ class ActiveLabeler:
         self._tokens = 1.0
         self._refilled = clock()
         # Both inboxes drop their oldest entries under load: a label is a sample, not a duty.
-        self._offers: deque[tuple[ChatCall, Route, Generation]] = deque(maxlen=inbox)
+        # Offers are clustered once a tick, up to `offers` of them (the latest): clustering
+        # each confident answer at 2,000 req/s cost ~4% of the gateway's CPU, to spend a
+        # budget of a few labels an hour. Records' prompts mark clusters covered: `inbox` a tick.
+        self._offers: deque[tuple[ChatCall, Route, Generation]] = deque(maxlen=offers)
         self._covered: deque[tuple[ChatMessage, ...]] = deque(maxlen=inbox)
         self._clusters = PromptClusters(max_clusters, join)
         self._pool: dict[int, Candidate] = {}  # the best candidate per prompt cluster

@@ -106,17 +106,40 @@ def _top(raw: Any) -> TopLogprob:
     return TopLogprob(token, float(raw["logprob"]), token_id)
 
 
+_tuple = tuple.__new__  # builds a named tuple in C: its own __new__ is Python, per token and alternative
+
+
 def _parse_logprobs(raw: Any) -> tuple[TokenLogprob, ...]:
-    """OpenAI `logprobs.content` into TokenLogprobs (on the hot path for every draft)."""
+    """OpenAI `logprobs.content` into TokenLogprobs (on the hot path for every draft, and for
+    every teacher answer with its top-k alternatives: 21 tokens with 5 each, 59 us built through
+    the named tuples' own constructors, 29 us this way).
+    vLLM renders all of a response's tokens as "token_id:N" or none, so the first token decides."""
     if not isinstance(raw, dict) or not isinstance(raw.get("content"), list):
         return ()
-    out = []
-    for item in raw["content"]:
-        alts = item.get("top_logprobs")
-        top = tuple(map(_top, alts)) if alts else ()
-        token, token_id = _token(item["token"])
-        out.append(TokenLogprob(token, float(item["logprob"]), token_id, top))
-    return tuple(out)
+    content = raw["content"]
+    if not content:
+        return ()
+    if str(content[0]["token"]).startswith("token_id:"):
+        out = []
+        for item in content:
+            alts = item.get("top_logprobs")
+            token, token_id = _token(item["token"])
+            out.append(TokenLogprob(token, float(item["logprob"]), token_id, tuple(map(_top, alts)) if alts else ()))
+        return tuple(out)
+    return tuple(
+        _tuple(
+            TokenLogprob,
+            (
+                str(item["token"]),
+                float(item["logprob"]),
+                None,
+                tuple([_tuple(TopLogprob, (str(x["token"]), float(x["logprob"]), None)) for x in alts])
+                if (alts := item.get("top_logprobs"))
+                else (),
+            ),
+        )
+        for item in content
+    )
 
 
 def _finish(value: Any) -> FinishReason:

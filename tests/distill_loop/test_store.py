@@ -324,3 +324,21 @@ def test_an_acknowledged_record_on_a_full_queue_resolves_false_at_once(tmp_path:
     blocker.close()
     assert first.result(timeout=10)
     store.close()
+
+
+def test_token_logprobs_are_stored_as_arrays_and_rows_with_the_older_objects_still_read(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    assert store.submit(sample(1))
+    store.close()
+    conn = sqlite3.connect(store.config.path)
+    (teacher,) = conn.execute("SELECT teacher FROM signal").fetchone()
+    assert json.loads(teacher)["logprobs"] == [
+        ["teacher", -0.1, None, [["teacher", -0.1, None], ["Teacher", -2.0, None]]]
+    ]
+    # Rows written before the array form kept a dict a token: they read back the same.
+    older = {"token": "teacher", "logprob": -0.1, "id": None, "top": [["teacher", -0.1, None], ["Teacher", -2.0, None]]}
+    conn.execute("UPDATE signal SET teacher = json_set(teacher, '$.logprobs', json(?))", (json.dumps([older]),))
+    conn.commit()
+    conn.close()
+    (got,) = list(read_samples(store.config.path))
+    assert got == sample(1)

@@ -228,3 +228,24 @@ async def test_429_passes_on_the_upstreams_retry_after(header: str, seconds: flo
             await b.aclose()
         for caught in (generated.value, streamed.value):
             assert caught.retry_after == seconds and caught.http_status == 429 and "slow down" in str(caught)
+
+
+def test_logprobs_parse_plain_tokens_and_vllms_token_id_form_alike() -> None:
+    from models.remote import _parse_logprobs
+
+    def entry(token: str, lp: float) -> dict[str, Any]:
+        return {"token": token, "logprob": lp, "bytes": [1], "top_logprobs": [{"token": token, "logprob": lp}]}
+
+    plain = _parse_logprobs({"content": [entry("Hi", -0.5), entry(" there", 0)]})
+    assert plain == (
+        TokenLogprob("Hi", -0.5, None, (TopLogprob("Hi", -0.5, None),)),
+        TokenLogprob(" there", 0.0, None, (TopLogprob(" there", 0.0, None),)),
+    )
+    assert all(type(t) is TokenLogprob and type(t.top[0]) is TopLogprob for t in plain)
+    assert isinstance(plain[1].logprob, float)
+    ids = _parse_logprobs({"content": [entry("token_id:17", -0.5), {"token": "token_id:4", "logprob": -1}]})
+    assert ids == (
+        TokenLogprob("token_id:17", -0.5, 17, (TopLogprob("token_id:17", -0.5, 17),)),
+        TokenLogprob("token_id:4", -1.0, 4, ()),
+    )
+    assert _parse_logprobs({"content": []}) == () == _parse_logprobs(None)
