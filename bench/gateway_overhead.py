@@ -222,6 +222,8 @@ class Cell:
     error_samples: list[str] = field(default_factory=list)
     ratios: dict[str, float] = field(default_factory=dict)  # filled against the pass-through
     rps_runs: list[float] = field(default_factory=list)  # every repeat's req/s; the cell is the median run
+    # Every round's req/s ratio to its pass-through run, lowest first (the summary's spread).
+    rps_ratio_runs: list[float] = field(default_factory=list)
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:
@@ -414,6 +416,7 @@ def summarize(runs: list[Cell]) -> Cell:
     """The run with the median req/s (the lower of two); ratios are medians and errors sums over rounds."""
     chosen = replace(sorted(runs, key=lambda c: c.rps)[(len(runs) - 1) // 2])
     chosen.rps_runs = [round(c.rps, 1) for c in runs]
+    chosen.rps_ratio_runs = sorted(round(c.ratios["rps"], 3) for c in runs if "rps" in c.ratios)
     chosen.errors = sum(c.errors for c in runs)
     if all(c.ratios for c in runs):
         chosen.ratios = {k: statistics.median(c.ratios[k] for c in runs if k in c.ratios) for k in chosen.ratios}
@@ -431,12 +434,21 @@ def goal_rows(cells: list[Cell]) -> list[dict[str, Any]]:
                     "concurrency": cell.concurrency,
                     "goal_rps_ratio": goal,
                     "rps_ratio": round(cell.ratios["rps"], 3),
+                    "rps_ratio_quartiles": quartiles(cell.rps_ratio_runs),
                     "cpu_ratio": round(cell.ratios.get("cpu", float("nan")), 3),
                     "rps_ratio_vs_gc_tuned_passthrough": round(cell.ratios.get("rps_gc", float("nan")), 3),
                     "passed": cell.ratios["rps"] >= goal and cell.errors == 0,
                 }
             )
     return rows
+
+
+def quartiles(values: list[float]) -> list[float]:
+    """First and third quartile (the middle half of the rounds lies between); [] under 4 rounds."""
+    if len(values) < 4:
+        return []
+    q = statistics.quantiles(values, n=4)
+    return [round(q[0], 3), round(q[2], 3)]
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
@@ -473,7 +485,7 @@ def render(cells: list[Cell], goals: list[dict[str, Any]]) -> None:
         "other load %: CPU used by processes not ours during the cell (noise), % of one core."
     )
     goals_table = Table(title="Goals: gateway req/s as a fraction of the pass-through's")
-    for col in ("system", "conc", "goal", "req/s ratio", "result", "CPU-based ratio", "vs GC-tuned pt"):
+    for col in ("system", "conc", "goal", "req/s ratio", "middle half", "result", "CPU-based ratio", "vs GC-tuned pt"):
         goals_table.add_column(col)
     for g in goals:
         goals_table.add_row(
@@ -481,6 +493,7 @@ def render(cells: list[Cell], goals: list[dict[str, Any]]) -> None:
             str(g["concurrency"]),
             f"≥ {g['goal_rps_ratio']:.2f}",
             f"{g['rps_ratio']:.3f}",
+            "–".join(f"{q:.2f}" for q in g["rps_ratio_quartiles"]) or "-",
             "[green]pass[/green]" if g["passed"] else "[red]FAIL[/red]",
             f"{g['cpu_ratio']:.3f}" + ("" if g["cpu_ratio"] >= g["goal_rps_ratio"] else " (below goal)"),
             f"{g['rps_ratio_vs_gc_tuned_passthrough']:.3f}",
@@ -499,9 +512,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.gateway_overhead", description=__doc__)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--systems", nargs="+", choices=SYSTEM_ORDER, default=list(SYSTEM_ORDER))
-    p.add_argument("--warmup", type=float, default=1.0, help="seconds discarded at the start of each cell")
-    p.add_argument("--duration", type=float, default=5.0, help="measured seconds per cell")
-    p.add_argument("--repeats", type=int, default=2, help="rounds over all cells; each cell reports its median run")
+    # Many short rounds, not a few long ones: this machine's speed swings by 2x within tens of
+    # seconds, so a ratio needs its two runs close together and enough rounds for a median.
+    p.add_argument("--warmup", type=float, default=0.5, help="seconds discarded at the start of each cell")
+    p.add_argument("--duration", type=float, default=2.0, help="measured seconds per cell")
+    p.add_argument("--repeats", type=int, default=8, help="rounds over all cells; each cell reports its median run")
     p.add_argument(
         "--client",
         choices=["aiohttp", "httpx-aiohttp", "httpx"],
