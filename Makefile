@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install models vllm-venv browser run format lint typecheck test test-fast bench
+.PHONY: install models vllm-venv browser postgres run format lint typecheck test test-fast bench
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -38,6 +38,12 @@ browser:
 	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver)
 
+# PostgreSQL's server binaries, from Debian, for the tests of the shared signal store (each test
+# session starts its own throwaway cluster on loopback; nothing runs as a service).
+postgres:
+	@test -x /usr/lib/postgresql/15/bin/initdb || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql)
+
 models: install
 	$(BIN)/python -m models convert
 
@@ -53,13 +59,13 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-test: models vllm-venv browser
+test: models vllm-venv browser postgres
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Leaves out slow tests (torch models, vLLM) and skips the browser test without Chromium, so it
 # passes on a fresh checkout.
 test-fast: install
-	$(BIN)/python -m pytest -m "not slow" --allow-missing-browser $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow" --allow-missing-browser --allow-missing-postgres $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python -m bench.gateway_overhead

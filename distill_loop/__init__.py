@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from distill_loop.buffer import is_heldout, prompt_key
 from distill_loop.config import DistillConfig, GateSettings, LoraSettings, LossSettings, SignalConfig
+from distill_loop.db import SCHEMA_VERSION, SignalDB, signal_db
 from distill_loop.errors import DistillError, SignalStoreError, StoreClosed
 from distill_loop.metrics import METRICS
 from distill_loop.redact import Redactor, install_log_redaction
@@ -22,7 +23,7 @@ from distill_loop.settings import (
     load_shared_settings,
     training_student,
 )
-from distill_loop.store import SCHEMA_VERSION, SignalStore, export_jsonl, read_samples, teacher_usage_since
+from distill_loop.store import SignalStore, export_jsonl, read_samples, teacher_usage_since
 
 if TYPE_CHECKING:
     from distill_loop.loop import DistillLoop, RunOutcome
@@ -60,6 +61,8 @@ __all__ = [
     "VersionMeta",
     "VllmPublisher",
     "export_jsonl",
+    "signal_db",
+    "SignalDB",
     "install_log_redaction",
     "is_heldout",
     "prompt_key",

@@ -18,6 +18,8 @@ from typing import Annotated
 
 import typer
 
+from distill_loop.config import SignalConfig
+from distill_loop.db import signal_db
 from distill_loop.redact import Redactor, install_log_redaction
 from distill_loop.registry import Registry
 from distill_loop.settings import SharedSettings, load_shared_settings
@@ -107,14 +109,16 @@ def rollback(
 @app.command()
 def export(
     out: Annotated[Path, typer.Argument(help="JSONL file to write")],
-    db: Annotated[Path, typer.Option(help="signal database")] = Path("data/signal.db"),
+    db: Annotated[Path, typer.Option(help="signal database (SQLite file)")] = Path("data/signal.db"),
+    url: Annotated[str | None, typer.Option(help="a PostgreSQL signal database instead (signal.url)")] = None,
     kind: Annotated[str | None, typer.Option(help="only 'escalation', 'audit' or 'label' records")] = None,
     since_hours: Annotated[float | None, typer.Option(help="only records newer than this")] = None,
     redact: Annotated[bool, typer.Option(help="replace personal identifiers (docs/privacy.md)")] = True,
 ) -> None:
     """Write stored records as chat-format JSONL: prompt messages + the teacher's answer."""
     since = time.time() - since_hours * 3600 if since_hours else 0.0
-    n = export_jsonl(db, out, since=since, kind=kind, redact=redact)
+    where = signal_db(SignalConfig(path=db, url=url))
+    n = export_jsonl(where, out, since=since, kind=kind, redact=redact)
     typer.echo(f"wrote {n} records to {out}")
 
 

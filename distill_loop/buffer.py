@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 from distill_loop.config import DistillConfig
+from distill_loop.db import SignalDB
 from distill_loop.metrics import normalise
 from distill_loop.sample import Sample
 from distill_loop.store import read_samples
@@ -161,10 +162,12 @@ def heldout_window(records: Sequence[Sample], n: int, cap: float, rng: random.Ra
     return window, min(n, len(records)) - len(window)
 
 
-def build_run_data(signal_path: Path, config: DistillConfig, since: float, until: float, seed: int = 0) -> RunData:
+def build_run_data(
+    signal: SignalDB | Path, config: DistillConfig, since: float, until: float, seed: int = 0
+) -> RunData:
     """Assemble train/held-out/anchor examples from records up to `until`; new means after `since`."""
     # A record cut to max_record_bytes holds a prompt the teacher never saw: not trained on.
-    exact = dedupe(s for s in read_samples(signal_path) if s.created_at <= until and s.truncated_from is None)
+    exact = dedupe(s for s in read_samples(signal) if s.created_at <= until and s.truncated_from is None)
     # Before the split: a near-copy of a held-out prompt in training would flatter the candidate.
     everything, near = collapse_near_duplicates(exact, config.near_duplicate_similarity)
     new = [s for s in everything if s.created_at > since]

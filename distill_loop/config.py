@@ -15,6 +15,9 @@ class SignalConfig(BaseModel):
 
     # SQLite database file for escalation and audit records (created with its folder).
     path: Path = Path("data/signal.db")
+    # A PostgreSQL database instead (postgresql://user:password@host:5432/db), for replicas and
+    # trainers on several machines to share one store. Unset: the SQLite file at `path`.
+    url: str | None = Field(default=None, pattern=r"^postgres(ql)?://")
     # Share of confident requests also answered by the teacher in the background, for audit.
     audit_fraction: float = Field(default=0.05, ge=0.0, le=1.0)
     # Records waiting for the writer; when full, new records are dropped and counted.

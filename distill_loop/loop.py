@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from distill_loop.buffer import Example, build_run_data
 from distill_loop.config import DistillConfig
+from distill_loop.db import SignalDB, signal_db
 from distill_loop.gate import GateReport, Measured, Paired, decide, sign_test
 from distill_loop.loss import LossWeights, dynamic_weights
 from distill_loop.metrics import METRICS
@@ -154,7 +155,7 @@ class DistillLoop:
     def __init__(
         self,
         config: DistillConfig,
-        signal_path: Path,
+        signal: SignalDB | Path,
         student: BackendConfig,
         *,
         cache_dir: Path | None = None,
@@ -162,9 +163,10 @@ class DistillLoop:
         critic: Backend | None = None,
         judging: JudgeSource | None = None,
     ) -> None:
-        """`judging`: how the gate replays the gateway's routing (None: it does not)."""
+        """`signal`: the signal database (or a SQLite file's path). `judging`: how the gate
+        replays the gateway's routing (None: it does not)."""
         self.config = config
-        self.signal_path = signal_path
+        self.signal = signal_db(signal)
         self.student = student
         self.cache_dir = cache_dir
         self.registry = Registry(config.registry_dir, keep=config.keep_versions)
@@ -187,7 +189,7 @@ class DistillLoop:
             return None
         return cls(
             settings.distill,
-            settings.signal.path,
+            signal_db(settings.signal),
             student,
             cache_dir=settings.runtime.cache_dir,
             listener=listener,
@@ -204,9 +206,9 @@ class DistillLoop:
         return self._pending()[0]
 
     def _pending(self) -> tuple[int, float | None]:
-        if not self.signal_path.exists():
+        if not self.signal.exists():
             return 0, None
-        return pending_since(self.signal_path, self.state.last_cut)
+        return pending_since(self.signal, self.state.last_cut)
 
     def due(self, now: float | None = None) -> bool:
         """Enough new records, or the oldest new record has waited `max_staleness_s`."""
@@ -253,7 +255,7 @@ class DistillLoop:
 
         torch.set_num_threads(self.config.torch_threads)
         until = time.time()
-        data = build_run_data(self.signal_path, self.config, self.state.last_cut, until, seed=self.state.runs)
+        data = build_run_data(self.signal, self.config, self.state.last_cut, until, seed=self.state.runs)
         self.state.last_run_at = until
         self._data_dropped(data.window)
         from_records = sum(e.kind != "anchor" for e in data.train)  # the anchor set is always there
@@ -464,7 +466,7 @@ class DistillLoop:
         assert self.critic is not None
         todo = [
             s
-            for s in read_samples(self.signal_path, since=self.state.last_cut, kind="escalation")
+            for s in read_samples(self.signal, since=self.state.last_cut, kind="escalation")
             if s.critique is None
             and s.student is not None
             and not self.config.gate.agrees(s.student.text, s.teacher.text)
@@ -482,7 +484,7 @@ class DistillLoop:
                 log.warning("critique for %s failed: %s", s.id, exc)
                 continue
             if gen.text.strip():
-                await asyncio.to_thread(set_critique, self.signal_path, s.id, gen.text.strip())
+                await asyncio.to_thread(set_critique, self.signal, s.id, gen.text.strip())
                 done += 1
         return done
 
@@ -492,7 +494,7 @@ class DistillLoop:
         metric = METRICS[self.config.gate.metric]
         scores = [
             metric(s.student.text, s.teacher.text)
-            for s in read_samples(self.signal_path, kind="audit")
+            for s in read_samples(self.signal, kind="audit")
             if s.student is not None and s.student.version == version
         ]
         return (sum(scores) / len(scores), len(scores)) if scores else (float("nan"), 0)
@@ -508,13 +510,13 @@ class DistillLoop:
         Active labels are not a random sample and are left out. Returns what was done.
         """
         target = self.config.quality_target
-        if target <= 0 or not self.signal_path.exists() or self.judging is None:
+        if target <= 0 or not self.signal.exists() or self.judging is None:
             return None
         current = self.registry.current()
         obs, audits = [], 0
         # Its records are written after it began serving: read only those, not the whole store.
         since = next((float(h["time"]) for h in reversed(self.registry.history()) if h["to"] == current), 0.0)
-        for s in read_samples(self.signal_path, since=since):
+        for s in read_samples(self.signal, since=since):
             if s.kind == "label" or s.student is None or s.confidence is None or s.student.version != current:
                 continue
             audits += s.kind == "audit"
@@ -556,7 +558,7 @@ class DistillLoop:
 
     def check_rollback(self) -> str | None:
         """Roll back when the current version's live agreement fell below the previous one's."""
-        if not self.signal_path.exists():
+        if not self.signal.exists():
             return None
         current, previous = self.registry.current(), self.registry.previous()
         if previous is None or previous == current:

@@ -1,7 +1,8 @@
-"""Durable SQLite store for distillation signal: WAL mode, one writer thread, versioned schema.
+"""Durable store for distillation signal: one writer thread, batched commits, versioned schema.
 
-`submit()` never blocks the event loop: it puts the record on a bounded queue (full queue →
-the record is dropped and counted). The writer thread commits batches with synchronous=FULL.
+The database is a SQLite file in WAL mode with synchronous=FULL (the default) or PostgreSQL
+(`signal.url`), both behind `db.py`. `submit()` never blocks the event loop: it puts the record
+on a bounded queue (full queue → the record is dropped and counted). The writer thread commits batches.
 `submit_acked()` does the same and returns a future that resolves once the record is committed:
 the gateway sends an escalated response only then (`signal.durability: acknowledged`). A batch
 holding such a record does not linger: it takes what is queued and commits, and whatever
@@ -21,7 +22,6 @@ import json
 import logging
 import os
 import queue
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,7 +32,8 @@ from typing import Any
 import orjson
 
 from distill_loop.config import SignalConfig
-from distill_loop.errors import SignalStoreError, StoreClosed
+from distill_loop.db import DBWriter, Row, SignalDB, signal_db
+from distill_loop.errors import RecordRejected, SignalDBError, StoreClosed
 from distill_loop.redact import Redactor
 from distill_loop.sample import (
     Sample,
@@ -49,106 +50,8 @@ from distill_loop.sample import (
 
 log = logging.getLogger(__name__)
 
-# Each entry moves the schema from version i to i+1 (PRAGMA user_version). Append only.
-MIGRATIONS: tuple[str, ...] = (
-    """
-    CREATE TABLE signal (
-        id          TEXT PRIMARY KEY,
-        created_at  REAL NOT NULL,
-        tenant      TEXT NOT NULL,
-        kind        TEXT NOT NULL CHECK (kind IN ('escalation', 'audit')),
-        reason      TEXT NOT NULL,
-        messages    TEXT NOT NULL,
-        student     TEXT,
-        confidence  REAL,
-        features    TEXT NOT NULL,
-        teacher     TEXT NOT NULL,
-        threshold   REAL NOT NULL,
-        metadata    TEXT NOT NULL
-    );
-    CREATE INDEX signal_created_at ON signal (created_at);
-    CREATE TABLE dead_letter (
-        seq         INTEGER PRIMARY KEY AUTOINCREMENT,
-        record_id   TEXT,
-        failed_at   REAL NOT NULL,
-        error       TEXT NOT NULL,
-        payload     TEXT NOT NULL
-    );
-    """,
-    # v2: the teacher's critique of a rejected draft, filled in by the distillation loop.
-    "ALTER TABLE signal ADD COLUMN critique TEXT",
-    # v3: the teacher's per-token logprobs of the student's draft (JSON), where enabled.
-    "ALTER TABLE signal ADD COLUMN draft_scores TEXT",
-    # v4: how many requests the record stands for as sampled (1/audit fraction for audits);
-    # NULL on older rows, whose audit fraction was not kept.
-    "ALTER TABLE signal ADD COLUMN sampling_weight REAL",
-    # v5: active labels (kind 'label'). SQLite cannot alter a CHECK, so the table is rebuilt
-    # with the same columns in the same order, and its index recreated.
-    """
-    CREATE TABLE signal_v5 (
-        id              TEXT PRIMARY KEY,
-        created_at      REAL NOT NULL,
-        tenant          TEXT NOT NULL,
-        kind            TEXT NOT NULL CHECK (kind IN ('escalation', 'audit', 'label')),
-        reason          TEXT NOT NULL,
-        messages        TEXT NOT NULL,
-        student         TEXT,
-        confidence      REAL,
-        features        TEXT NOT NULL,
-        teacher         TEXT NOT NULL,
-        threshold       REAL NOT NULL,
-        metadata        TEXT NOT NULL,
-        critique        TEXT,
-        draft_scores    TEXT,
-        sampling_weight REAL
-    );
-    INSERT INTO signal_v5 (id, created_at, tenant, kind, reason, messages, student, confidence, features,
-                           teacher, threshold, metadata, critique, draft_scores, sampling_weight)
-        SELECT id, created_at, tenant, kind, reason, messages, student, confidence, features,
-               teacher, threshold, metadata, critique, draft_scores, sampling_weight FROM signal;
-    DROP TABLE signal;
-    ALTER TABLE signal_v5 RENAME TO signal;
-    CREATE INDEX signal_created_at ON signal (created_at);
-    """,
-    # v6: the client's x-request-id, stored beside the gateway's own id (which is the key);
-    # and, for a record cut to signal.max_record_bytes, the size of its texts before the cut.
-    """
-    ALTER TABLE signal ADD COLUMN client_request_id TEXT;
-    ALTER TABLE signal ADD COLUMN truncated_from INTEGER
-    """,
-)
-SCHEMA_VERSION = len(MIGRATIONS)
-
 # (event, count): written | failed | dropped | dead_letter | truncated | redacted
 Listener = Callable[[str, int], None]
-
-
-def connect(path: Path) -> sqlite3.Connection:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")  # a committed record survives power loss
-    conn.execute("PRAGMA busy_timeout=10000")
-    return conn
-
-
-def migrate(conn: sqlite3.Connection) -> int:
-    """Bring the schema to SCHEMA_VERSION; returns the version found before."""
-    found = int(conn.execute("PRAGMA user_version").fetchone()[0])
-    if found > SCHEMA_VERSION:
-        raise SignalStoreError(f"database schema {found} is newer than this code ({SCHEMA_VERSION})")
-    for version in range(found, SCHEMA_VERSION):
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            for stmt in MIGRATIONS[version].split(";"):
-                if stmt.strip():
-                    conn.execute(stmt)
-            conn.execute(f"PRAGMA user_version={version + 1}")
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-    return found
 
 
 def _json(value: Any) -> str:
@@ -157,7 +60,7 @@ def _json(value: Any) -> str:
     return orjson.dumps(value, default=json_default).decode()
 
 
-def _row(s: Sample) -> tuple[Any, ...]:
+def _row(s: Sample) -> Row:
     return (
         s.id,
         s.created_at,
@@ -179,7 +82,7 @@ def _row(s: Sample) -> tuple[Any, ...]:
     )
 
 
-def _sample(r: sqlite3.Row | tuple[Any, ...]) -> Sample:
+def _sample(r: Row) -> Sample:
     return Sample(
         id=r[0],
         created_at=r[1],
@@ -201,13 +104,6 @@ def _sample(r: sqlite3.Row | tuple[Any, ...]) -> Sample:
     )
 
 
-_COLUMNS = (
-    "id, created_at, tenant, kind, reason, messages, student, confidence, features, teacher, threshold, metadata, "
-    "critique, draft_scores, sampling_weight, client_request_id, truncated_from"
-)
-_INSERT = f"INSERT INTO signal ({_COLUMNS}) VALUES ({', '.join('?' * 17)})"
-
-
 class SignalStore:
     """See the module docstring. Thread-safe `submit`; one writer thread owns the connection."""
 
@@ -223,16 +119,13 @@ class SignalStore:
         # The database failed after close(): later batches go straight to the spill file, not
         # each through another busy_timeout (10 s) wait that could outlast the close timeout.
         self._failed_closing = False
+        self.db = signal_db(config)
         self.spill_path = config.spill_path or config.path.with_suffix(".spill.jsonl")
         self._redactor = Redactor() if config.redact else None
 
     # -- lifecycle ---------------------------------------------------------------------------
     def open(self) -> None:
-        conn = connect(self.config.path)
-        try:
-            migrate(conn)
-        finally:
-            conn.close()
+        self.db.migrate()
         self._thread = threading.Thread(target=self._writer, name="tiergate-signal-writer", daemon=True)
         self._thread.start()
         self._replay_spill()
@@ -299,7 +192,7 @@ class SignalStore:
         return True
 
     def _writer(self) -> None:
-        conn = connect(self.config.path)
+        conn = self.db.writer()
         try:
             stop = False
             while not stop:
@@ -344,7 +237,7 @@ class SignalStore:
         finally:
             conn.close()
 
-    def _write_and_ack(self, conn: sqlite3.Connection, batch: list[tuple[Sample, Future[bool] | None]]) -> None:
+    def _write_and_ack(self, conn: DBWriter, batch: list[tuple[Sample, Future[bool] | None]]) -> None:
         """Write a batch, then resolve its acknowledged records' futures: once `_write` returns,
         each record is committed, quarantined in the dead-letter table, or spilled and synced.
         Records are redacted first; one the redactor fails on is dropped, never stored raw."""
@@ -375,20 +268,21 @@ class SignalStore:
             self._listener("redacted", redacted)
         return out
 
-    def _write(self, conn: sqlite3.Connection, batch: list[Sample]) -> bool:
+    def _write(self, conn: DBWriter, batch: list[Sample]) -> bool:
         """Commit a batch, retrying while the database fails; False only if it is lost."""
         delay = self._retry_s
         while True:
             if self._failed_closing:  # each try waits out busy_timeout: spill the rest at once
                 return self._spill(batch, "database still failing at shutdown")
             try:
-                self._insert_batch(conn, batch)
+                conn.insert([_row(s) for s in batch])
+                self._listener("written", len(batch))
                 return True
-            except sqlite3.IntegrityError:
+            except RecordRejected:
                 self._insert_one_by_one(conn, batch)
                 return True
-            except sqlite3.Error as exc:
-                # The database itself is failing (disk full, locked, I/O): keep the batch.
+            except SignalDBError as exc:
+                # The database itself is failing (disk full, locked, down): keep the batch.
                 log.warning("signal store write failed (%s); retrying %d records", exc, len(batch))
                 if self._closing.is_set():
                     self._failed_closing = True
@@ -396,25 +290,14 @@ class SignalStore:
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    def _insert_batch(self, conn: sqlite3.Connection, batch: list[Sample]) -> None:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            conn.executemany(_INSERT, [_row(s) for s in batch])
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        self._listener("written", len(batch))
-
-    def _insert_one_by_one(self, conn: sqlite3.Connection, batch: list[Sample]) -> None:
+    def _insert_one_by_one(self, conn: DBWriter, batch: list[Sample]) -> None:
         for s in batch:
+            row = _row(s)
             try:
-                self._insert_batch(conn, [s])
-            except sqlite3.IntegrityError as exc:
-                conn.execute(
-                    "INSERT INTO dead_letter (record_id, failed_at, error, payload) VALUES (?,?,?,?)",
-                    (s.id, time.time(), str(exc), json.dumps(_row(s), ensure_ascii=False)),
-                )
+                conn.insert([row])
+                self._listener("written", 1)
+            except RecordRejected as exc:
+                conn.dead_letter(s.id, time.time(), str(exc), json.dumps(row, ensure_ascii=False))
                 self._listener("failed", 1)
                 log.error("signal record %s quarantined: %s", s.id, exc)
 
@@ -451,73 +334,40 @@ class SignalStore:
 
     # -- reading -----------------------------------------------------------------------------
     def count(self) -> int:
-        conn = connect(self.config.path)
-        try:
-            return int(conn.execute("SELECT count(*) FROM signal").fetchone()[0])
-        finally:
-            conn.close()
+        return self.db.count()
 
 
-def read_samples(path: Path, since: float = 0.0, kind: str | None = None) -> Iterator[Sample]:
-    if not path.exists():
-        raise SignalStoreError(f"no signal database at {path}")
-    conn = connect(path)
-    try:
-        sql = f"SELECT {_COLUMNS} FROM signal WHERE created_at >= ?"
-        args: list[Any] = [since]
-        if kind:
-            sql += " AND kind = ?"
-            args.append(kind)
-        for r in conn.execute(sql + " ORDER BY created_at, id", args):
-            yield _sample(r)
-    finally:
-        conn.close()
+def read_samples(where: SignalDB | Path, since: float = 0.0, kind: str | None = None) -> Iterator[Sample]:
+    """Records created at or after `since`, oldest first. `where`: a database (`signal_db`), or
+    a SQLite file's path."""
+    for r in signal_db(where).rows(since, kind):
+        yield _sample(r)
 
 
-def teacher_usage_since(path: Path, since: float) -> dict[str, tuple[int, int]]:
+def teacher_usage_since(where: SignalDB | Path, since: float) -> dict[str, tuple[int, int]]:
     """Prompt and completion tokens of the teacher answers recorded since `since`, per tenant:
     what a restarted gateway has already spent today (every answered teacher call is recorded)."""
-    if not path.exists():
-        return {}
-    conn = connect(path)
-    try:
-        rows = conn.execute(
-            "SELECT tenant, sum(json_extract(teacher, '$.usage[0]')), sum(json_extract(teacher, '$.usage[1]'))"
-            " FROM signal WHERE created_at >= ? GROUP BY tenant",
-            (since,),
-        )
-        return {tenant: (int(p or 0), int(c or 0)) for tenant, p, c in rows}
-    finally:
-        conn.close()
+    return signal_db(where).teacher_usage_since(since)
 
 
-def pending_since(path: Path, since: float) -> tuple[int, float | None]:
+def pending_since(where: SignalDB | Path, since: float) -> tuple[int, float | None]:
     """How many records were created after `since`, and when the oldest of them was (the loop's triggers)."""
-    conn = connect(path)
-    try:
-        n, oldest = conn.execute(
-            "SELECT count(*), min(created_at) FROM signal WHERE created_at > ?", (since,)
-        ).fetchone()
-        return int(n), oldest
-    finally:
-        conn.close()
+    return signal_db(where).pending_since(since)
 
 
-def set_critique(path: Path, record_id: str, critique: str) -> None:
-    conn = connect(path)
-    try:
-        conn.execute("UPDATE signal SET critique = ? WHERE id = ?", (critique, record_id))
-    finally:
-        conn.close()
+def set_critique(where: SignalDB | Path, record_id: str, critique: str) -> None:
+    signal_db(where).set_critique(record_id, critique)
 
 
-def export_jsonl(path: Path, out: Path, since: float = 0.0, kind: str | None = None, redact: bool = True) -> int:
+def export_jsonl(
+    where: SignalDB | Path, out: Path, since: float = 0.0, kind: str | None = None, redact: bool = True
+) -> int:
     """Write records as chat-format JSONL (see `to_chat_jsonl`); returns how many. Redacted
     again on the way out, so records stored before `signal.redact` was on leave clean too."""
     redactor = Redactor() if redact else None
     n = 0
     with open(out, "w", encoding="utf-8") as fh:
-        for s in read_samples(path, since=since, kind=kind):
+        for s in read_samples(where, since=since, kind=kind):
             if redactor is not None:
                 s = redactor.sample(s)[0]
             fh.write(json.dumps(to_chat_jsonl(s), ensure_ascii=False) + "\n")

@@ -79,7 +79,7 @@ def create_app(settings: Settings, *, student: Backend | None = None, teacher: B
     labeler = ActiveLabeler(budget, need=need) if budget > 0 else None
 
     def spent_since(since: float) -> dict[str, float]:
-        usage = teacher_usage_since(settings.signal.path, since)
+        usage = teacher_usage_since(store.db, since)
         return {tenant: settings.pricing.teacher.cost(p, c) for tenant, (p, c) in usage.items()}
 
     limits = Limiter(

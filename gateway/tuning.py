@@ -23,7 +23,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from distill_loop import BASE, Registry, RoutingState, Sample, read_samples
+from distill_loop import BASE, Registry, RoutingState, Sample, read_samples, signal_db
 from gateway.settings import Settings
 from router import (
     DEFAULT_TENANT,
@@ -65,13 +65,13 @@ class Tuning:
     ) -> list[Sample]:
         """Records with a student draft and its confidence. `population`: only those that stand
         for served traffic by their sampling weights (escalations and audits, not labels)."""
-        path = self.settings.signal.path
-        if not path.exists():
+        db = signal_db(self.settings.signal)
+        if not db.exists():
             return []
         since = time.time() - hours * 3600 if hours else 0.0
         return [
             s
-            for s in read_samples(path, since=since)
+            for s in read_samples(db, since=since)
             if s.student is not None
             and s.confidence is not None
             and (version is None or s.student.version == version)

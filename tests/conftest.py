@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.fakes import UpstreamScript, build_tiny_model, fake_upstream
+from tests.postgres import PostgresServer, postgres_bin
 from tests.servers import serve_in_thread
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -23,6 +24,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         action="store_true",
         help="skip the dashboard's browser tests when Chromium is not installed, instead of failing",
     )
+    parser.addoption(
+        "--allow-missing-postgres",
+        action="store_true",
+        help="skip the PostgreSQL tests when its server is not installed, instead of failing",
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -35,6 +41,29 @@ def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def postgres_server(pytestconfig: pytest.Config) -> Iterator[PostgresServer]:
+    """One real PostgreSQL server for the session, on loopback (`make postgres` installs it)."""
+    bindir = postgres_bin()
+    if bindir is None:
+        missing = "PostgreSQL 15+ is not installed (make postgres)"
+        if pytestconfig.getoption("--allow-missing-postgres"):
+            pytest.skip(f"{missing}; skipped under --allow-missing-postgres")
+        pytest.fail(missing)
+    server = PostgresServer(bindir)
+    try:
+        yield server
+    finally:
+        server.remove()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
+    """A new, empty database on the session's server; dropped after the test."""
+    with postgres_server.fresh_database() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -1,13 +1,19 @@
-"""The SQLite signal store: schema migration, batched writes, durability on close, export."""
+"""The signal store on SQLite and on a real PostgreSQL server: migration, batched writes,
+durability on close, dead letters, acknowledged commits, export. Tests that take `backend` run
+on both; the rest are about SQLite's own file (WAL, old schema versions, a locked file)."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import sqlite3
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from distill_loop import (
@@ -53,21 +59,60 @@ def sample(i: int, kind: str = "escalation", sampling_weight: float | None = Non
     )
 
 
-def open_store(tmp_path: Path, events: list[tuple[str, int]] | None = None, **kw: object) -> SignalStore:
-    cfg = SignalConfig(path=tmp_path / "db" / "signal.db", **kw)  # type: ignore[arg-type]
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest) -> str | None:
+    """None for SQLite; the URL of a fresh database on the session's PostgreSQL server."""
+    if request.param == "sqlite":
+        return None
+    url: str = request.getfixturevalue("postgres_url")
+    return url
+
+
+def open_store(
+    tmp_path: Path, events: list[tuple[str, int]] | None = None, url: str | None = None, **kw: object
+) -> SignalStore:
+    cfg = SignalConfig(path=tmp_path / "db" / "signal.db", url=url, **kw)  # type: ignore[arg-type]
     store = SignalStore(cfg, listener=(lambda e, n: events.append((e, n))) if events is not None else None)
     store.open()
     return store
 
 
-def test_records_round_trip_with_all_fields(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def database_locked(store: SignalStore) -> Iterator[None]:
+    """Another writer holds the database (SQLite: a write transaction; PostgreSQL: the table)."""
+    if store.config.url is None:
+        blocker = sqlite3.connect(store.config.path, timeout=30)
+        blocker.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        return
+    with psycopg.connect(store.config.url) as conn:
+        conn.execute("LOCK TABLE signal IN EXCLUSIVE MODE")
+        try:
+            yield
+        finally:
+            conn.rollback()
+
+
+def dead_letters(store: SignalStore) -> list[str]:
+    query = "SELECT record_id FROM dead_letter ORDER BY seq"
+    if store.config.url is None:
+        return [r[0] for r in sqlite3.connect(store.config.path).execute(query)]
+    with psycopg.connect(store.config.url) as conn:
+        return [r[0] for r in conn.execute(query)]
+
+
+def test_records_round_trip_with_all_fields(tmp_path: Path, backend: str | None) -> None:
     events: list[tuple[str, int]] = []
-    store = open_store(tmp_path, events)
+    store = open_store(tmp_path, events, backend)
     for i in range(3):
         assert store.submit(sample(i, sampling_weight=1.0))
     assert store.submit(sample(3, kind="audit", sampling_weight=20.0))
     store.close()
-    got = list(read_samples(store.config.path))
+    got = list(read_samples(store.db))
     assert [s.id for s in got] == ["r0", "r1", "r2", "r3"]
     assert got[0] == sample(0, sampling_weight=1.0) and got[3] == sample(3, kind="audit", sampling_weight=20.0)
     assert sum(n for e, n in events if e == "written") == 4
@@ -91,8 +136,8 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
         open_store(tmp_path)
 
 
-def test_close_flushes_every_queued_record(tmp_path: Path) -> None:
-    store = open_store(tmp_path, batch_size=7)
+def test_close_flushes_every_queued_record(tmp_path: Path, backend: str | None) -> None:
+    store = open_store(tmp_path, url=backend, batch_size=7)
     for i in range(500):
         store.submit(sample(i))
     store.close()  # graceful shutdown: nothing queued may be lost
@@ -110,18 +155,17 @@ def test_full_queue_drops_and_counts(tmp_path: Path) -> None:
     assert ("dropped", 1) in events
 
 
-def test_duplicate_goes_to_dead_letter_and_the_rest_commit(tmp_path: Path) -> None:
+def test_duplicate_goes_to_dead_letter_and_the_rest_commit(tmp_path: Path, backend: str | None) -> None:
     events: list[tuple[str, int]] = []
-    store = open_store(tmp_path, events)
+    store = open_store(tmp_path, events, backend)
     store.submit(sample(1))
     store.close()
-    store = open_store(tmp_path, events)
+    store = open_store(tmp_path, events, backend)
     for s in (sample(1), sample(2), sample(3)):  # r1 already exists: a constraint violation
         store.submit(s)
     store.close()
     assert store.count() == 3
-    conn = sqlite3.connect(store.config.path)
-    assert conn.execute("SELECT record_id FROM dead_letter").fetchall() == [("r1",)]
+    assert dead_letters(store) == ["r1"]
     assert ("failed", 1) in events
 
 
@@ -144,13 +188,13 @@ def test_unwritable_database_spills_at_shutdown_and_replays(tmp_path: Path) -> N
     assert not store.spill_path.exists()
 
 
-def test_export_writes_chat_jsonl(tmp_path: Path) -> None:
-    store = open_store(tmp_path)
+def test_export_writes_chat_jsonl(tmp_path: Path, backend: str | None) -> None:
+    store = open_store(tmp_path, url=backend)
     store.submit(sample(1))
     store.submit(sample(2, kind="audit"))
     store.close()
     out = tmp_path / "out.jsonl"
-    assert export_jsonl(store.config.path, out) == 2
+    assert export_jsonl(store.db, out) == 2
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert rows[0]["messages"] == [
         {"role": "user", "content": "question 1"},
@@ -158,11 +202,11 @@ def test_export_writes_chat_jsonl(tmp_path: Path) -> None:
     ]
     assert rows[0]["metadata"]["student_draft"] == "draft"
     assert rows[0]["metadata"]["queue"] == "billing"
-    assert export_jsonl(store.config.path, out, kind="audit") == 1
+    assert export_jsonl(store.db, out, kind="audit") == 1
 
 
 def test_v1_database_migrates_and_keeps_its_rows(tmp_path: Path) -> None:
-    from distill_loop.store import MIGRATIONS
+    from distill_loop.db import MIGRATIONS
 
     path = tmp_path / "db" / "signal.db"
     path.parent.mkdir()
@@ -181,7 +225,8 @@ def test_v1_database_migrates_and_keeps_its_rows(tmp_path: Path) -> None:
 
 
 def test_v3_database_migrates_and_its_rows_read_back_with_an_unknown_sampling_weight(tmp_path: Path) -> None:
-    from distill_loop.store import MIGRATIONS, _row
+    from distill_loop.db import MIGRATIONS
+    from distill_loop.store import _row
 
     path = tmp_path / "db" / "signal.db"
     path.parent.mkdir()
@@ -214,7 +259,8 @@ def test_spill_lines_from_before_the_weight_column_still_replay(tmp_path: Path) 
 
 def test_v4_database_migrates_keeps_its_rows_and_then_takes_labels(tmp_path: Path) -> None:
     """v5 rebuilds the table (SQLite cannot alter a CHECK): rows, columns, index all survive."""
-    from distill_loop.store import MIGRATIONS, _row
+    from distill_loop.db import MIGRATIONS
+    from distill_loop.store import _row
 
     path = tmp_path / "db" / "signal.db"
     path.parent.mkdir()
@@ -241,25 +287,27 @@ def test_v4_database_migrates_keeps_its_rows_and_then_takes_labels(tmp_path: Pat
     assert [s.id for s in read_samples(path, kind="label")] == ["r3"]
 
 
-def test_a_label_record_round_trips(tmp_path: Path) -> None:
-    store = open_store(tmp_path)
+def test_a_label_record_round_trips(tmp_path: Path, backend: str | None) -> None:
+    store = open_store(tmp_path, url=backend)
     label = dataclasses.replace(sample(5, kind="label", sampling_weight=1.0), id="r5-label", reason="uncovered")
     assert store.submit(label)
     store.close()
-    assert list(read_samples(store.config.path)) == [label]
+    assert list(read_samples(store.db)) == [label]
 
 
-def test_an_oversized_record_is_cut_flagged_counted_and_kept_out_of_training(tmp_path: Path) -> None:
+def test_an_oversized_record_is_cut_flagged_counted_and_kept_out_of_training(
+    tmp_path: Path, backend: str | None
+) -> None:
     """A fault probe stored five 3.9 MB escalated prompts whole (31 MB of database)."""
     huge = "é" + "lost parcel " * 330_000  # about 3.9 MB, with a two-byte character first
     big = dataclasses.replace(
         sample(1), messages=(ChatMessage("system", "Be brief."), ChatMessage("user", huge)), client_request_id="c-1"
     )
     events: list[tuple[str, int]] = []
-    store = open_store(tmp_path, events, max_record_bytes=64 * 1024)
+    store = open_store(tmp_path, events, backend, max_record_bytes=64 * 1024)
     assert store.submit(big) and store.submit(sample(2))
     store.close()
-    got = {s.id: s for s in read_samples(store.config.path)}
+    got = {s.id: s for s in read_samples(store.db)}
     cut, whole = got["r1"], got["r2"]
     texts = [m.content for m in cut.messages] + [cut.teacher.text, cut.student.text if cut.student else ""]
     assert sum(len(t.encode()) for t in texts) <= 64 * 1024
@@ -269,9 +317,10 @@ def test_an_oversized_record_is_cut_flagged_counted_and_kept_out_of_training(tmp
     assert cut.messages[1].content.startswith("élost parcel") and cut.messages[1].content.endswith("[truncated]")
     assert cut.client_request_id == "c-1" and whole.truncated_from is None and whole.client_request_id is None
     assert ("truncated", 1) in events and sum(n for e, n in events if e == "written") == 2
-    assert store.config.path.stat().st_size < 1024 * 1024
+    if backend is None:
+        assert store.config.path.stat().st_size < 1024 * 1024
     # Its prompt is not what the teacher answered: training never sees it.
-    data = build_run_data(store.config.path, DistillConfig(holdout_fraction=0.01), since=0.0, until=time.time() + 1)
+    data = build_run_data(store.db, DistillConfig(holdout_fraction=0.01), since=0.0, until=time.time() + 1)
     prompts = [m.content for e in data.train if e.kind != "anchor" for m in e.messages]
     assert prompts and not any("lost parcel" in p for p in prompts)
 
@@ -286,22 +335,19 @@ def test_cap_texts_fits_every_limit_on_a_character_boundary(limit: int) -> None:
     assert cap_texts(sample(1), limit) == sample(1)  # small records are untouched
 
 
-def test_an_acknowledged_record_resolves_only_once_committed_and_waiters_share_commits(tmp_path: Path) -> None:
+def test_an_acknowledged_record_resolves_only_once_committed_and_waiters_share_commits(
+    tmp_path: Path, backend: str | None
+) -> None:
     """`submit_acked` is what an escalated response waits on: it must not resolve before the
     commit, and the records queued meanwhile share the next one (group commit)."""
     events: list[tuple[str, int]] = []
-    store = open_store(tmp_path, events, linger_s=1.0)
-    blocker = sqlite3.connect(store.config.path, timeout=10)
-    blocker.execute("BEGIN IMMEDIATE")  # another writer holds the database
-    futures = [store.submit_acked(sample(i)) for i in range(40)]
-    time.sleep(0.3)
-    assert not any(f.done() for f in futures)  # nothing is acknowledged before it is on disk
-    blocker.execute("ROLLBACK")
-    blocker.close()
+    store = open_store(tmp_path, events, backend, linger_s=1.0)
+    with database_locked(store):
+        futures = [store.submit_acked(sample(i)) for i in range(40)]
+        time.sleep(0.3)
+        assert not any(f.done() for f in futures)  # nothing is acknowledged before it is on disk
     assert all(f.result(timeout=10) for f in futures)
-    conn = sqlite3.connect(store.config.path)
-    assert conn.execute("SELECT count(*) FROM signal").fetchone()[0] == 40  # readable from another connection
-    conn.close()
+    assert store.count() == 40  # readable from another connection
     written = [n for e, n in events if e == "written"]
     assert sum(written) == 40 and len(written) <= 2  # the 40 waiters shared one or two commits
     # An acknowledged batch does not linger: with linger_s 1, a lone record resolves at once.
@@ -311,17 +357,14 @@ def test_an_acknowledged_record_resolves_only_once_committed_and_waiters_share_c
     store.close()
 
 
-def test_an_acknowledged_record_on_a_full_queue_resolves_false_at_once(tmp_path: Path) -> None:
-    store = open_store(tmp_path, queue_size=1)
-    blocker = sqlite3.connect(store.config.path, timeout=10)
-    blocker.execute("BEGIN IMMEDIATE")
-    first = store.submit_acked(sample(1))  # taken by the writer, which now waits on the lock
-    time.sleep(0.2)
-    store.submit_acked(sample(2))  # fills the queue
-    dropped = store.submit_acked(sample(3))
-    assert dropped.done() and dropped.result() is False
-    blocker.execute("ROLLBACK")
-    blocker.close()
+def test_an_acknowledged_record_on_a_full_queue_resolves_false_at_once(tmp_path: Path, backend: str | None) -> None:
+    store = open_store(tmp_path, url=backend, queue_size=1)
+    with database_locked(store):
+        first = store.submit_acked(sample(1))  # taken by the writer, which now waits on the lock
+        time.sleep(0.2)
+        store.submit_acked(sample(2))  # fills the queue
+        dropped = store.submit_acked(sample(3))
+        assert dropped.done() and dropped.result() is False
     assert first.result(timeout=10)
     store.close()
 
@@ -342,3 +385,53 @@ def test_token_logprobs_are_stored_as_arrays_and_rows_with_the_older_objects_sti
     conn.close()
     (got,) = list(read_samples(store.config.path))
     assert got == sample(1)
+
+
+def test_postgres_stores_opened_together_migrate_once(tmp_path: Path, postgres_url: str) -> None:
+    """Replicas start at the same time: the advisory lock lets one create the schema."""
+    stores = [SignalStore(SignalConfig(path=tmp_path / f"s{i}.db", url=postgres_url)) for i in range(4)]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda s: s.open(), stores))
+    for i, store in enumerate(stores):
+        assert store.submit(sample(i))
+    for store in stores:
+        store.close()
+    assert stores[0].count() == 4
+    with psycopg.connect(postgres_url) as conn:
+        assert conn.execute("SELECT version FROM tiergate_schema").fetchall() == [(SCHEMA_VERSION,)]
+
+
+def test_postgres_writer_rides_out_dropped_connections_and_spills_when_the_server_stays_away(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """Connections cut under it (a failover, a restart): records wait and are written once the
+    server answers. A server still away at shutdown: the spill file, replayed at the next open."""
+    events: list[tuple[str, int]] = []
+    store = open_store(tmp_path, events, postgres_url)
+    store._retry_s = 0.01
+    dbname = postgres_url.rsplit("/", 1)[1]
+    admin = postgres_url.rsplit("/", 1)[0] + "/postgres"
+
+    def cut(allow: bool) -> None:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f"ALTER DATABASE {dbname} ALLOW_CONNECTIONS {str(allow).lower()}")  # type: ignore[arg-type]
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (dbname,))
+
+    assert store.submit(sample(0)) and store.flush()
+    cut(allow=False)
+    acked = [store.submit_acked(sample(i)) for i in range(1, 6)]
+    time.sleep(0.5)
+    assert not any(f.done() for f in acked)  # not acknowledged while the database is away
+    cut(allow=True)
+    assert all(f.result(timeout=20) for f in acked)
+    cut(allow=False)
+    for i in range(6, 9):
+        store.submit(sample(i))
+    time.sleep(0.3)
+    store.close(timeout=60)
+    assert store.spill_path.exists()
+    cut(allow=True)
+    reopened = open_store(tmp_path, url=postgres_url)  # replays the spill file
+    reopened.close()
+    assert sorted(s.id for s in read_samples(reopened.db)) == sorted(f"r{i}" for i in range(9))
+    assert not store.spill_path.exists()
