@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.postgres import PostgresServer, postgres_bin
 from tests.fakes import UpstreamScript, build_tiny_model, fake_upstream
-from tests.postgres import PostgresServer, postgres_bin
 from tests.servers import serve_in_thread
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

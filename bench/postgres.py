@@ -1,8 +1,9 @@
-"""A real PostgreSQL server on loopback for the tests: a throwaway cluster, started once a session.
+"""A throwaway PostgreSQL server on loopback, for the tests and `bench.gateway_overhead`.
 
-Debian's PostgreSQL 15 binaries (`make postgres` installs them). The server refuses to run as
-root, so as root the cluster belongs to the `postgres` user. Each test gets a database of its
-own (`fresh_database`), dropped afterwards. No mock database anywhere.
+Debian's PostgreSQL 15 binaries (`make postgres` installs them): `initdb` in a temporary folder,
+`pg_ctl start` on 127.0.0.1 and a free port, removed afterwards. The server refuses to run as
+root, so as root the cluster belongs to the `postgres` user. `fresh_database` gives each test a
+database of its own. It does not tune the server: it runs with the package's defaults.
 """
 
 from __future__ import annotations
