@@ -58,7 +58,7 @@ def run(config: ConfigOpt = None, once: Annotated[bool, typer.Option(help="one r
     if loop is None:
         raise typer.BadParameter("a remote student needs distill.student_base (its weights, held locally)")
     if once:
-        outcome = loop.run_once()
+        outcome = asyncio.run(loop.arun_once())  # under the trainer lease, as the loop's own runs
         typer.echo(f"{outcome.result}: {outcome.reason} {outcome.version or ''}")
         return
     stop = asyncio.Event()

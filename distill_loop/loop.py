@@ -32,6 +32,7 @@ from distill_loop.buffer import Example, build_run_data
 from distill_loop.config import DistillConfig
 from distill_loop.db import SignalDB, signal_db
 from distill_loop.gate import GateReport, Measured, Paired, decide, sign_test
+from distill_loop.lease import FileLease, TrainerLease, trainer_lease
 from distill_loop.loss import LossWeights, dynamic_weights
 from distill_loop.metrics import METRICS
 from distill_loop.registry import Registry, RoutingState, VersionMeta
@@ -162,9 +163,11 @@ class DistillLoop:
         listener: Listener | None = None,
         critic: Backend | None = None,
         judging: JudgeSource | None = None,
+        lease: TrainerLease | None = None,
     ) -> None:
         """`signal`: the signal database (or a SQLite file's path). `judging`: how the gate
-        replays the gateway's routing (None: it does not)."""
+        replays the gateway's routing (None: it does not). `lease`: shared with the other loops
+        on this store (default: a lock file in the registry folder)."""
         self.config = config
         self.signal = signal_db(signal)
         self.student = student
@@ -172,6 +175,7 @@ class DistillLoop:
         self.registry = Registry(config.registry_dir, keep=config.keep_versions)
         self._state_path = config.registry_dir / "loop_state.json"
         self.state = LoopState.load(self._state_path)
+        self.lease = lease or FileLease(config.registry_dir / "trainer.lock")
         self._emit = listener or (lambda _e, _d: None)
         self.critic = critic
         self.judging = judging
@@ -195,6 +199,7 @@ class DistillLoop:
             listener=listener,
             critic=critic,
             judging=settings.judge_source(),
+            lease=trainer_lease(settings.signal, settings.distill.registry_dir),
         )
 
     def cancel(self) -> None:
@@ -219,14 +224,16 @@ class DistillLoop:
         return oldest is not None and now - oldest >= self.config.max_staleness_s
 
     async def run_forever(self, stop: asyncio.Event) -> None:
-        """Check triggers and the rollback rule every `poll_s` until `stop` is set."""
+        """Check triggers and the rollback rule every `poll_s` until `stop` is set; act only
+        while holding the trainer lease (another loop on this store may hold it)."""
         while not stop.is_set():
             try:
                 self._emit("pending", {"records": self.pending()})
-                await asyncio.to_thread(self.check_quality)
-                await asyncio.to_thread(self.check_rollback)
-                if self.due():
-                    await self.arun_once()
+                with self.lease.held() as mine:
+                    if mine:
+                        await asyncio.to_thread(self.check_quality)
+                        await asyncio.to_thread(self.check_rollback)
+                        await self.arun_once(if_due=True)
             except RunCancelled:
                 return
             except Exception:  # noqa: BLE001 - a failed run must not end the loop or the gateway
@@ -235,15 +242,27 @@ class DistillLoop:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=self.config.poll_s)
 
-    async def arun_once(self, transform: Transform | None = None) -> RunOutcome:
-        """One run, never overlapping another: critiques first (async), then training in a thread."""
+    async def arun_once(self, transform: Transform | None = None, *, if_due: bool = False) -> RunOutcome:
+        """One run, never overlapping another here or in another process (the trainer lease):
+        critiques first (async), then training in a thread. `if_due`: only if still due once
+        the lease is held (another trainer may have taken these records meanwhile)."""
         async with self._running:
-            if self.config.losses.critique and self.critic is not None:
-                await self.enrich_critiques()
-            try:
-                return await asyncio.to_thread(self.run_once, transform)
-            finally:
-                await asyncio.to_thread(release_memory)
+            with self.lease.held() as mine:
+                if not mine:
+                    return RunOutcome("skipped", "another_trainer")
+                # Another loop may have run since this one last looked: its cut is the truth.
+                self.state = LoopState.load(self._state_path)
+                if if_due and not self.due():
+                    return RunOutcome("skipped", "not_due")
+                return await self._run_leased(transform)
+
+    async def _run_leased(self, transform: Transform | None) -> RunOutcome:
+        if self.config.losses.critique and self.critic is not None:
+            await self.enrich_critiques()
+        try:
+            return await asyncio.to_thread(self.run_once, transform)
+        finally:
+            await asyncio.to_thread(release_memory)
 
     # -- one run -----------------------------------------------------------------------------
     def run_once(self, transform: Transform | None = None) -> RunOutcome:
