@@ -21,7 +21,7 @@ import typer
 from distill_loop.config import SignalConfig
 from distill_loop.db import signal_db
 from distill_loop.redact import Redactor, install_log_redaction
-from distill_loop.registry import Registry
+from distill_loop.registry import Registry, open_registry
 from distill_loop.settings import SharedSettings, load_shared_settings
 from distill_loop.store import export_jsonl
 
@@ -77,13 +77,20 @@ def run(config: ConfigOpt = None, once: Annotated[bool, typer.Option(help="one r
     asyncio.run(main())
 
 
+def _registry(config: Path | None, folder: Path | None) -> Registry:
+    """The configured registry (its pointer in the shared database with signal.url), or a folder's."""
+    settings = _settings(config)
+    distill = settings.distill if folder is None else settings.distill.model_copy(update={"registry_dir": folder})
+    return open_registry(distill, settings.signal)
+
+
 @app.command()
 def versions(
     config: ConfigOpt = None,
     registry: Annotated[Path | None, typer.Option(help="registry folder (default: from config)")] = None,
 ) -> None:
     """List kept student versions and the pointer history."""
-    reg = Registry(registry or _settings(config).distill.registry_dir)
+    reg = _registry(config, registry)
     current = reg.current()
     typer.echo(f"current: {current}")
     for name in reg.versions():
@@ -101,7 +108,7 @@ def rollback(
     registry: Annotated[Path | None, typer.Option(help="registry folder (default: from config)")] = None,
 ) -> None:
     """Point the serving student at a kept version; running gateways swap within a second."""
-    reg = Registry(registry or _settings(config).distill.registry_dir)
+    reg = _registry(config, registry)
     old = reg.set_current(version, "rollback by cli")
     typer.echo(f"rolled back: {old} -> {version}")
 

@@ -35,7 +35,7 @@ from distill_loop.gate import GateReport, Measured, Paired, decide, sign_test
 from distill_loop.lease import FileLease, TrainerLease, trainer_lease
 from distill_loop.loss import LossWeights, dynamic_weights
 from distill_loop.metrics import METRICS
-from distill_loop.registry import Registry, RoutingState, VersionMeta
+from distill_loop.registry import Registry, RoutingState, VersionMeta, open_registry
 from distill_loop.settings import training_student
 from distill_loop.store import pending_since, read_samples, set_critique
 from models import (
@@ -164,6 +164,7 @@ class DistillLoop:
         critic: Backend | None = None,
         judging: JudgeSource | None = None,
         lease: TrainerLease | None = None,
+        registry: Registry | None = None,
     ) -> None:
         """`signal`: the signal database (or a SQLite file's path). `judging`: how the gate
         replays the gateway's routing (None: it does not). `lease`: shared with the other loops
@@ -172,7 +173,7 @@ class DistillLoop:
         self.signal = signal_db(signal)
         self.student = student
         self.cache_dir = cache_dir
-        self.registry = Registry(config.registry_dir, keep=config.keep_versions)
+        self.registry = registry or Registry(config.registry_dir, keep=config.keep_versions)
         self._state_path = config.registry_dir / "loop_state.json"
         self.state = LoopState.load(self._state_path)
         self.lease = lease or FileLease(config.registry_dir / "trainer.lock")
@@ -200,6 +201,7 @@ class DistillLoop:
             critic=critic,
             judging=settings.judge_source(),
             lease=trainer_lease(settings.signal, settings.distill.registry_dir),
+            registry=open_registry(settings.distill, settings.signal),
         )
 
     def cancel(self) -> None:

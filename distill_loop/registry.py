@@ -2,11 +2,12 @@
 
     <root>/versions/<name>/adapter/    peft adapter weights and config
     <root>/versions/<name>/meta.json   parent, data window, gate report, creation time
-    <root>/CURRENT                     the serving version's name ("base" = no adapter)
-    <root>/history.jsonl               every pointer change: time, from, to, reason
     <root>/COUNTER                     last version number handed out; names are never reused
-    <root>/routing/<name>.json         the version's routing state (floor, calibrator), which
-                                       changes after promotion, so it lives outside the version
+
+and its mutable part (`pointer.py`), in files beside them or, with `signal.url`, in PostgreSQL:
+the serving version's name (CURRENT; "base" = no adapter), every pointer change (time, from,
+to, reason), and each version's routing state (floor, calibrator), which changes after
+promotion, so it lives outside the version.
 
 Writers are the loop (promote) and rollback (admin endpoint, CLI, auto-rollback); readers are
 the gateway's publisher, which hot-swaps when CURRENT changes. A version is written to a
@@ -18,18 +19,16 @@ into its routing state, replaced whole by an atomic rename.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import json
 import os
 import shutil
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from distill_loop.config import DistillConfig, SignalConfig
 from distill_loop.errors import DistillError
+from distill_loop.pointer import FileState, RegistryState, atomic_write, flocked, registry_state
 from router import IDENTITY, Calibrator, Floor, quality_floor
 
 BASE = "base"
@@ -89,26 +88,15 @@ class RoutingState:
 
 
 class Registry:
-    def __init__(self, root: Path, keep: int = 5) -> None:
+    def __init__(self, root: Path, keep: int = 5, state: RegistryState | None = None) -> None:
         self.root = root
         self.keep = keep
+        self.state = state or FileState(root)
         (root / "versions").mkdir(parents=True, exist_ok=True)
-
-    @contextmanager
-    def _lock(self) -> Iterator[None]:
-        with open(self.root / ".lock", "w") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)  # gateway and a separate trainer process may share it
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
 
     # -- reading -----------------------------------------------------------------------------
     def current(self) -> str:
-        try:
-            return (self.root / "CURRENT").read_text().strip() or BASE
-        except FileNotFoundError:
-            return BASE
+        return self.state.current(BASE)
 
     def adapter_dir(self, name: str) -> Path | None:
         if name == BASE:
@@ -127,10 +115,9 @@ class Registry:
     def routing_state(self, name: str) -> RoutingState:
         """The version's routing state as last saved; before any save, its floor is the
         threshold the gate promoted it with (none for the base model or without a replay)."""
-        try:
-            return RoutingState.from_json(json.loads(self._routing_path(name).read_text()))
-        except FileNotFoundError:
-            pass
+        saved = self.state.routing(name)
+        if saved is not None:
+            return RoutingState.from_json(saved)
         if name == BASE:
             return RoutingState()
         floor = (self.meta(name).gate or {}).get("routing_threshold")
@@ -139,13 +126,7 @@ class Registry:
     def routing_stamp(self) -> int:
         """Changes whenever any version's routing state is saved (a floor raised by the loop,
         a refit, another process): readers re-apply floors without waiting for a swap."""
-        folder = self.root / "routing"
-        if not folder.is_dir():
-            return 0
-        return sum(p.stat().st_mtime_ns for p in folder.glob("*.json"))
-
-    def _routing_path(self, name: str) -> Path:
-        return self.root / "routing" / f"{name}.json"
+        return self.state.stamp()
 
     def versions(self) -> list[str]:
         """Kept versions, oldest first (by version number)."""
@@ -153,10 +134,7 @@ class Registry:
         return sorted(names)
 
     def history(self) -> list[dict[str, Any]]:
-        path = self.root / "history.jsonl"
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return self.state.history()
 
     def previous(self) -> str | None:
         """The version served before the current one, if any."""
@@ -165,10 +143,10 @@ class Registry:
 
     # -- writing -----------------------------------------------------------------------------
     def new_name(self) -> str:
-        with self._lock():
+        with flocked(self.root / ".lock"):
             counter = self.root / "COUNTER"
             n = int(counter.read_text()) + 1 if counter.exists() else 1
-            _atomic_write(counter, str(n))
+            atomic_write(counter, str(n))
         return f"v{n:04d}"
 
     def add(self, name: str, adapter_src: Path, meta: VersionMeta) -> None:
@@ -188,19 +166,13 @@ class Registry:
         """Replace a version's routing state whole (atomic rename); the version stays untouched."""
         if name != BASE:
             self.meta(name)
-        path = self._routing_path(name)
-        path.parent.mkdir(exist_ok=True)
-        _atomic_write(path, json.dumps(state.to_json()))
+        self.state.save_routing(name, state.to_json())
 
     def set_current(self, name: str, reason: str) -> str:
         """Point CURRENT at `name` (which must exist); returns the old pointer."""
         if name != BASE:
             self.meta(name)
-        with self._lock():
-            old = self.current()
-            _atomic_write(self.root / "CURRENT", name)
-            with open(self.root / "history.jsonl", "a") as fh:
-                fh.write(json.dumps({"time": time.time(), "from": old, "to": name, "reason": reason}) + "\n")
+        old = self.state.set_current(name, reason, BASE)
         self.prune()
         return old
 
@@ -212,7 +184,7 @@ class Registry:
         for name in names[: max(0, len(names) - self.keep)]:
             if name not in protected:
                 shutil.rmtree(self.root / "versions" / name)
-                self._routing_path(name).unlink(missing_ok=True)
+                self.state.drop_routing(name)
                 removed.append(name)
         return removed
 
@@ -221,7 +193,9 @@ def _asdict(meta: VersionMeta) -> dict[str, Any]:
     return dataclasses.asdict(meta)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # two writer processes never share one
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def open_registry(distill: DistillConfig, signal: SignalConfig) -> Registry:
+    """The registry as configured: its pointer and routing state in the signal database when
+    that is shared (`signal.url`), else in files in the registry folder."""
+    return Registry(
+        distill.registry_dir, keep=distill.keep_versions, state=registry_state(distill.registry_dir, signal.url)
+    )

@@ -17,7 +17,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from distill_loop import Registry, UnknownVersion, training_student
+from distill_loop import Registry, UnknownVersion, open_registry, training_student
 from gateway.metrics import Metrics
 from gateway.settings import Settings
 from models import Backend, RuntimeLoraStudent, SwappableStudent
@@ -51,11 +51,11 @@ class StudentManager:
         if isinstance(student, SwappableStudent):
             from distill_loop import LocalPublisher
 
-            self.registry = Registry(cfg.registry_dir, keep=cfg.keep_versions)
+            self.registry = open_registry(cfg, settings.signal)
             self.publisher = LocalPublisher(self.registry, student)
         elif isinstance(student, RuntimeLoraStudent) and trainable:
             # The publisher is made once the engine has told us its model name (start()).
-            self.registry = Registry(cfg.registry_dir, keep=cfg.keep_versions)
+            self.registry = open_registry(cfg, settings.signal)
         self.loop: DistillLoop | None = None
         if cfg.enabled and self.registry is not None:
             from distill_loop import DistillLoop
@@ -110,8 +110,19 @@ class StudentManager:
                 stamp = now
             except Exception:  # noqa: BLE001 - a bad version must not stop the watcher or serving
                 log.exception("student swap failed; still serving %s", self.student.info.version)
+            await self._until_change_or(WATCH_S)
+
+    async def _until_change_or(self, timeout: float) -> None:
+        """Until the registry's state changes elsewhere (PostgreSQL: LISTEN), `stop`, or `timeout`."""
+        state = self.require_registry().state
+        if not state.notifies:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), timeout=WATCH_S)
+                await asyncio.wait_for(self._stop.wait(), timeout=timeout)
+            return
+        changed = asyncio.ensure_future(asyncio.to_thread(state.wait_for_change, timeout))
+        stopped = asyncio.ensure_future(self._stop.wait())
+        await asyncio.wait({changed, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
 
     def require_registry(self) -> Registry:
         if self.registry is None:

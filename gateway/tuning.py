@@ -23,7 +23,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from distill_loop import BASE, Registry, RoutingState, Sample, read_samples, signal_db
+from distill_loop import BASE, Registry, RoutingState, Sample, open_registry, read_samples, signal_db
 from gateway.settings import Settings
 from router import (
     DEFAULT_TENANT,
@@ -198,8 +198,7 @@ class Tuning:
         """Where versions' routing state lives (opened on first use: a gateway that never
         refits or swaps never creates the folder)."""
         if self._registry is None:
-            cfg = self.settings.distill
-            self._registry = Registry(cfg.registry_dir, keep=cfg.keep_versions)
+            self._registry = open_registry(self.settings.distill, self.settings.signal)
         return self._registry
 
     def routing_states(self) -> dict[str, RoutingState]:
