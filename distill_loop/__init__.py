@@ -9,6 +9,7 @@ from distill_loop.config import DistillConfig, GateSettings, LoraSettings, LossS
 from distill_loop.db import SCHEMA_VERSION, SignalDB, signal_db
 from distill_loop.errors import DistillError, SignalStoreError, StoreClosed
 from distill_loop.metrics import METRICS
+from distill_loop.pointer import Listener
 from distill_loop.redact import Redactor, install_log_redaction
 from distill_loop.registry import BASE, Registry, RoutingState, UnknownVersion, VersionMeta, open_registry
 from distill_loop.sample import Sample, to_chat_jsonl
@@ -61,6 +62,7 @@ __all__ = [
     "VersionMeta",
     "VllmPublisher",
     "export_jsonl",
+    "Listener",
     "open_registry",
     "signal_db",
     "SignalDB",

@@ -157,7 +157,7 @@ class PostgresState(RegistryState):
         # and admin calls take turns), and one that LISTENs.
         self._lock = threading.Lock()
         self._connection: psycopg.Connection[Any] | None = None
-        self._listener: psycopg.Connection[Any] | None = None
+        self._listener = Listener(url)
 
     def _conn(self) -> psycopg.Connection[Any]:
         """The shared connection, (re)opened as needed; call with `_lock` held."""
@@ -196,9 +196,7 @@ class PostgresState(RegistryState):
     def close(self) -> None:
         with self._lock:
             self._drop()
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
+        self._listener.close()
 
     def current(self, default: str) -> str:
         rows = self._run("SELECT current FROM tiergate_pointer WHERE id = 1")
@@ -253,27 +251,41 @@ class PostgresState(RegistryState):
         return int(rows[0][0]) * 1_000_000 + int(rows[0][1])  # a drop changes it too
 
     def wait_for_change(self, timeout: float) -> bool:
-        """LISTEN on a connection of its own; a lost one is reopened at the next call, and the
-        caller's poll covers the gap."""
+        return self._listener.wait(timeout)
+
+
+class Listener:
+    """`LISTEN tiergate_state` on a connection of its own. `wait(timeout)` returns True as soon
+    as any process commits a change to the shared state (the pointer, routing, policies,
+    limits), False after `timeout`. A lost connection is reopened at the next call; meanwhile
+    the caller's poll covers the gap. One waiter at a time."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._conn: psycopg.Connection[Any] | None = None
+
+    def wait(self, timeout: float) -> bool:
         import psycopg
 
         try:
-            if self._listener is None or self._listener.closed or self._listener.broken:
-                self._listener = psycopg.connect(self.url, autocommit=True, connect_timeout=10)
-                self._listener.execute(f"LISTEN {CHANNEL}")
-            conn = self._listener
-            got = any(True for _ in conn.notifies(timeout=timeout, stop_after=1))
+            if self._conn is None or self._conn.closed or self._conn.broken:
+                self._conn = psycopg.connect(self.url, autocommit=True, connect_timeout=10)
+                self._conn.execute(f"LISTEN {CHANNEL}")
+            got = any(True for _ in self._conn.notifies(timeout=timeout, stop_after=1))
             if got:
-                for _ in conn.notifies(timeout=0.01):  # drain: several changes wake the watcher once
+                for _ in self._conn.notifies(timeout=0.01):  # drain: several changes wake once
                     pass
             return got
-        except (psycopg.Error, OSError, ValueError) as exc:
-            log.warning("registry: LISTEN on %s failed (%s); polling", self.name, exc)
-            if self._listener is not None:
-                self._listener.close()
-            self._listener = None
+        except (psycopg.Error, OSError) as exc:
+            log.warning("LISTEN on %s failed (%s); polling", _without_password(self.url), exc)
+            self.close()
             time.sleep(timeout)
             return False
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
 
 @contextlib.contextmanager

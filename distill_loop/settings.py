@@ -25,7 +25,7 @@ from pydantic_settings import (
 
 from distill_loop.config import DistillConfig, SignalConfig
 from models import BackendConfig
-from router import JudgeSource, RouterConfig
+from router import JudgeSource, RouterConfig, Where
 
 DEFAULT_TEACHER_PROMPT = (
     "The following is a conversation between a customer and a support agent. "
@@ -111,9 +111,15 @@ class SharedSettings(BaseSettings):
     def policy_db(self) -> Path:
         return self.tuning.policy_db or self.signal.path.with_name("policies.db")
 
+    @property
+    def policy_store(self) -> Where:
+        """Where per-tenant policies and limits live: the shared database when there is one
+        (`signal.url`, so every replica applies a change), else this process's `policy_db`."""
+        return self.signal.url or self.policy_db
+
     def judge_source(self) -> JudgeSource:
         """What the distillation gate replays routing with: the same in every process."""
-        return JudgeSource(self.router, self.policy_db, self.tuning.calibrate)
+        return JudgeSource(self.router, self.policy_store, self.tuning.calibrate)
 
     @classmethod
     def settings_customise_sources(

@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from distill_loop import RuntimeConfig, SignalStore, teacher_usage_since
+from distill_loop import Listener, RuntimeConfig, SignalStore, teacher_usage_since
 from gateway.errors import install_handlers
 from gateway.gc_tuning import release_gc, tune_gc
 from gateway.labels import ActiveLabeler, HeldoutNeed
@@ -31,7 +31,7 @@ from gateway.settings import Settings
 from gateway.student import StudentManager
 from gateway.tuning import Tuning
 from models import Backend, BackendError, build_backend
-from router import DEFAULT_TENANT, AuditedTable, ConfidenceRouter, PolicyBook
+from router import DEFAULT_TENANT, AuditedTable, ConfidenceRouter, PolicyBook, is_url
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,31 @@ async def _label_when_ready(starters: list[asyncio.Task[None]], labeler: ActiveL
     started = await asyncio.gather(*starters, return_exceptions=True)
     if not any(isinstance(r, BaseException) for r in started):
         labeler.start(service.label)
+
+
+async def _follow_shared_state(settings: Settings, policies: PolicyBook, limits: Limiter, metrics: Metrics) -> None:
+    """Apply policy and limit changes made by other replicas (admin API, tools) within
+    `sync.interval_s`: at once on a NOTIFY from the shared database, else when the poll sees
+    the tables' stamps move. Only where they are shared (`signal.url`); a file is this
+    process's own."""
+    if not is_url(settings.policy_store):
+        return
+    listener = Listener(str(settings.policy_store))
+    try:
+        while True:
+            await asyncio.to_thread(listener.wait, settings.sync.interval_s)
+            try:
+                if await asyncio.to_thread(policies.stale):
+                    await asyncio.to_thread(policies.open)
+                    metrics.threshold.set(policies.threshold(DEFAULT_TENANT))
+                    log.info("per-tenant policies changed elsewhere; reloaded")
+                if await asyncio.to_thread(limits.stale):
+                    await asyncio.to_thread(limits.reload)
+                    log.info("per-key limits changed elsewhere; reloaded")
+            except Exception:  # noqa: BLE001 - the database being away must not stop following it
+                log.warning("shared policies and limits: check failed; retrying", exc_info=True)
+    finally:
+        listener.close()
 
 
 async def _start_until_ready(name: str, backend: Backend, metrics: Metrics) -> None:
@@ -73,7 +98,7 @@ def create_app(settings: Settings, *, student: Backend | None = None, teacher: B
     student = student or build_backend(settings.student, cache_dir=settings.runtime.cache_dir)
     teacher = teacher or build_backend(settings.teacher, cache_dir=settings.runtime.cache_dir)
     router = ConfidenceRouter.from_config(settings.router)
-    policies = PolicyBook(settings.policy_db, settings.router.threshold)
+    policies = PolicyBook(settings.policy_store, settings.router.threshold)
     budget = settings.distill.label_budget_per_hour
     need = HeldoutNeed(settings.distill.holdout_fraction, settings.distill.gate.min_heldout)
     labeler = ActiveLabeler(budget, need=need) if budget > 0 else None
@@ -85,7 +110,7 @@ def create_app(settings: Settings, *, student: Backend | None = None, teacher: B
     limits = Limiter(
         settings.limits,
         settings.pricing.teacher,
-        table=AuditedTable(settings.policy_db, "limits"),
+        table=AuditedTable(settings.policy_store, "limits"),
         metrics=metrics,
         spent_since=spent_since,
     )
@@ -121,10 +146,15 @@ def create_app(settings: Settings, *, student: Backend | None = None, teacher: B
             waiters.append(asyncio.create_task(_label_when_ready(starters, labeler, service), name="start-labels"))
         await manager.start(starters[0])
         tuning.start(service.student_version)
+        sync = asyncio.create_task(_follow_shared_state(settings, policies, limits, metrics), name="shared-state")
         try:
             yield
         finally:
             app.state.shutting_down = True
+            sync.cancel()
+            await asyncio.gather(sync, return_exceptions=True)
+            policies.close()
+            limits.close()
             await tuning.stop()
             await manager.stop(settings.server.shutdown_grace_s)
             for task in (*starters, *waiters):

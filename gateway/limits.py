@@ -177,6 +177,7 @@ class Limiter:
         self._clock, self._wall = clock, wall
         self._max_tenants = max_tenants
         self._overrides: dict[str, TenantLimits] = {}
+        self._stamp = 0  # the table's stamp when the overrides were last loaded
         self._default = config.default
         self._states: dict[str, TenantState] = {}
         # What each tenant had spent on the teacher today when this process started (from the
@@ -190,12 +191,26 @@ class Limiter:
     # -- configuration -----------------------------------------------------------------------
     def open(self) -> None:
         """Load the runtime overrides, and today's teacher spend so far (blocking: call in a thread)."""
-        if self._table is not None:
-            self._overrides = {t: TenantLimits.model_validate(b) for t, b in self._table.open().items()}
-            self._refresh()
+        self.reload()
         if self._spent_since is not None:
             day = self._today()
             self._seeded = (day, self._spent_since(day * DAY))
+
+    def reload(self) -> None:
+        """Load the runtime overrides again: another replica may have changed them (blocking)."""
+        if self._table is not None:
+            self._table.open()  # creates the tables; the stamp is read before the bodies, never after
+            self._stamp = self._table.stamp()
+            self._overrides = {t: TenantLimits.model_validate(b) for t, b in self._table.open().items()}
+            self._refresh()
+
+    def stale(self) -> bool:
+        """Whether another process changed a key's limits since they were last loaded (blocking)."""
+        return self._table is not None and self._table.stamp() != self._stamp
+
+    def close(self) -> None:
+        if self._table is not None:
+            self._table.close()
 
     def limits(self, tenant: str) -> TenantLimits:
         if tenant in self._overrides:

@@ -192,7 +192,7 @@ class TieredService:
         limits: Limiter | None = None,
     ) -> None:
         self.settings = settings
-        self.policies = policies or PolicyBook(settings.policy_db, settings.router.threshold)
+        self.policies = policies or PolicyBook(settings.policy_store, settings.router.threshold)
         self.tiers: dict[Tier, Backend] = {"student": student, "teacher": teacher}
         self.router = router
         self.store = store

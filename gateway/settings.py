@@ -141,6 +141,15 @@ class LimitsConfig(BaseModel):
     tenants: dict[str, TenantLimits] = Field(default_factory=dict)
 
 
+class SyncConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # How often this replica checks the shared state (the serving version, routing floors,
+    # policies, limits) for changes made elsewhere. With `signal.url` a change also wakes it
+    # at once (LISTEN/NOTIFY); this poll is the fallback, and the only way with files.
+    interval_s: float = Field(default=1.0, gt=0, le=60)
+
+
 class Settings(SharedSettings):
     """The gateway's settings: the shared sections plus its own. Unknown keys are errors."""
 
@@ -150,6 +159,7 @@ class Settings(SharedSettings):
     guard: GuardConfig = GuardConfig()
     pricing: PricingConfig = PricingConfig()
     limits: LimitsConfig = LimitsConfig()
+    sync: SyncConfig = SyncConfig()
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:

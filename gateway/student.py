@@ -26,7 +26,6 @@ if TYPE_CHECKING:
     from distill_loop import DistillLoop, LocalPublisher, VllmPublisher
 
 log = logging.getLogger(__name__)
-WATCH_S = 1.0
 # Called with the serving version once the student is up (`swapped` False) and after each swap.
 OnServing = Callable[[str, bool], Awaitable[None]]
 
@@ -110,7 +109,7 @@ class StudentManager:
                 stamp = now
             except Exception:  # noqa: BLE001 - a bad version must not stop the watcher or serving
                 log.exception("student swap failed; still serving %s", self.student.info.version)
-            await self._until_change_or(WATCH_S)
+            await self._until_change_or(self.settings.sync.interval_s)
 
     async def _until_change_or(self, timeout: float) -> None:
         """Until the registry's state changes elsewhere (PostgreSQL: LISTEN), `stop`, or `timeout`."""

@@ -28,9 +28,7 @@ HoursOpt = Annotated[float | None, typer.Option(help="only the last N hours of l
 
 def _tuning(config: Path | None) -> Tuning:
     settings = load_settings(config)
-    policies = PolicyBook(settings.policy_db, settings.router.threshold)
-    if settings.policy_db.exists():
-        policies.open()
+    policies = PolicyBook.load(settings.policy_store, settings.router.threshold)
     return Tuning(settings, ConfidenceRouter.from_config(settings.router), policies)
 
 

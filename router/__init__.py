@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from router.audited import AuditedTable
+from router.audited import AuditedTable, Where, is_url
 from router.base import (
     ESCALATION_REASONS,
     ROUTE_REASONS,
@@ -45,6 +45,8 @@ from router.whatif import CurvePoint, Observation, curve, point, threshold_for_q
 
 __all__ = [
     "AuditedTable",
+    "Where",
+    "is_url",
     "ESCALATION_REASONS",
     "ROUTE_REASONS",
     "EscalationReason",

@@ -11,9 +11,9 @@ is judged at the threshold it starts from. The learned router is not replayed.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from models import Generation
+from router.audited import Where
 from router.base import Router
 from router.calibrate import Calibrator
 from router.config import RouterConfig
@@ -37,7 +37,7 @@ class JudgeSource:
     """Where a judge comes from: built once from settings (`SharedSettings.judge_source`)."""
 
     config: RouterConfig
-    policy_db: Path
+    policy_db: Where  # a SQLite file, or the shared database's URL
     calibrated: bool  # tuning.calibrate: route on each version's stored calibrator
 
     def judge(self, calibrator: Calibrator) -> Judge:
@@ -46,4 +46,5 @@ class JudgeSource:
         if self.calibrated:
             router.calibrator = calibrator
         book = PolicyBook.load(self.policy_db, self.config.threshold)
+        book.close()
         return Judge(router, book.threshold(DEFAULT_TENANT))

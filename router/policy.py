@@ -22,10 +22,9 @@ import asyncio
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
-from router.audited import AuditedTable
+from router.audited import AuditedTable, Where
 from router.confidence import quantile
 from router.replay import effective_threshold
 
@@ -127,10 +126,12 @@ def policy_from_json(data: dict[str, Any], *, initial: float) -> Policy:
 class PolicyBook:
     """Per-tenant escalation policies and per-version routing floors, owned by the event loop."""
 
-    def __init__(self, path: Path, default_threshold: float) -> None:
-        self.path = path
-        self._table = AuditedTable(path, "policy")
+    def __init__(self, where: Where, default_threshold: float) -> None:
+        """`where`: a SQLite file, or the shared database's URL (`signal.url`)."""
+        self.where = where
+        self._table = AuditedTable(where, "policy")
         self._policies: dict[str, Policy] = {DEFAULT_TENANT: FixedThreshold(default_threshold)}
+        self._stamp = 0  # the table's stamp when last loaded
         # Per student version, the lowest threshold it may be routed with (the registry's routing
         # state); replaced whole at each swap, so a reader sees the old or the new map.
         self.floors: Mapping[str, float] = {}
@@ -138,16 +139,23 @@ class PolicyBook:
         self.floor_curves: Mapping[str, Callable[[float], float]] = {}
 
     def open(self) -> None:
-        """Create the file if needed and load the persisted policies (blocking: call in a thread)."""
+        """Create the table if needed and load the persisted policies (blocking: call in a thread)."""
+        self._table.open()  # creates the tables; the stamp is read before the bodies, never after
+        self._stamp = self._table.stamp()
         default = self._policies[DEFAULT_TENANT].current()
         for tenant, body in self._table.open().items():
-            self._policies[tenant] = policy_from_json(body, initial=default)
+            if tenant not in self._policies or self._policies[tenant].to_json() != body:
+                self._policies[tenant] = policy_from_json(body, initial=default)
+
+    def stale(self) -> bool:
+        """Whether another process changed a policy since this book last loaded (blocking)."""
+        return self._table.stamp() != self._stamp
 
     @classmethod
-    def load(cls, path: Path, default_threshold: float) -> PolicyBook:
+    def load(cls, where: Where, default_threshold: float) -> PolicyBook:
         """The persisted book, as another process (a trainer) sees it. Blocking."""
-        book = cls(path, default_threshold)
-        if path.exists():
+        book = cls(where, default_threshold)
+        if book._table.exists():
             book.open()
         return book
 
@@ -183,6 +191,9 @@ class PolicyBook:
         await asyncio.to_thread(self._table.write, tenant, old_json, policy.to_json(), actor)
         self._policies[tenant] = policy
         return old_json
+
+    def close(self) -> None:
+        self._table.close()
 
     def audit(self, limit: int = 100) -> list[dict[str, Any]]:
         """The newest audit rows first (blocking: call in a thread)."""

@@ -69,7 +69,7 @@ async def test_loop_trains_promotes_swaps_rejects_and_rolls_back(tiny_model_dir:
     policies = PolicyBook(tmp_path / "policies.db", 0.5)
     policies.open()
     await policies.set(DEFAULT_TENANT, FixedThreshold(0.0), "test")
-    judging = JudgeSource(RouterConfig(threshold=0.5), policies.path, calibrated=False)
+    judging = JudgeSource(RouterConfig(threshold=0.5), policies.where, calibrated=False)
     loop = DistillLoop(loop_config(tmp_path), db, student_cfg(tiny_model_dir), judging=judging)
     assert loop.due()
 

@@ -116,6 +116,23 @@ def test_two_replicas_share_the_store_the_version_and_rollbacks(
     assert httpx.get(b + "/admin/student/versions", headers=AUTH).json()["serving"] == BASE
     assert registry.history()[-1]["reason"].startswith("rollback by key-")  # the admin key's id
 
+    # A policy change and a key's new limits, made through one replica, reach the other.
+    t0 = time.monotonic()
+    assert httpx.put(a + "/admin/threshold", json={"threshold": 0.42}, headers=AUTH).status_code == 200
+    limits = {"tenant": "key-0123456789ab", "requests_per_minute": 77}
+    assert httpx.put(a + "/admin/limits", json=limits, headers=AUTH).status_code == 200
+    while (
+        httpx.get(b + "/admin/threshold", headers=AUTH).json()["threshold"] != 0.42
+        or httpx.get(b + "/admin/limits", params={"tenant": limits["tenant"]}, headers=AUTH).json()["limits"][
+            "requests_per_minute"
+        ]
+        != 77
+    ):
+        assert time.monotonic() - t0 < SYNC_S, "a policy or limits change did not reach the other replica"
+        time.sleep(0.05)
+    audit = httpx.get(b + "/admin/policy/audit", headers=AUTH).json()["audit"]
+    assert audit[0]["new"]["threshold"] == 0.42  # one audit trail, whichever replica is asked
+
 
 def test_a_replica_killed_under_load_leaves_the_other_serving(
     replica_procs: list[tuple[subprocess.Popen[bytes], str]],
