@@ -335,7 +335,7 @@ class PostgresDB(SignalDB):
         import psycopg  # noqa: F401 - fail at start-up, not at the first record, if it is missing
 
         self.url = url
-        self.name = _without_password(url)
+        self.name = without_password(url)
         self._pool: ConnectionPool[Any] | None = None
         self._lock = threading.Lock()
 
@@ -481,7 +481,7 @@ class _PostgresWriter(DBWriter):
         self._drop()
 
 
-def _without_password(url: str) -> str:
+def without_password(url: str) -> str:
     parts = urlsplit(url)
     if parts.password is None:
         return url

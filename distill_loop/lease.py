@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from distill_loop.config import SignalConfig
-from distill_loop.db import _without_password
+from distill_loop.db import without_password
 
 if TYPE_CHECKING:
     import psycopg
@@ -75,6 +75,11 @@ class TrainerLease(ABC):
 
 
 class FileLease(TrainerLease):
+    @classmethod
+    def in_registry(cls, registry_dir: Path) -> FileLease:
+        """The lease of the loops sharing this registry folder on one host."""
+        return cls(registry_dir / "trainer.lock")
+
     def __init__(self, path: Path) -> None:
         super().__init__()
         self.path = path
@@ -120,7 +125,7 @@ class PostgresLease(TrainerLease):
                 keepalives_count=4,
             )
         except psycopg.Error as exc:
-            log.warning("trainer lease: cannot reach %s (%s); not training this tick", _without_password(self.url), exc)
+            log.warning("trainer lease: cannot reach %s (%s); not training this tick", without_password(self.url), exc)
             return False
         row = conn.execute("SELECT pg_try_advisory_lock(%s)", (_LEASE_KEY,)).fetchone()
         if not (row and row[0]):
@@ -139,4 +144,4 @@ def trainer_lease(signal: SignalConfig, registry_dir: Path) -> TrainerLease:
     """The lease for loops sharing this store and registry: in the database if it is shared."""
     if signal.url is not None:
         return PostgresLease(signal.url)
-    return FileLease(registry_dir / "trainer.lock")
+    return FileLease.in_registry(registry_dir)

@@ -176,7 +176,7 @@ class DistillLoop:
         self.registry = registry or Registry(config.registry_dir, keep=config.keep_versions)
         self._state_path = config.registry_dir / "loop_state.json"
         self.state = LoopState.load(self._state_path)
-        self.lease = lease or FileLease(config.registry_dir / "trainer.lock")
+        self.lease = lease or FileLease.in_registry(config.registry_dir)
         self._emit = listener or (lambda _e, _d: None)
         self.critic = critic
         self.judging = judging

@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from distill_loop.db import _without_password
+from distill_loop.db import without_password
 from distill_loop.errors import SignalDBError
 
 if TYPE_CHECKING:
@@ -151,7 +151,7 @@ class PostgresState(RegistryState):
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.name = _without_password(url)
+        self.name = without_password(url)
         self._ready = False
         # One connection for reads and writes (each a statement or two; the watcher, the loop
         # and admin calls take turns), and one that LISTENs.
@@ -277,7 +277,7 @@ class Listener:
                     pass
             return got
         except (psycopg.Error, OSError) as exc:
-            log.warning("LISTEN on %s failed (%s); polling", _without_password(self.url), exc)
+            log.warning("LISTEN on %s failed (%s); polling", without_password(self.url), exc)
             self.close()
             time.sleep(timeout)
             return False

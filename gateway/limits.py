@@ -199,9 +199,8 @@ class Limiter:
     def reload(self) -> None:
         """Load the runtime overrides again: another replica may have changed them (blocking)."""
         if self._table is not None:
-            self._table.open()  # creates the tables; the stamp is read before the bodies, never after
-            self._stamp = self._table.stamp()
-            self._overrides = {t: TenantLimits.model_validate(b) for t, b in self._table.open().items()}
+            bodies, self._stamp = self._table.load()
+            self._overrides = {t: TenantLimits.model_validate(b) for t, b in bodies.items()}
             self._refresh()
 
     def stale(self) -> bool:

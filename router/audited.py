@@ -5,7 +5,7 @@ at, actor, tenant, old, new)`; the policy book and the gateway's limits each kee
 runtime change of either is audited the same way. `where` is a SQLite file (one process's own)
 or a PostgreSQL URL (`signal.url`: shared by every replica, as `tiergate_policy` and
 `tiergate_policy_audit`; a write also sends `NOTIFY tiergate_state`). `stamp()` moves with every
-write, so a replica that polls it knows when to `open()` again. It stores and reads JSON only:
+write, so a replica that polls it knows when to `load()` again. It stores and reads JSON only:
 what a body means is its owner's business. Every method blocks: call it in a thread.
 """
 
@@ -80,6 +80,12 @@ class AuditedTable:
     # -- the table -----------------------------------------------------------------------------
     def open(self) -> dict[str, dict[str, Any]]:
         """Create the tables if needed; returns the stored bodies by tenant."""
+        return self.load()[0]
+
+    def load(self) -> tuple[dict[str, dict[str, Any]], int]:
+        """Create the tables if needed; returns the stored bodies by tenant and the stamp they
+        are at. The stamp is read first: a write landing in between shows as a newer stamp
+        (read again later), never as a body the stamp claims to cover."""
         seq = "BIGSERIAL" if self.shared else "INTEGER"
         auto = "" if self.shared else " AUTOINCREMENT"
         real = "DOUBLE PRECISION" if self.shared else "REAL"
@@ -92,8 +98,9 @@ class AuditedTable:
                     f"CREATE TABLE IF NOT EXISTS {self.name}_audit (seq {seq} PRIMARY KEY{auto},"
                     f" at {real} NOT NULL, actor TEXT NOT NULL, tenant TEXT NOT NULL, old TEXT, new TEXT NOT NULL)"
                 )
+            stamp = conn.execute(f"SELECT max(seq) FROM {self.name}_audit").fetchone()[0]
             rows = conn.execute(f"SELECT tenant, body FROM {self.name}").fetchall()
-        return {tenant: json.loads(body) for tenant, body in rows}
+        return {tenant: json.loads(body) for tenant, body in rows}, int(stamp or 0)
 
     def write(self, tenant: str, old: dict[str, Any] | None, new: dict[str, Any], actor: str) -> None:
         """Store `new` for `tenant` and append who changed it from what, in one transaction."""

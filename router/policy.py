@@ -140,10 +140,9 @@ class PolicyBook:
 
     def open(self) -> None:
         """Create the table if needed and load the persisted policies (blocking: call in a thread)."""
-        self._table.open()  # creates the tables; the stamp is read before the bodies, never after
-        self._stamp = self._table.stamp()
+        bodies, self._stamp = self._table.load()
         default = self._policies[DEFAULT_TENANT].current()
-        for tenant, body in self._table.open().items():
+        for tenant, body in bodies.items():
             if tenant not in self._policies or self._policies[tenant].to_json() != body:
                 self._policies[tenant] = policy_from_json(body, initial=default)
 
