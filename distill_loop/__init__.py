@@ -6,13 +6,13 @@ from typing import TYPE_CHECKING
 
 from distill_loop.buffer import is_heldout, prompt_key
 from distill_loop.config import DistillConfig, GateSettings, LoraSettings, LossSettings, SignalConfig
-from distill_loop.db import SCHEMA_VERSION, SignalDB, signal_db
+from distill_loop.db import SCHEMA_VERSION, SignalDB, signal_db, without_password
 from distill_loop.errors import DistillError, SignalStoreError, StoreClosed
 from distill_loop.metrics import METRICS
 from distill_loop.pointer import Listener
 from distill_loop.redact import Redactor, install_log_redaction
 from distill_loop.registry import BASE, Registry, RoutingState, UnknownVersion, VersionMeta, open_registry
-from distill_loop.sample import Sample, to_chat_jsonl
+from distill_loop.sample import Sample, generation_from_json, generation_to_json, json_default, to_chat_jsonl
 from distill_loop.settings import (
     DEFAULT_STUDENT,
     DEFAULT_TEACHER,
@@ -72,6 +72,10 @@ __all__ = [
     "read_samples",
     "teacher_usage_since",
     "to_chat_jsonl",
+    "generation_from_json",
+    "generation_to_json",
+    "json_default",
+    "without_password",
     "training_student",
 ]
 

@@ -118,7 +118,7 @@ def export(
     out: Annotated[Path, typer.Argument(help="JSONL file to write")],
     db: Annotated[Path, typer.Option(help="signal database (SQLite file)")] = Path("data/signal.db"),
     url: Annotated[str | None, typer.Option(help="a PostgreSQL signal database instead (signal.url)")] = None,
-    kind: Annotated[str | None, typer.Option(help="only 'escalation', 'audit' or 'label' records")] = None,
+    kind: Annotated[str | None, typer.Option(help="only 'escalation', 'audit', 'label' or 'cache_hit' records")] = None,
     since_hours: Annotated[float | None, typer.Option(help="only records newer than this")] = None,
     redact: Annotated[bool, typer.Option(help="replace personal identifiers (docs/privacy.md)")] = True,
 ) -> None:

@@ -37,6 +37,46 @@ _N_COLUMNS = COLUMNS.count(",") + 1
 Row = tuple[Any, ...]
 
 # -- SQLite ------------------------------------------------------------------------------------
+# The signal table's columns in order, as SQLite declares them ({kinds}: the kinds its CHECK allows).
+_SQLITE_COLUMNS = (
+    "id TEXT PRIMARY KEY",
+    "created_at REAL NOT NULL",
+    "tenant TEXT NOT NULL",
+    "kind TEXT NOT NULL CHECK (kind IN ({kinds}))",
+    "reason TEXT NOT NULL",
+    "messages TEXT NOT NULL",
+    "student TEXT",
+    "confidence REAL",
+    "features TEXT NOT NULL",
+    "teacher TEXT NOT NULL",
+    "threshold REAL NOT NULL",
+    "metadata TEXT NOT NULL",
+    "critique TEXT",
+    "draft_scores TEXT",
+    "sampling_weight REAL",
+    "client_request_id TEXT",
+    "truncated_from INTEGER",
+)
+
+
+def _rebuilt(n_columns: int, kinds: tuple[str, ...]) -> str:
+    """A migration step that rebuilds the signal table of its first `n_columns` columns with a
+    new kind CHECK (SQLite cannot alter one), keeping every row and the index."""
+    columns = _SQLITE_COLUMNS[:n_columns]
+    names = ", ".join(c.split()[0] for c in columns)
+    allowed = ", ".join(f"'{k}'" for k in kinds)
+    declared = ",\n        ".join(columns).format(kinds=allowed)
+    return f"""
+    CREATE TABLE signal_new (
+        {declared}
+    );
+    INSERT INTO signal_new ({names}) SELECT {names} FROM signal;
+    DROP TABLE signal;
+    ALTER TABLE signal_new RENAME TO signal;
+    CREATE INDEX signal_created_at ON signal (created_at);
+    """
+
+
 # Each entry moves the schema from version i to i+1 (PRAGMA user_version). Append only, and
 # add the same step to PG_MIGRATIONS.
 MIGRATIONS: tuple[str, ...] = (
@@ -73,38 +113,15 @@ MIGRATIONS: tuple[str, ...] = (
     "ALTER TABLE signal ADD COLUMN sampling_weight REAL",
     # v5: active labels (kind 'label'). SQLite cannot alter a CHECK, so the table is rebuilt
     # with the same columns in the same order, and its index recreated.
-    """
-    CREATE TABLE signal_v5 (
-        id              TEXT PRIMARY KEY,
-        created_at      REAL NOT NULL,
-        tenant          TEXT NOT NULL,
-        kind            TEXT NOT NULL CHECK (kind IN ('escalation', 'audit', 'label')),
-        reason          TEXT NOT NULL,
-        messages        TEXT NOT NULL,
-        student         TEXT,
-        confidence      REAL,
-        features        TEXT NOT NULL,
-        teacher         TEXT NOT NULL,
-        threshold       REAL NOT NULL,
-        metadata        TEXT NOT NULL,
-        critique        TEXT,
-        draft_scores    TEXT,
-        sampling_weight REAL
-    );
-    INSERT INTO signal_v5 (id, created_at, tenant, kind, reason, messages, student, confidence, features,
-                           teacher, threshold, metadata, critique, draft_scores, sampling_weight)
-        SELECT id, created_at, tenant, kind, reason, messages, student, confidence, features,
-               teacher, threshold, metadata, critique, draft_scores, sampling_weight FROM signal;
-    DROP TABLE signal;
-    ALTER TABLE signal_v5 RENAME TO signal;
-    CREATE INDEX signal_created_at ON signal (created_at);
-    """,
+    _rebuilt(15, ("escalation", "audit", "label")),
     # v6: the client's x-request-id, stored beside the gateway's own id (which is the key);
     # and, for a record cut to signal.max_record_bytes, the size of its texts before the cut.
     """
     ALTER TABLE signal ADD COLUMN client_request_id TEXT;
     ALTER TABLE signal ADD COLUMN truncated_from INTEGER
     """,
+    # v7: escalations answered from the teacher cache (kind 'cache_hit'). Rebuilt as in v5.
+    _rebuilt(17, ("escalation", "audit", "label", "cache_hit")),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -141,7 +158,14 @@ PG_SCHEMA = """
         payload     TEXT NOT NULL
     );
 """
-PG_MIGRATIONS: tuple[str, ...] = ()
+PG_MIGRATIONS: tuple[str, ...] = (
+    # v7: as MIGRATIONS[6].
+    """
+    ALTER TABLE signal DROP CONSTRAINT signal_kind_check;
+    ALTER TABLE signal ADD CONSTRAINT signal_kind_check
+        CHECK (kind IN ('escalation', 'audit', 'label', 'cache_hit'))
+    """,
+)
 assert PG_BASELINE + len(PG_MIGRATIONS) == SCHEMA_VERSION, "a schema step is missing for PostgreSQL"
 _MIGRATION_LOCK = 0x7469657267617465  # pg_advisory_xact_lock key ("tiergate"): one migrator at a time
 
@@ -184,7 +208,8 @@ class SignalDB(ABC):
 
     @abstractmethod
     def teacher_usage_since(self, since: float) -> dict[str, tuple[int, int]]:
-        """Per tenant, the prompt and completion tokens of teacher answers recorded since `since`."""
+        """Per tenant, the prompt and completion tokens of teacher answers recorded since `since`
+        (a cache hit's answer was paid for once, by the record it was first asked for)."""
 
     @abstractmethod
     def pending_since(self, since: float) -> tuple[int, float | None]:
@@ -261,7 +286,7 @@ class SqliteDB(SignalDB):
         try:
             rows = conn.execute(
                 "SELECT tenant, sum(json_extract(teacher, '$.usage[0]')), sum(json_extract(teacher, '$.usage[1]'))"
-                " FROM signal WHERE created_at >= ? GROUP BY tenant",
+                " FROM signal WHERE created_at >= ? AND kind != 'cache_hit' GROUP BY tenant",
                 (since,),
             )
             return {tenant: (int(p or 0), int(c or 0)) for tenant, p, c in rows}
@@ -418,7 +443,7 @@ class PostgresDB(SignalDB):
     def teacher_usage_since(self, since: float) -> dict[str, tuple[int, int]]:
         rows = self._query(
             "SELECT tenant, sum(((teacher::json)->'usage'->>0)::bigint), sum(((teacher::json)->'usage'->>1)::bigint)"
-            " FROM signal WHERE created_at >= %s GROUP BY tenant",
+            " FROM signal WHERE created_at >= %s AND kind != 'cache_hit' GROUP BY tenant",
             (since,),
         )
         return {tenant: (int(p or 0), int(c or 0)) for tenant, p, c in rows}

@@ -13,7 +13,8 @@ from typing import Any, Literal
 
 from models import ChatMessage, Generation, TokenLogprob, TopLogprob, Usage
 
-Kind = Literal["escalation", "audit", "label"]
+# cache_hit: an escalation answered from the teacher cache (an earlier teacher answer, reused).
+Kind = Literal["escalation", "audit", "label", "cache_hit"]
 
 
 @dataclass(frozen=True, slots=True)

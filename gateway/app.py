@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from distill_loop import Listener, RuntimeConfig, SignalStore, teacher_usage_since
+from gateway.cache import build_cache
 from gateway.errors import install_handlers
 from gateway.gc_tuning import release_gc, tune_gc
 from gateway.labels import ActiveLabeler, HeldoutNeed
@@ -114,8 +115,18 @@ def create_app(settings: Settings, *, student: Backend | None = None, teacher: B
         metrics=metrics,
         spent_since=spent_since,
     )
+    cache = build_cache(settings)
     service = TieredService(
-        settings, student, teacher, router, store, metrics, policies=policies, labeler=labeler, limits=limits
+        settings,
+        student,
+        teacher,
+        router,
+        store,
+        metrics,
+        policies=policies,
+        labeler=labeler,
+        limits=limits,
+        cache=cache,
     )
     tuning = Tuning(settings, router, policies)
     manager = StudentManager(settings, student, teacher, metrics, on_serving=tuning.on_serving)
@@ -129,6 +140,8 @@ def create_app(settings: Settings, *, student: Backend | None = None, teacher: B
         await asyncio.to_thread(store.open)
         await asyncio.to_thread(policies.open)
         await asyncio.to_thread(limits.open)
+        if cache is not None:
+            await cache.open()
         metrics.threshold.set(policies.threshold(DEFAULT_TENANT))
         starters = [
             asyncio.create_task(_start_until_ready(name, backend, metrics), name=f"start-{name}")
@@ -155,6 +168,8 @@ def create_app(settings: Settings, *, student: Backend | None = None, teacher: B
             await asyncio.gather(sync, return_exceptions=True)
             policies.close()
             limits.close()
+            if cache is not None:
+                await cache.aclose()
             await tuning.stop()
             await manager.stop(settings.server.shutdown_grace_s)
             for task in (*starters, *waiters):

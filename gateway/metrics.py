@@ -97,6 +97,13 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.teacher_cache = Counter(
+            "tiergate_teacher_cache_total",
+            "Teacher-bound requests looked up in the teacher answer cache, by result (hit, miss, bypass:"
+            " not cacheable, as not deterministic or with personal data) and layer (exact, semantic; none).",
+            ["result", "layer"],
+            registry=r,
+        )
         self.active_labels = Counter(
             "tiergate_labels_total",
             "Teacher answers asked for in the background for served prompts (active labels),"

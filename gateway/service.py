@@ -47,6 +47,8 @@ from models import (
 from router import DEFAULT_TENANT, Decision, PolicyBook, Router, RouteReason
 
 if TYPE_CHECKING:
+    from gateway.cache import Layer as CacheLayer
+    from gateway.cache import Probe, TeacherCache
     from gateway.labels import ActiveLabeler, LabelReason
 
 log = logging.getLogger(__name__)
@@ -81,6 +83,7 @@ class Route:
     student_version: str
     decision: Decision | None = None
     degraded: bool = False
+    cache: CacheLayer | None = None  # the teacher cache layer the answer came from; None: not from it
 
     @property
     def confidence(self) -> float | None:
@@ -99,6 +102,7 @@ class Route:
             "x-tiergate-confidence": f"{conf:.4f}" if conf is not None else "none",
             "x-tiergate-threshold": f"{self.threshold:.4f}",
             "x-tiergate-student-version": self.student_version,
+            "x-tiergate-cache": "hit" if self.cache else "miss",
         }
 
     def body(self, request_id: str, decision: Decision | None = None) -> dict[str, object]:
@@ -112,6 +116,7 @@ class Route:
             "student_version": self.student_version,
             "scorer": d.scorer if d else None,
             "degraded": self.degraded,
+            "cache": self.cache,
             "request_id": request_id,
         }
 
@@ -190,6 +195,7 @@ class TieredService:
         rng: random.Random | None = None,
         labeler: ActiveLabeler | None = None,
         limits: Limiter | None = None,
+        cache: TeacherCache | None = None,
     ) -> None:
         self.settings = settings
         self.policies = policies or PolicyBook(settings.policy_store, settings.router.threshold)
@@ -199,6 +205,7 @@ class TieredService:
         self.metrics = metrics
         self._rng = rng or random.Random()
         self.labeler = labeler  # None: active labels are off (budget 0)
+        self.cache = cache  # None: teacher answers are not reused
         self.limits = limits or Limiter(settings.limits, settings.pricing.teacher, metrics=metrics)
         self._background: set[asyncio.Task[None]] = set()
         self._spent = 0.0
@@ -235,12 +242,16 @@ class TieredService:
             self._finish(call, route, draft)
             self._maybe_audit(call, route, draft)
             return route, draft
+        probe = await self._cache_lookup(call)
+        if probe is not None and probe.answer is not None:
+            return await self._cached(call, route, draft, probe)
         try:
             answer = await self._ask_teacher(call, "request")
         except TeacherBudgetExceeded as exc:
             return await self._over_budget(call, route, draft, exc)
         except BackendError as exc:
             return self._fallback(call, route, draft, exc)
+        self._cache_remember(probe, answer)
         self._finish(call, route, answer)
         if route.escalated:
             await self._acknowledge(call, self._record(call, "escalation", route.reason, draft, route.decision, answer))
@@ -260,13 +271,17 @@ class TieredService:
             assert draft is not None
             self._maybe_audit(call, route, draft)
             return AnswerStream(route, self._replay(call, route, draft))
+        probe = await self._cache_lookup(call)
+        if probe is not None and probe.answer is not None:
+            route, answer = await self._cached(call, route, draft, probe)
+            return AnswerStream(route, self._replay(call, route, answer, already_finished=True))
         try:
             grant = self._admit_teacher(call, "request")
         except TeacherBudgetExceeded as exc:
             route, answer = await self._over_budget(call, route, draft, exc)
             return AnswerStream(route, self._replay(call, route, answer, already_finished=True))
         try:
-            return await self._open_live("teacher", call, route, draft, grant)
+            return await self._open_live("teacher", call, route, draft, grant, probe)
         except BackendError as exc:
             self.limits.settle_teacher(grant, 0.0)
             route, answer = self._fallback(call, route, draft, exc)
@@ -464,6 +479,7 @@ class TieredService:
         route: Route,
         draft: Generation | None = None,
         grant: TeacherGrant | None = None,
+        probe: Probe | None = None,
     ) -> AnswerStream:
         """Open the tier's stream and take its first delta; retried (within the budget) only
         until that first delta, since after it bytes may have reached the client."""
@@ -482,7 +498,7 @@ class TieredService:
 
         (first, source), lease = await self._guarded(tier, first_delta)
         handle = AnswerStream(route)
-        handle.deltas = self._relay(tier, call, route, first, source, draft, handle, lease, grant)
+        handle.deltas = self._relay(tier, call, route, first, source, draft, handle, lease, grant, probe)
         return handle
 
     async def _relay(
@@ -496,6 +512,7 @@ class TieredService:
         handle: AnswerStream,
         lease: Lease,
         grant: TeacherGrant | None,
+        probe: Probe | None,
     ) -> AsyncIterator[GenerationDelta]:
         """Pass the deltas on, under the call's deadline; the tier's slot is held until the end."""
         deltas: list[GenerationDelta] = []
@@ -507,7 +524,8 @@ class TieredService:
                 if delta.finish_reason is not None:
                     lease.done()  # the tier's part is over; the record's commit is not its concern
                     # Account and score before the last delta leaves, so the final chunk carries it.
-                    await self._acknowledge(call, self._complete_live(tier, call, route, deltas, draft, handle, grant))
+                    committed = self._complete_live(tier, call, route, deltas, draft, handle, grant, probe)
+                    await self._acknowledge(call, committed)
                     yield delta
                     return
                 yield delta
@@ -539,6 +557,7 @@ class TieredService:
         draft: Generation | None,
         handle: AnswerStream,
         grant: TeacherGrant | None,
+        probe: Probe | None,
     ) -> Future[bool] | asyncio.Task[None] | None:
         """Account a finished live stream; returns what its escalation record's commit awaits."""
         info = self.tiers[tier].info
@@ -547,6 +566,7 @@ class TieredService:
         self._finish(call, route, gen)
         if tier == "teacher":
             self._settle(grant, gen)
+            self._cache_remember(probe, gen)
         if tier == "student":
             # A forced-student stream is scored after the fact, for metrics and the last chunk.
             threshold = self.policies.effective_threshold(call.tenant, gen.version)
@@ -569,6 +589,48 @@ class TieredService:
         elif gen.text or gen.logprobs:
             yield GenerationDelta(text=gen.text, logprobs=gen.logprobs)
         yield GenerationDelta(finish_reason=gen.finish_reason, usage=gen.usage)
+
+    # -- the teacher cache ---------------------------------------------------------------------
+    def _cache_probe(self, call: ChatCall) -> Probe | None:
+        """The call's cache key as the teacher would get it, or None: no cache, or not cacheable."""
+        if self.cache is None:
+            return None
+        teacher = self.tiers["teacher"].info.name
+        return self.cache.probe_for(call.tenant, call.messages, self._teacher_params(call), teacher)
+
+    async def _cache_lookup(self, call: ChatCall) -> Probe | None:
+        """Look a teacher-bound call up in the cache, before its budget or breaker is asked:
+        a hit costs the teacher nothing. Counts the outcome."""
+        if self.cache is None:
+            return None
+        probe = self._cache_probe(call)
+        if probe is None:
+            self.metrics.teacher_cache.labels("bypass", "none").inc()
+            return None
+        await self.cache.lookup(probe)
+        if probe.layer is None:
+            self.metrics.teacher_cache.labels("miss", "none").inc()
+        else:
+            self.metrics.teacher_cache.labels("hit", probe.layer).inc()
+        return probe
+
+    def _cache_remember(self, probe: Probe | None, answer: Generation) -> None:
+        if self.cache is not None and probe is not None:
+            self.cache.remember(probe, answer)
+
+    async def _cached(
+        self, call: ChatCall, route: Route, draft: Generation | None, probe: Probe
+    ) -> tuple[Route, Generation]:
+        """Serve a cached teacher answer: no teacher call and no teacher cost (so the whole
+        counterfactual counts as saved). An escalation still leaves its signal record, as kind
+        `cache_hit`: training sees the demand, and what the student drafted for it."""
+        assert probe.answer is not None and probe.layer is not None
+        answer = probe.answer
+        route = replace(route, tier="teacher", cache=probe.layer)
+        self._finish(call, route, answer)
+        if route.escalated:
+            await self._acknowledge(call, self._record(call, "cache_hit", route.reason, draft, route.decision, answer))
+        return route, answer
 
     # -- signal ------------------------------------------------------------------------------
     def _maybe_audit(self, call: ChatCall, route: Route, draft: Generation) -> None:
@@ -604,6 +666,8 @@ class TieredService:
             self._logs.warning(log, f"{kind}:{error_class(exc)}", "%s of %s failed: %s", what, call.request_id, exc)
             return
         outcomes.labels(*labels, "ok").inc()
+        if self.cache is not None and (probe := self._cache_probe(call)) is not None:
+            self._cache_remember(probe, answer)  # the next escalation of this prompt needs no teacher
         if kind == "label":
             # `_generate` counted this in the teacher's cost already; this is the labels' share of it.
             usage = answer.usage
@@ -657,7 +721,7 @@ class TieredService:
     def _record(
         self,
         call: ChatCall,
-        kind: Literal["escalation", "audit", "label"],
+        kind: Literal["escalation", "audit", "label", "cache_hit"],
         reason: str,
         draft: Generation | None,
         decision: Decision | None,
@@ -666,7 +730,7 @@ class TieredService:
         """Record the pair. An escalation under `signal.durability: acknowledged` returns what
         its commit resolves, for the response to wait on (`_acknowledge`); otherwise None."""
         sample = Sample(
-            id=call.request_id if kind == "escalation" else f"{call.request_id}-{kind}",
+            id=call.request_id if kind in ("escalation", "cache_hit") else f"{call.request_id}-{kind}",
             created_at=time.time(),
             tenant=call.tenant,
             kind=kind,
@@ -686,9 +750,10 @@ class TieredService:
         )
         if self.labeler is not None:
             self.labeler.covered(call.messages)
-        acked = kind == "escalation" and self.settings.signal.durability == "acknowledged"
+        acked = kind in ("escalation", "cache_hit") and self.settings.signal.durability == "acknowledged"
         teacher = self.tiers["teacher"]
-        if self.settings.signal.score_drafts and draft is not None and draft.text and isinstance(teacher, DraftScorer):
+        scored = self.settings.signal.score_drafts and kind != "cache_hit"  # a hit asks the teacher nothing
+        if scored and draft is not None and draft.text and isinstance(teacher, DraftScorer):
             # The record is written once the teacher has scored the draft: off the client's path
             # when buffered; acknowledged, the response waits for both.
             return self._spawn(self._score_then_submit(sample, draft.text, teacher, acked), call.request_id)

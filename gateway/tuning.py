@@ -149,7 +149,8 @@ class Tuning:
         for (start, version), group in sorted(buckets.items()):
             obs = self.observations(group)
             total = sum(o.weight for o in obs)
-            escalated = sum(self.weight(s) for s in group if s.kind == "escalation")
+            # A cache hit escalated, but its teacher answer was paid for by the request it was first asked for.
+            escalated = sum(self.weight(s) for s in group if s.kind in ("escalation", "cache_hit"))
             cost = sum(o.weight * (o.student_cost + (o.teacher_cost if s.kind == "escalation" else 0.0))
                        for o, s in zip(obs, group, strict=True))  # fmt: skip
             teacher_only = sum(o.weight * o.teacher_cost for o in obs)

@@ -25,6 +25,7 @@ from distill_loop import (
     StoreClosed,
     export_jsonl,
     read_samples,
+    teacher_usage_since,
 )
 from distill_loop.buffer import build_run_data
 from distill_loop.sample import cap_texts
@@ -278,13 +279,47 @@ def test_v4_database_migrates_keeps_its_rows_and_then_takes_labels(tmp_path: Pat
     assert store.submit(label)
     store.close()
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='index' AND tbl_name='signal'")}
     assert indexes == {"sqlite_autoindex_signal_1", "signal_created_at"}
     with pytest.raises(sqlite3.IntegrityError):
         conn.execute(f"INSERT INTO signal VALUES ({', '.join('?' * 17)})", _row(sample(4, kind="other")))
     assert list(read_samples(path)) == [*old, label]
     assert [s.id for s in read_samples(path, kind="label")] == ["r3"]
+
+
+def test_a_v6_database_migrates_and_then_takes_cache_hits(tmp_path: Path, backend: str | None) -> None:
+    """v7 lets a record be an escalation answered from the teacher cache; v6 rows survive, on
+    SQLite (the table rebuilt again) and PostgreSQL (the CHECK replaced)."""
+    from distill_loop.db import MIGRATIONS, PG_SCHEMA
+    from distill_loop.store import _row
+
+    old = [sample(1, sampling_weight=1.0), sample(2, kind="label", sampling_weight=1.0)]
+    if backend is None:
+        path = tmp_path / "db" / "signal.db"
+        path.parent.mkdir()
+        conn = sqlite3.connect(path)
+        conn.executescript(";\n".join(MIGRATIONS[:6]) + ";\nPRAGMA user_version=6;")
+        conn.executemany(f"INSERT INTO signal VALUES ({', '.join('?' * 17)})", [_row(s) for s in old])
+        conn.commit()
+        conn.close()
+    else:
+        with psycopg.connect(backend, autocommit=True) as pg:
+            pg.execute(PG_SCHEMA)
+            pg.execute("CREATE TABLE tiergate_schema (version INTEGER NOT NULL)")
+            pg.execute("INSERT INTO tiergate_schema VALUES (6)")
+            for row in map(_row, old):
+                pg.execute(f"INSERT INTO signal VALUES ({', '.join(['%s'] * 17)})", row)
+            with pytest.raises(psycopg.errors.CheckViolation):  # what v7 is for
+                pg.execute(f"INSERT INTO signal VALUES ({', '.join(['%s'] * 17)})", _row(sample(9, kind="cache_hit")))
+    store = open_store(tmp_path, url=backend)
+    hit = dataclasses.replace(sample(3, kind="cache_hit", sampling_weight=1.0), reason="low_confidence")
+    assert store.submit(hit)
+    store.close()
+    assert list(read_samples(store.db)) == [*old, hit]
+    assert [s.id for s in read_samples(store.db, kind="cache_hit")] == ["r3"]
+    # A cache hit's answer was paid for once, by the record it was first asked for.
+    assert teacher_usage_since(store.db, 0.0) == {"key-abc": (10, 4)}
 
 
 def test_a_label_record_round_trips(tmp_path: Path, backend: str | None) -> None:
