@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         log_level=settings.runtime.log_level.lower(),
         access_log=False,
         timeout_graceful_shutdown=int(settings.server.shutdown_grace_s) + 10,
+        timeout_keep_alive=settings.server.keep_alive_s,
     )
 
 

@@ -45,6 +45,10 @@ class ServerConfig(BaseModel):
     # Longest a request waits for a free slot on a tier (guard.*.max_inflight) before it is
     # refused with 503 and Retry-After; overload is shed, not queued without end.
     queue_timeout_s: float = Field(default=5.0, gt=0.0)
+    # Seconds an idle client connection is kept open. Behind a load balancer this must outlast
+    # the balancer's own idle timeout for connections to us (AWS ALB 60 s; HAProxy reuses them),
+    # or a request it sends on a connection we are closing fails with a 502.
+    keep_alive_s: int = Field(default=75, ge=1)
 
 
 class BreakerConfig(BaseModel):
