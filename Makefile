@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install models vllm-venv browser postgres run format lint typecheck test test-fast bench
+.PHONY: install models vllm-venv browser postgres haproxy run format lint typecheck test test-fast bench
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -46,6 +46,12 @@ postgres:
 	@test -x /usr/lib/postgresql/15/bin/initdb || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql)
 
+# HAProxy from Debian (2.6, as the compose file's image), for bench.replicas and its test: each
+# run starts its own on loopback from deploy/haproxy.cfg; nothing runs as a service.
+haproxy:
+	@test -x /usr/sbin/haproxy || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy)
+
 models: install
 	$(BIN)/python -m models convert
 
@@ -61,7 +67,7 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-test: models vllm-venv browser postgres
+test: models vllm-venv browser postgres haproxy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Leaves out slow tests (torch models, vLLM) and skips the browser test without Chromium, so it
@@ -69,8 +75,9 @@ test: models vllm-venv browser postgres
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow" --allow-missing-browser --allow-missing-postgres $(PYTEST_ARGS)
 
-bench: install
+bench: install postgres haproxy
 	$(BIN)/python -m bench.gateway_overhead
+	$(BIN)/python -m bench.replicas
 	$(BIN)/python -m bench.footprint
 	$(BIN)/python -m bench.local_throughput
 	$(BIN)/python -m bench.prefix_cache

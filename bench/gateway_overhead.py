@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import math
@@ -21,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -202,6 +203,14 @@ def stop(server: Server) -> None:
             server.proc.wait()
 
 
+def stop_all(servers: Sequence[Server], postgres: PostgresServer | None = None) -> None:
+    """Stop `servers`, the last started first, then remove the PostgreSQL server if one is given."""
+    for server in reversed(servers):
+        stop(server)
+    if postgres is not None:
+        postgres.remove()
+
+
 # -- load generation ---------------------------------------------------------------------------
 def request_bodies(hard: bool) -> list[bytes]:
     suffix = f" {'HARD' if hard else 'simple'} question."
@@ -224,7 +233,9 @@ EASY, HARD = request_bodies(False), request_bodies(True)
 
 
 @dataclass
-class Cell:
+class Load:
+    """What one closed-loop cell's clients saw (`Load.fields` fills these from a `drive` tally)."""
+
     system: str
     round: int
     concurrency: int
@@ -236,6 +247,27 @@ class Cell:
     p99_ms: float
     mean_ms: float
     escalated_fraction: float | None  # from x-tiergate-escalated; None when the system has no such header
+
+    @staticmethod
+    def fields(tally: _Tally, window: float) -> dict[str, Any]:
+        """The figures of a tally measured over `window` seconds, by field name (and its error samples)."""
+        lat = sorted(tally.latencies)
+        n = len(lat)
+        return {
+            "requests": n + tally.errors,
+            "errors": tally.errors,
+            "duration_s": round(window, 3),
+            "rps": n / window,
+            "p50_ms": percentile(lat, 0.50) * 1e3,
+            "p99_ms": percentile(lat, 0.99) * 1e3,
+            "mean_ms": (sum(lat) / n * 1e3) if n else float("nan"),
+            "escalated_fraction": (tally.escalated / tally.headed) if tally.headed else None,
+            "error_samples": tally.error_samples,
+        }
+
+
+@dataclass
+class Cell(Load):
     server_cpu_us_per_req: float | None  # CPU of the proxy under test per measured request
     upstream_cpu_us_per_req: float
     other_load_pct: float  # CPU used by processes not ours during the window, % of one core (noise)
@@ -345,17 +377,26 @@ class System:
     pid: int | None  # the process whose CPU time is charged to this system (None: the upstream itself)
 
 
+@contextlib.contextmanager
+def shown(progress: Progress, label: str, warmup_s: float, duration_s: float) -> Iterator[Callable[[float, int], None]]:
+    """A progress bar for one cell, removed once the cell is done; yields `drive`'s `on_tick`."""
+    total = warmup_s + duration_s
+    task = progress.add_task(f"  {label}", total=total)
+
+    def on_tick(elapsed: float, n: int) -> None:
+        phase = "warm-up" if elapsed < warmup_s else f"{n:,} req"
+        progress.update(task, completed=min(elapsed, total), description=f"  {label}: {phase}")
+
+    try:
+        yield on_tick
+    finally:
+        progress.remove_task(task)
+
+
 async def measure(
     system: System, concurrency: int, round_no: int, args: argparse.Namespace, pids: dict[str, int], progress: Progress
 ) -> Cell:
     """One cell. `pids` maps every process of ours (load generator included) by role."""
-    total = args.warmup + args.duration
-    task = progress.add_task(f"  {system.name} c={concurrency}", total=total)
-
-    def on_tick(elapsed: float, n: int) -> None:
-        phase = "warm-up" if elapsed < args.warmup else f"{n:,} req"
-        progress.update(task, completed=min(elapsed, total), description=f"  {system.name} c={concurrency}: {phase}")
-
     profiler: list[subprocess.Popen[bytes]] = []
 
     def on_window() -> None:
@@ -364,39 +405,29 @@ async def measure(
                 start_profiler(system.pid, args.profile / f"{system.name}-c{concurrency}.txt", args.duration)
             )
 
-    tally, window, foreign, ours = await drive(
-        system.url,
-        concurrency=concurrency,
-        hard_every=system.hard_every,
-        warmup_s=args.warmup,
-        duration_s=args.duration,
-        watch=sorted(set(pids.values())),
-        on_tick=on_tick,
-        on_window=on_window,
-    )
+    with shown(progress, f"{system.name} c={concurrency}", args.warmup, args.duration) as on_tick:
+        tally, window, foreign, ours = await drive(
+            system.url,
+            concurrency=concurrency,
+            hard_every=system.hard_every,
+            warmup_s=args.warmup,
+            duration_s=args.duration,
+            watch=sorted(set(pids.values())),
+            on_tick=on_tick,
+            on_window=on_window,
+        )
     for proc in profiler:
         await asyncio.to_thread(proc.wait)
-    progress.remove_task(task)
-    lat = sorted(tally.latencies)
-    n = len(lat)
-    answered = n + tally.errors
+    n = len(tally.latencies)
     server_cpu = ours[system.pid] if system.pid is not None else None
     return Cell(
         system=system.name,
         round=round_no,
         concurrency=concurrency,
-        requests=answered,
-        errors=tally.errors,
-        duration_s=round(window, 3),
-        rps=n / window,
-        p50_ms=percentile(lat, 0.50) * 1e3,
-        p99_ms=percentile(lat, 0.99) * 1e3,
-        mean_ms=(sum(lat) / n * 1e3) if n else float("nan"),
-        escalated_fraction=(tally.escalated / tally.headed) if tally.headed else None,
+        **Load.fields(tally, window),
         server_cpu_us_per_req=(server_cpu / n * 1e6) if server_cpu is not None and n else None,
         upstream_cpu_us_per_req=(ours[pids["upstream"]] / n * 1e6) if n else float("nan"),
         other_load_pct=foreign / window * 100,
-        error_samples=tally.error_samples,
     )
 
 
@@ -585,17 +616,23 @@ def pinning(no_pin: bool) -> tuple[set[int] | None, set[int] | None]:
     return {cores[0]}, {cores[1]}
 
 
+def environments(logs: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """(every process's environment, a gateway's): this one's without TIERGATE_* variables, and
+    for a gateway only its signal database in `logs`, no audits and warnings-only logs on top."""
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith("TIERGATE_")}
+    return base_env, base_env | {
+        "TIERGATE_SIGNAL__PATH": str(logs / "signal.db"),
+        "TIERGATE_SIGNAL__AUDIT_FRACTION": "0",
+        "TIERGATE_RUNTIME__LOG_LEVEL": "WARNING",
+    }
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     server_cpus, load_cpus = pinning(args.no_pin)
     if load_cpus:
         os.sched_setaffinity(0, load_cpus)  # this process is the load generator
     logs = Path(tempfile.mkdtemp(prefix="tiergate-bench-"))
-    base_env = {k: v for k, v in os.environ.items() if not k.startswith("TIERGATE_")}
-    gateway_env = base_env | {
-        "TIERGATE_SIGNAL__PATH": str(logs / "signal.db"),
-        "TIERGATE_SIGNAL__AUDIT_FRACTION": "0",
-        "TIERGATE_RUNTIME__LOG_LEVEL": "WARNING",
-    }
+    base_env, gateway_env = environments(logs)
     servers: list[Server] = []
     try:
         with console.status("starting upstream, pass-through and gateway…"):
@@ -698,10 +735,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         console.print(f"[red]failed; server logs kept in {logs}")
         raise
     finally:
-        for server in reversed(servers):
-            stop(server)
-        if _postgres:
-            _postgres.pop().remove()
+        stop_all(servers, _postgres.pop() if _postgres else None)
     shutil.rmtree(logs, ignore_errors=True)  # logs and the signal database are only kept on failure
     goals = goal_rows(cells)
     render(cells, goals)
@@ -740,14 +774,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    report = run_fast(run(args))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
-    console.log(f"wrote {args.output}")
+def write_report(report: dict[str, Any], output: Path) -> None:
+    """Write the report as JSON, then exit 1 if any of its runs (`all_runs`) had errors."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    console.log(f"wrote {output}")
     if any(c["errors"] for c in report["all_runs"]):
         raise SystemExit(1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    write_report(run_fast(run(args)), args.output)
 
 
 if __name__ == "__main__":
