@@ -363,6 +363,7 @@ class PostgresDB(SignalDB):
         self.name = without_password(url)
         self._pool: ConnectionPool[Any] | None = None
         self._lock = threading.Lock()
+        self._exists = False
 
     def connect(self) -> psycopg.Connection[Any]:
         """A connection that waits at most 10 s for a lock, as SQLite's busy_timeout: a writer
@@ -395,7 +396,12 @@ class PostgresDB(SignalDB):
             raise SignalDBError(f"{self.name}: {exc}") from exc
 
     def exists(self) -> bool:
-        return True  # a server: its database exists or every query says why not
+        # A trainer may start before any gateway has opened a store and made the schema: until
+        # then there is nothing to read, not an error at every tick. Tables are never dropped,
+        # so once seen the answer is kept. An unreachable server still raises.
+        if not self._exists:
+            self._exists = bool(self._query("SELECT to_regclass('signal') IS NOT NULL")[0][0])
+        return self._exists
 
     def migrate(self) -> int:
         import psycopg

@@ -12,7 +12,9 @@ it next re-reads the loop's state, so one trigger is one run, never two on the s
   kernel releases when the process dies, however it dies.
 
 Acquiring never waits: a loop that finds the lease taken tries again at its next tick. The lease
-is reentrant within a process. It does not fence a holder that is alive but stuck.
+is reentrant within a process. It does not fence a holder that is alive but stuck. Each process
+logs when it takes the lease and when it stops getting it, once per change, so the logs say which
+trainer is active.
 """
 
 from __future__ import annotations
@@ -42,12 +44,21 @@ class TrainerLease(ABC):
     def __init__(self) -> None:
         self._holds = 0
         self._guard = threading.Lock()
+        self._got_last: bool | None = None  # what the last try outside a hold found, for the log
 
     def try_acquire(self) -> bool:
         """Take the lease if no other process holds it; True if this process holds it now."""
         with self._guard:
-            if self._holds == 0 and not self._acquire():
-                return False
+            if self._holds == 0:
+                got = self._acquire()
+                if got != self._got_last:  # once per change: loops try every tick
+                    if got:
+                        log.info("trainer lease acquired: this process (pid %d) is the active trainer", os.getpid())
+                    else:
+                        log.info("trainer lease not held: this process (pid %d) stands by", os.getpid())
+                    self._got_last = got
+                if not got:
+                    return False
             self._holds += 1
             return True
 

@@ -98,16 +98,23 @@ class Registry:
     def current(self) -> str:
         return self.state.current(BASE)
 
+    def _folder(self, name: str) -> Path:
+        """A version's folder. A staging folder (`.<name>.tmp`) is none: a trainer that died
+        while writing a version leaves one behind, whole or not, and it must never serve."""
+        if name.startswith("."):
+            raise UnknownVersion(f"{name!r} is a version being written, or left half-written")
+        return self.root / "versions" / name
+
     def adapter_dir(self, name: str) -> Path | None:
         if name == BASE:
             return None
-        path = self.root / "versions" / name / "adapter"
+        path = self._folder(name) / "adapter"
         if not path.is_dir():
             raise UnknownVersion(f"version {name!r} is not in the registry")
         return path
 
     def meta(self, name: str) -> VersionMeta:
-        path = self.root / "versions" / name / "meta.json"
+        path = self._folder(name) / "meta.json"
         if not path.is_file():
             raise UnknownVersion(f"version {name!r} is not in the registry")
         return VersionMeta(**json.loads(path.read_text()))
@@ -130,7 +137,11 @@ class Registry:
 
     def versions(self) -> list[str]:
         """Kept versions, oldest first (by version number)."""
-        names = [p.name for p in (self.root / "versions").iterdir() if (p / "meta.json").is_file()]
+        names = [
+            p.name
+            for p in (self.root / "versions").iterdir()
+            if not p.name.startswith(".") and (p / "meta.json").is_file()
+        ]
         return sorted(names)
 
     def history(self) -> list[dict[str, Any]]:

@@ -1,5 +1,5 @@
 """Run ASGI apps under real uvicorn on 127.0.0.1, in a thread, for end-to-end tests; start a
-subprocess gateway.
+subprocess gateway or trainer.
 
 Follows httpx's `serve_in_thread`, but binds port 0 first so tests never race for ports.
 """
@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -85,16 +85,71 @@ def wait_healthy(proc: subprocess.Popen[bytes], url: str, log: Path, timeout: fl
         time.sleep(poll_s)
 
 
+def _tiergate_env(env: dict[str, str]) -> dict[str, str]:
+    """This process's environment with `TIERGATE_*` settings from `env` only (the test's own
+    environment's are dropped)."""
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("TIERGATE_")}, **env}
+
+
 def start_gateway(
     env: dict[str, str], log: Path, *args: str, timeout: float = 60
 ) -> tuple[subprocess.Popen[bytes], str]:
     """`python -m gateway` in a subprocess on a free port, with `TIERGATE_*` settings from
-    `env` only (the test's own environment's are dropped); returns it once it is ready."""
+    `env` only; returns it once it is ready."""
     port = free_port()
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("TIERGATE_")}
     cmd = [sys.executable, "-m", "gateway", "--port", str(port), *args]
     with log.open("a") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env={**clean, **env}, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=_tiergate_env(env), stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     wait_healthy(proc, url + "/health/ready", log, timeout=timeout, poll_s=0.1)
     return proc, url
+
+
+class TrainerProcess:
+    """`python -m distill_loop run` in a subprocess, with `TIERGATE_*` settings from `env` only.
+
+    What it prints (the loop's events on stdout, its log on stderr) is read line by line as it
+    comes, kept in `lines` and copied to `log`. Tests find out what the trainer is doing there,
+    as an operator would; it has no other hook."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.log = log
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "distill_loop", "run"],
+            cwd=ROOT,
+            env=_tiergate_env(env) | {"PYTHONUNBUFFERED": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        with self.log.open("a") as out:
+            for line in self.proc.stdout:
+                out.write(line)
+                out.flush()
+                self.lines.append(line.rstrip("\n"))
+
+    def wait_for(self, found: Callable[[str], bool], *, after: int = 0, timeout: float = 60) -> int:
+        """The index of the first line from `after` on for which `found` is true, once printed."""
+        deadline = time.monotonic() + timeout
+        while True:
+            hit = next((i for i in range(after, len(self.lines)) if found(self.lines[i])), None)
+            if hit is not None:
+                return hit
+            if self.proc.poll() is not None and not self._reader.is_alive():
+                raise RuntimeError(f"trainer exited ({self.proc.returncode}):\n" + "\n".join(self.lines[-40:]))
+            if time.monotonic() > deadline:
+                raise TimeoutError("trainer did not print the line waited for:\n" + "\n".join(self.lines[-40:]))
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait(30)
+        self._reader.join(30)
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()

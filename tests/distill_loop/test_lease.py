@@ -4,6 +4,7 @@ advisory lock on a real server), and two loops on one store making one run per t
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import subprocess
@@ -55,17 +56,25 @@ def make_lease(where: str) -> TrainerLease:
     return PostgresLease(where) if where.startswith("postgresql://") else FileLease(Path(where))
 
 
-def test_a_crashed_holders_lease_passes_to_the_next_trainer(lease_target: str) -> None:
+def test_a_crashed_holders_lease_passes_to_the_next_trainer(
+    lease_target: str, caplog: pytest.LogCaptureFixture
+) -> None:
     holder = hold_in_another_process(lease_target)
     mine = make_lease(lease_target)
+    caplog.set_level(logging.INFO, logger="distill_loop.lease")
     try:
         assert not mine.try_acquire()  # held elsewhere
+        assert not mine.try_acquire()
         holder.send_signal(signal.SIGKILL)  # the trainer crashes mid-run
         holder.wait(10)
         deadline = time.monotonic() + 10
         while not mine.try_acquire():
             assert time.monotonic() < deadline, "the dead holder's lease never expired"
             time.sleep(0.1)
+        # The log says which trainer is active, once per change rather than once per try.
+        said = [r.getMessage() for r in caplog.records]
+        assert [m.split(":")[0] for m in said] == ["trainer lease not held", "trainer lease acquired"], said
+        assert f"pid {os.getpid()}" in said[1]
         assert mine.try_acquire()  # reentrant in this process
         mine.release()
         other = make_lease(lease_target)

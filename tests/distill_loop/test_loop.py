@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,7 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill_loop import BASE, DistillConfig, LossSettings, Registry, SignalConfig, SignalStore, VersionMeta
+from distill_loop import (
+    BASE,
+    DistillConfig,
+    LossSettings,
+    Registry,
+    SignalConfig,
+    SignalStore,
+    UnknownVersion,
+    VersionMeta,
+)
 from distill_loop.buffer import Example, build_run_data, is_heldout
 from distill_loop.loop import DistillLoop
 from distill_loop.loss import LossWeights
@@ -164,6 +174,20 @@ def test_registry_names_pointer_history_and_pruning(tmp_path: Path) -> None:
         reg.set_current("v0001", "rollback")  # pruned
     assert Registry(tmp_path / "reg").new_name() == "v0005"  # the counter survives restarts
     assert [h["to"] for h in reg.history()] == names
+
+
+def test_a_version_left_half_written_is_never_listed_or_served(tmp_path: Path) -> None:
+    """A trainer killed inside `Registry.add`, after its staging folder got its meta.json and
+    before the rename: the folder stays, and is no version."""
+    reg = Registry(tmp_path / "reg")
+    make_version(reg, tmp_path, reg.new_name(), BASE)
+    staging = tmp_path / "reg" / "versions" / f".{reg.new_name()}.tmp"
+    shutil.copytree(tmp_path / "reg" / "versions" / "v0001", staging)
+    assert reg.versions() == ["v0001"]
+    for look in (reg.meta, reg.adapter_dir, lambda name: reg.set_current(name, "rollback")):
+        with pytest.raises(UnknownVersion):
+            look(staging.name)
+    assert reg.current() == BASE and reg.history() == []
 
 
 def audit(i: int, version: str, agrees: bool) -> object:

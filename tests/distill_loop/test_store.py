@@ -25,11 +25,13 @@ from distill_loop import (
     StoreClosed,
     export_jsonl,
     read_samples,
+    signal_db,
     teacher_usage_since,
 )
 from distill_loop.buffer import build_run_data
+from distill_loop.loop import DistillLoop
 from distill_loop.sample import cap_texts
-from models import ChatMessage, Generation, TokenLogprob, TopLogprob, Usage
+from models import BackendConfig, ChatMessage, Generation, TokenLogprob, TopLogprob, Usage
 
 
 def sample(i: int, kind: str = "escalation", sampling_weight: float | None = None) -> Sample:
@@ -420,6 +422,19 @@ def test_token_logprobs_are_stored_as_arrays_and_rows_with_the_older_objects_sti
     conn.close()
     (got,) = list(read_samples(store.config.path))
     assert got == sample(1)
+
+
+def test_a_trainer_started_before_any_store_finds_nothing_pending(tmp_path: Path, backend: str | None) -> None:
+    """A trainer may start before the gateways: until a store has made the database there is
+    nothing to read, rather than a failed run at every tick."""
+    db = signal_db(SignalConfig(path=tmp_path / "db" / "signal.db", url=backend))
+    loop = DistillLoop(DistillConfig(registry_dir=tmp_path / "registry"), db, BackendConfig(kind="local", model="x"))
+    assert not db.exists()
+    assert (loop.pending(), loop.due(), loop.check_rollback(), loop.check_quality()) == (0, False, None, None)
+    store = open_store(tmp_path, url=backend)
+    store.submit(sample(1))
+    store.close()
+    assert db.exists() and loop.pending() == 1
 
 
 def test_postgres_stores_opened_together_migrate_once(tmp_path: Path, postgres_url: str) -> None:
