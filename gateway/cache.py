@@ -27,7 +27,7 @@ import unicodedata
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -71,11 +71,12 @@ def request_key(
     teacher: str,
     system_prompt: str | None,
     tenant: str | None,
+    logprobs: int | None = None,
 ) -> Key:
-    """The cache key of a teacher call. Greedy decoding ignores top_p and the seed, so a greedy
-    request leaves them out. `top_logprobs` stays in: a cached answer carries that many
-    alternatives a token. `tenant` None: shared across tenants."""
-    sampling: dict[str, Any] = {"max_tokens": params.max_tokens, "stop": list(params.stop), "k": params.top_logprobs}
+    """The cache key of a request to the teacher, as the client asked it (`params`: its own
+    logprobs setting, `logprobs` None when it asked for none). Greedy decoding ignores top_p
+    and the seed, so a greedy request leaves them out. `tenant` None: shared across tenants."""
+    sampling: dict[str, Any] = {"max_tokens": params.max_tokens, "stop": list(params.stop), "logprobs": logprobs}
     if params.temperature != 0:
         sampling |= {"temperature": params.temperature, "top_p": params.top_p, "seed": params.seed}
     turns = [[m.role, normalise(m.content)] for m in messages]
@@ -290,6 +291,7 @@ class Probe:
     """One lookup: its key, and what it found (None: a miss, to be remembered once answered)."""
 
     key: Key
+    logprobs: int | None  # the alternatives a token the client asked for; None: no logprobs
     answer: Generation | None = None
     layer: Layer | None = None
     source: str | None = None  # the exact key of the answer found: this one's, or its neighbour's
@@ -324,23 +326,27 @@ class TeacherCache:
             log.info("teacher cache: semantic layer on (%s)", embedder.model_dir)
 
     def probe_for(
-        self, tenant: str, messages: tuple[ChatMessage, ...], params: SamplingParams, teacher: str
+        self,
+        tenant: str,
+        messages: tuple[ChatMessage, ...],
+        params: SamplingParams,
+        teacher: str,
+        *,
+        logprobs: bool = False,
     ) -> Probe | None:
-        """The key of a teacher call, or None when it may not be cached: not deterministic,
-        or personal data in the conversation."""
+        """The key of a request to the teacher, as its client asked it (`logprobs`: whether it
+        asked for them, `params.top_logprobs` how many alternatives), or None when it may not be
+        cached: not deterministic, or personal data in the conversation."""
         if not deterministic(params):
             return None
         if any(self._redactor.find(m.content) for m in messages):
             return None
-        return Probe(
-            request_key(
-                messages,
-                params,
-                teacher=teacher,
-                system_prompt=self.system_prompt,
-                tenant=None if self.config.shared else tenant,
-            )
+        k = params.top_logprobs if logprobs else None
+        tenant_key = None if self.config.shared else tenant
+        key = request_key(
+            messages, params, teacher=teacher, system_prompt=self.system_prompt, tenant=tenant_key, logprobs=k
         )
+        return Probe(key, k)
 
     async def lookup(self, probe: Probe) -> Probe:
         """Fill in `probe` from the exact layer, else the semantic one. Errors are misses."""
@@ -364,9 +370,13 @@ class TeacherCache:
         return probe
 
     def remember(self, probe: Probe, answer: Generation) -> None:
-        """Keep a fresh teacher answer, in the background (a shared store's write is a round trip)."""
+        """Keep a fresh teacher answer, in the background (a shared store's write is a round trip),
+        with only the logprobs its client asked for: the teacher was asked for
+        `signal.teacher_top_logprobs` alternatives a token, for training, and kept they would
+        make an entry a hundred times the size of its text."""
         if answer.finish_reason not in ("stop", "length"):
             return
+        answer = trimmed(answer, probe.logprobs)
         task = asyncio.create_task(self._remember(probe, answer), name="teacher-cache-put")
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
@@ -391,6 +401,14 @@ class TeacherCache:
     async def aclose(self) -> None:
         await self.settle()
         await self.store.aclose()
+
+
+def trimmed(answer: Generation, k: int | None) -> Generation:
+    """`answer` with `k` alternatives a token (None: no logprobs at all) and no token ids."""
+    if k is None:
+        return replace(answer, logprobs=(), token_ids=())
+    logprobs = tuple(lp._replace(top=lp.top[:k]) for lp in answer.logprobs)
+    return replace(answer, logprobs=logprobs, token_ids=())
 
 
 def build_cache(settings: Settings) -> TeacherCache | None:

@@ -596,7 +596,7 @@ class TieredService:
         if self.cache is None:
             return None
         teacher = self.tiers["teacher"].info.name
-        return self.cache.probe_for(call.tenant, call.messages, self._teacher_params(call), teacher)
+        return self.cache.probe_for(call.tenant, call.messages, call.params, teacher, logprobs=call.want_logprobs)
 
     async def _cache_lookup(self, call: ChatCall) -> Probe | None:
         """Look a teacher-bound call up in the cache, before its budget or breaker is asked:

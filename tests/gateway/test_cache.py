@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from distill_loop import read_samples
 from gateway import Settings, create_app
 from gateway.cache import MemoryStore, PostgresStore, TeacherCache, build_cache, request_key
 from gateway.settings import CacheConfig
-from models import ChatMessage, Generation, SamplingParams, Usage
+from models import ChatMessage, Generation, SamplingParams, TokenLogprob, TopLogprob, Usage
 from tests.fakes import UpstreamScript
 from tests.gateway.test_e2e import metric, settings_for
 from tests.servers import serve_in_thread
@@ -53,7 +54,8 @@ def test_the_key_is_the_normalised_request() -> None:
         key(user("Where is my parcel")),
         key(user("Where is my parcel?"), SamplingParams(max_tokens=51, temperature=0.0)),
         key(user("Where is my parcel?"), SamplingParams(max_tokens=50, temperature=0.0, stop=("\n",))),
-        key(user("Where is my parcel?"), SamplingParams(max_tokens=50, temperature=0.0, top_logprobs=5)),
+        key(user("Where is my parcel?"), logprobs=0),  # the client asked for logprobs
+        key(user("Where is my parcel?"), logprobs=5),
         key(user("Where is my parcel?"), tenant="t2"),
         key(user("Where is my parcel?"), teacher="other-teacher"),
         key(user("Where is my parcel?"), system_prompt="Answer in French."),
@@ -79,6 +81,27 @@ def test_only_deterministic_requests_without_personal_data_are_cached() -> None:
     assert cache.probe_for("t", user("Where is my parcel?"), SamplingParams(temperature=1.0, seed=7), "g") is not None
     assert cache.probe_for("t", user("Where is my parcel?"), SamplingParams(temperature=1.0), "g") is None
     assert cache.probe_for("t", user("I am jane.doe@example.com, where is my parcel?"), GREEDY, "g") is None
+
+
+def test_an_entry_keeps_only_the_logprobs_its_client_asked_for() -> None:
+    """The teacher is asked for signal.teacher_top_logprobs alternatives a token, for training;
+    the cache keeps what the client asked for, or an entry would dwarf its text."""
+    top = tuple(TopLogprob(f"t{i}", -float(i)) for i in range(5))
+    full = Generation("Hi there", "stop", Usage(3, 2), "g", (1, 2), (TokenLogprob("Hi", -0.1, 1, top),) * 2)
+
+    async def stored(logprobs: bool, k: int) -> Generation | None:
+        cache = TeacherCache(CacheConfig(), MemoryStore(8), system_prompt=None)
+        probe = cache.probe_for("t", user("hello"), replace(GREEDY, top_logprobs=k), "g", logprobs=logprobs)
+        assert probe is not None
+        cache.remember(probe, full)
+        await cache.settle()
+        return (await cache.lookup(probe)).answer
+
+    bare = asyncio.run(stored(False, 0))
+    assert bare is not None and bare.text == full.text and bare.logprobs == () and bare.token_ids == ()
+    two = asyncio.run(stored(True, 2))
+    assert two is not None and [len(lp.top) for lp in two.logprobs] == [2, 2]
+    assert two.logprobs[0][:2] == ("Hi", -0.1)
 
 
 # -- the in-process store --------------------------------------------------------------------------
@@ -135,6 +158,7 @@ def test_a_repeated_escalation_is_answered_from_the_cache(
         assert body.model_extra["tiergate"]["cache"] == "exact"
         assert metric(url, "tiergate_teacher_cache_total", result="miss", layer="none") == 1
         assert metric(url, "tiergate_teacher_cache_total", result="hit", layer="exact") == 1
+        assert body.choices[0].logprobs is None
         # The hit cost the teacher nothing: against the miss (which paid for the same teacher
         # answer and the same draft), it saved exactly the teacher's price of that answer.
         teacher_cost = 10e-6 * body.usage.prompt_tokens + 20e-6 * body.usage.completion_tokens
@@ -158,6 +182,14 @@ def test_a_repeated_escalation_is_answered_from_the_cache(
         streamed = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
         assert streamed == teacher_script.text
         assert len(teacher_script.requests) == asked
+        # Asked with logprobs, it is another entry, and its hit carries what was asked for.
+        fresh = ask(sdk(url), logprobs=True, top_logprobs=2)
+        assert fresh.headers["x-tiergate-cache"] == "miss"
+        with_logprobs = ask(sdk(url), logprobs=True, top_logprobs=2)
+        assert with_logprobs.headers["x-tiergate-cache"] == "hit"
+        content = with_logprobs.parse().choices[0].logprobs.content
+        assert content and content == fresh.parse().choices[0].logprobs.content
+        asked = len(teacher_script.requests)
         # Another API key (tenant) does not get key-a's answer: cache.shared is off.
         assert ask(sdk(url, "key-b")).headers["x-tiergate-cache"] == "miss"
         # Neither sampled without a seed, nor personal data, is cached.
@@ -170,8 +202,8 @@ def test_a_repeated_escalation_is_answered_from_the_cache(
 
     records = {s.id: s for s in read_samples(db)}
     hits = [s for s in records.values() if s.kind == "cache_hit"]
-    # The non-streamed hit and the streamed one each left a record: training sees the demand.
-    assert len(hits) == 2
+    # Each hit (plain, streamed, with logprobs) left a record: training sees the demand.
+    assert len(hits) == 3
     assert all(s.teacher.text == teacher_script.text and s.student is not None for s in hits)
     assert second.headers["x-tiergate-request-id"] in records
 
