@@ -25,7 +25,6 @@ import aiohttp
 
 from bench.gateway_overhead import (
     EASY,
-    HARD,
     JSON_HEADERS,
     NOISY_PCT,
     PROMPTS,
@@ -38,6 +37,7 @@ from bench.gateway_overhead import (
     rss_mib,
     start,
     stop,
+    unique_hard_body,
     wait_ready,
 )
 from bench.upstream import run_fast
@@ -89,7 +89,7 @@ async def send(base: str, n: int) -> tuple[int, int | None]:
     errors, escalated, headed = 0, 0, 0
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
         for i in range(n):
-            body = (HARD if i % HARD_EVERY == HARD_EVERY - 1 else EASY)[i % PROMPTS]
+            body = unique_hard_body() if i % HARD_EVERY == HARD_EVERY - 1 else EASY[i % PROMPTS]
             async with session.post(base + "/v1/chat/completions", data=body, headers=JSON_HEADERS) as resp:
                 await resp.read()
                 errors += resp.status != 200

@@ -212,24 +212,28 @@ def stop_all(servers: Sequence[Server], postgres: PostgresServer | None = None) 
 
 
 # -- load generation ---------------------------------------------------------------------------
-def request_bodies(hard: bool) -> list[bytes]:
+def request_body(order: int | str, hard: bool) -> bytes:
     suffix = f" {'HARD' if hard else 'simple'} question."
-    return [
-        json.dumps(
-            {
-                "model": "tiered",
-                "messages": [
-                    {"role": "user", "content": f"Order #{10_000 + k}: can I change the delivery address?{suffix}"}
-                ],
-                "max_tokens": 32,
-                "temperature": 0,
-            }
-        ).encode()
-        for k in range(PROMPTS)
-    ]
+    return json.dumps(
+        {
+            "model": "tiered",
+            "messages": [{"role": "user", "content": f"Order #{order}: can I change the delivery address?{suffix}"}],
+            "max_tokens": 32,
+            "temperature": 0,
+        }
+    ).encode()
 
 
-EASY, HARD = request_bodies(False), request_bodies(True)
+EASY, HARD = ([request_body(10_000 + k, hard) for k in range(PROMPTS)] for hard in (False, True))
+# Escalated requests never repeat: the teacher answer cache is on by default, and a repeated
+# greedy prompt would be answered from it, so a repeating benchmark would measure cache hits,
+# not escalations. Each HARD request takes the next order number (a teacher-cache miss).
+_HARD_HEAD, _HARD_TAIL = request_body("@", True).split(b"@")
+_hard_orders = itertools.count(1_000_000)
+
+
+def unique_hard_body() -> bytes:
+    return b"".join((_HARD_HEAD, str(next(_hard_orders)).encode(), _HARD_TAIL))
 
 
 @dataclass
@@ -332,7 +336,7 @@ async def drive(
         while (t0 := time.perf_counter()) < stop_at:
             i = next(counter)
             hard = hard_every > 0 and i % hard_every == hard_every - 1
-            body = (HARD if hard else EASY)[i % PROMPTS]
+            body = unique_hard_body() if hard else EASY[i % PROMPTS]
             try:
                 async with session.post(url, data=body, headers=JSON_HEADERS) as resp:
                     data = await resp.read()
