@@ -49,6 +49,7 @@ _NINO_FIRST, _NINO_SECOND = set("DFIQUV"), set("DFIOQUV")
 _NINO_BARRED = {"BG", "GB", "KN", "NK", "NT", "TN", "ZZ"}
 # A phone number needs at least 7 digits; the windows phonenumbers is run on.
 _PHONE_WINDOW = re.compile(r"[+(]?\b\d[\d ().\-/]{5,}\d(?:\s*(?:ext\.?|x)\s*\d{1,6})?")
+_DECIMAL = re.compile(r"\d+\.\d+")
 _DATE = re.compile(r"\b\d{4}[-/.]\d{1,2}[-/.]\d{1,2}\b|\b\d{1,2}[-/.]\d{1,2}[-/.]\d{4}\b")
 _STREET = re.compile(
     r"\b\d{1,5}[A-Za-z]?,?\s+(?:[A-Z][\w'.-]*\s+){0,4}"
@@ -169,6 +170,13 @@ class Redactor:
                     before = text[start - 1] if start else " "
                     after = text[end] if end < len(text) else " "
                     if before.isalnum() or before in "-/#_:" or after.isalnum() or after in "-/_:":
+                        continue
+                    # A decimal number, or either side of its point: a time, a price ("1796027266.0412875").
+                    if (
+                        _DECIMAL.fullmatch(m.raw_string)
+                        or (before == "." and text[start - 2 : start - 1].isdigit())
+                        or (after == "." and text[end + 1 : end + 2].isdigit())
+                    ):
                         continue
                     if _DATE.search(m.raw_string):  # "2024-03-15 10" reads as a US number
                         continue

@@ -73,6 +73,8 @@ def test_recall_per_type_and_precision_on_a_labelled_corpus() -> None:
         ("ref 4242424242424241, INV-2023-004512, room 12345", "ref 4242424242424241, INV-2023-004512, room 12345"),
         ("v10.4.12 on 2024-03-15 10:30 for $1,299.99", "v10.4.12 on 2024-03-15 10:30 for $1,299.99"),
         ("order 49844607 and 1Z999AA10123456784", "order 49844607 and 1Z999AA10123456784"),
+        # Decimal numbers, as logs print times: neither part is a phone number.
+        ("'until': 1796027266.0412875, x 0.4155552671", "'until': 1796027266.0412875, x 0.4155552671"),
     ],
 )
 def test_identifiers_become_typed_placeholders(text: str, expected: str) -> None:
