@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import logging
 import re
 import time
@@ -34,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import orjson
 
 from distill_loop import Redactor, generation_from_json, generation_to_json, json_default
+from gateway.guard import LogThrottle
 from gateway.settings import CacheConfig, Settings
 from models import ChatMessage, Generation, SamplingParams
 
@@ -44,6 +46,7 @@ log = logging.getLogger(__name__)
 
 Layer = Literal["exact", "semantic"]
 TABLE = "tiergate_teacher_cache"
+CHANNEL = "tiergate_cache"  # NOTIFY channel: the keys each batch wrote
 _SPACES = re.compile(r"\s+")
 
 
@@ -101,7 +104,17 @@ class AnswerStore(ABC):
     async def get(self, key: str) -> Generation | None: ...
 
     @abstractmethod
-    async def put(self, key: str, answer: Generation, ttl_s: float) -> None: ...
+    def keep(self, key: str, answer: Generation, ttl_s: float) -> bool:
+        """Write without waiting: at once, or queued. False: skipped, as the store is behind
+        (a later repeat is then a miss, rather than writes queueing without end)."""
+
+    async def flush(self) -> None:  # noqa: B027 - optional
+        """Wait until what `keep` queued is written (or given up)."""
+
+    async def put(self, key: str, answer: Generation, ttl_s: float) -> None:
+        """Write and wait."""
+        self.keep(key, answer, ttl_s)
+        await self.flush()
 
     async def aclose(self) -> None:  # noqa: B027 - optional
         """Release connections."""
@@ -129,19 +142,35 @@ class MemoryStore(AnswerStore):
         self._entries.move_to_end(key)
         return entry[1]
 
-    async def put(self, key: str, answer: Generation, ttl_s: float) -> None:
+    def keep(self, key: str, answer: Generation, ttl_s: float) -> bool:
         self._entries[key] = (time.monotonic() + ttl_s, answer)
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
+        return True
 
 
 class PostgresStore(AnswerStore):
-    """One table in the shared database, read by every replica. The size bound is kept by a
-    prune every `PRUNE_EVERY` writes: the expired rows, then the soonest to expire past the bound.
+    """One table in the shared database, read by every replica.
+
+    A round trip costs the gateway about 150 us of CPU in psycopg, and one per escalation took
+    a fifth off a CPU-bound gateway's throughput, so round trips are few:
+    - Every replica knows which keys the table holds: it loads them when it connects, and each
+      batch written is announced to all (`NOTIFY tiergate_cache`, keys and expiry times). A key
+      it does not know is a miss with no round trip; until it knows (not connected yet, or
+      reconnecting), every lookup asks the table.
+    - Lookups made while one is under way are answered together, one `key = ANY(...)` query.
+    - Writes are queued (at most `QUEUE_MAX`) and sent in batches by one writer task, which
+      also prunes after every `PRUNE_EVERY` rows: the expired rows, then the soonest to expire
+      past the bound.
     Expiry is wall-clock time, which the replicas share."""
 
+    QUEUE_MAX = 1024
+    BATCH = 256  # keys a lookup query asks for at most
+    WRITE_BATCH = 100  # answers a write carries: their announcement stays under NOTIFY's 8000 bytes
+    LINGER_S = 0.05  # how long a write waits for others to join it
     PRUNE_EVERY = 256
+    WRITE_TIMEOUT_S = 10.0
 
     def __init__(self, url: str, max_entries: int, timeout_s: float) -> None:
         from distill_loop import without_password
@@ -152,55 +181,185 @@ class PostgresStore(AnswerStore):
         self.timeout_s = timeout_s
         self._pool: Any = None
         self._made = False
-        self._writes = 0
+        self._queue: dict[str, tuple[float, bytes]] = {}
+        self._writer: asyncio.Task[None] | None = None
+        self._wanted: dict[str, list[asyncio.Future[Generation | None]]] = {}
+        self._reader: asyncio.Task[None] | None = None
+        self._unpruned = 0
+        self._logs = LogThrottle()
+        self._known: dict[str, float] | None = None  # key -> expires_at; None: not known now
+        self._follower: asyncio.Task[None] | None = None
+        self.round_trips = 0  # lookup queries sent (for tests and benchmarks)
 
     async def open(self) -> None:
         """Start the pool without waiting: a database that is away now is a miss until it is back."""
         from psycopg_pool import AsyncConnectionPool
 
-        self._pool = AsyncConnectionPool(
-            self.url, min_size=1, max_size=4, open=False, kwargs={"autocommit": True, "connect_timeout": 10}
-        )
+        # A cache is disposable: its writes need not wait for the disk (synchronous_commit off),
+        # nor lookups for the signal store's durable commits.
+        kwargs = {"autocommit": True, "connect_timeout": 10, "options": "-c synchronous_commit=off"}
+        self._pool = AsyncConnectionPool(self.url, min_size=1, max_size=4, open=False, kwargs=kwargs)
         await self._pool.open(wait=False)
+        self._follower = asyncio.create_task(self._follow(), name="teacher-cache-keys")
+
+    async def _follow(self) -> None:
+        """Keep `_known` current: load the table's keys, then apply each announced batch; on any
+        failure forget them (lookups ask the table) and start again a second later."""
+        import psycopg
+
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(self.url, autocommit=True, connect_timeout=10) as conn:
+                    await conn.execute(f"LISTEN {CHANNEL}")
+                    async with self._conn(self.WRITE_TIMEOUT_S) as pooled:
+                        cur = await pooled.execute(f"SELECT key, expires_at FROM {TABLE} WHERE expires_at > %s",
+                                                   (time.time(),))  # fmt: skip
+                        self._known = dict(await cur.fetchall())
+                    async for note in conn.notifies():
+                        for pair in note.payload.split(","):
+                            key, _, expires = pair.partition(" ")
+                            self._known[key] = float(expires)
+                        self._bound_known()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the database went away: look up every key until back
+                self._logs.warning(log, "follow", "teacher cache: not following %s (%s); asking it every lookup",
+                                   self.where, exc)  # fmt: skip
+            self._known = None
+            await asyncio.sleep(1.0)
+
+    def _bound_known(self) -> None:
+        """Forget the oldest announced keys past twice the bound (pruned rows are not announced)."""
+        known = self._known
+        if known is not None and len(known) > 2 * self.max_entries:
+            for key in list(itertools.islice(known, len(known) - self.max_entries)):
+                del known[key]
 
     @contextlib.asynccontextmanager
-    async def _conn(self) -> AsyncIterator[Any]:
+    async def _conn(self, timeout_s: float | None = None) -> AsyncIterator[Any]:
         """A pooled connection within the timeout; the table is made on first use."""
-        async with asyncio.timeout(self.timeout_s), self._pool.connection() as conn:
+        async with asyncio.timeout(timeout_s or self.timeout_s), self._pool.connection() as conn:
             if not self._made:
+                # UNLOGGED: no write-ahead log (nor standby copy); emptied after a database crash,
+                # which costs a cache only misses. The expiry index serves the prune.
                 await conn.execute(
-                    f"CREATE TABLE IF NOT EXISTS {TABLE} ("
-                    " key TEXT PRIMARY KEY, expires_at DOUBLE PRECISION NOT NULL, answer BYTEA NOT NULL)"
+                    f"CREATE UNLOGGED TABLE IF NOT EXISTS {TABLE} ("
+                    " key TEXT PRIMARY KEY, expires_at DOUBLE PRECISION NOT NULL, answer BYTEA NOT NULL);"
+                    f" CREATE INDEX IF NOT EXISTS {TABLE}_expires ON {TABLE} (expires_at)"
                 )
                 self._made = True
             yield conn
 
     async def get(self, key: str) -> Generation | None:
-        async with self._conn() as conn:
-            sql = f"SELECT answer FROM {TABLE} WHERE key = %s AND expires_at > %s"
-            cur = await conn.execute(sql, (key, time.time()))
-            row = await cur.fetchone()
-        return generation_from_json(orjson.loads(row[0])) if row else None
+        known = self._known
+        if known is not None and known.get(key, 0.0) <= time.time():
+            return None  # not in the table, or expired there: no round trip
+        found: asyncio.Future[Generation | None] = asyncio.get_running_loop().create_future()
+        self._wanted.setdefault(key, []).append(found)
+        if self._reader is None:
+            self._reader = asyncio.create_task(self._read(), name="teacher-cache-reader")
+        async with asyncio.timeout(self.timeout_s):
+            return await found
 
-    async def put(self, key: str, answer: Generation, ttl_s: float) -> None:
-        body = orjson.dumps(generation_to_json(answer), default=json_default)
-        async with self._conn() as conn:
+    async def _read(self) -> None:
+        """Answer the lookups waiting, a batch a query, until none wait."""
+        try:
+            while self._wanted:
+                batch = {k: self._wanted.pop(k) for k in list(itertools.islice(self._wanted, self.BATCH))}
+                self.round_trips += 1
+                try:
+                    async with self._conn() as conn:
+                        sql = f"SELECT key, answer FROM {TABLE} WHERE key = ANY(%s) AND expires_at > %s"
+                        cur = await conn.execute(sql, (list(batch), time.time()))
+                        rows = dict(await cur.fetchall())
+                except Exception as exc:  # noqa: BLE001 - each waiting lookup fails (a miss)
+                    for waiting in batch.values():
+                        for fut in waiting:
+                            if not fut.done():
+                                fut.set_exception(exc)
+                    continue
+                for key, waiting in batch.items():
+                    answer = generation_from_json(orjson.loads(rows[key])) if key in rows else None
+                    for fut in waiting:
+                        if not fut.done():
+                            fut.set_result(answer)
+        finally:
+            self._reader = None
+
+    def keep(self, key: str, answer: Generation, ttl_s: float) -> bool:
+        if len(self._queue) >= self.QUEUE_MAX and key not in self._queue:
+            return False
+        self._queue[key] = (time.time() + ttl_s, orjson.dumps(generation_to_json(answer), default=json_default))
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write(), name="teacher-cache-writer")
+        return True
+
+    async def flush(self) -> None:
+        if self._writer is not None:
+            await asyncio.shield(self._writer)
+
+    async def _write(self) -> None:
+        """Send the queue in batches until it is empty; a batch that fails is given up (logged).
+        A batch waits `LINGER_S` for company first, and is written and announced in one
+        statement: one round trip for up to `WRITE_BATCH` answers."""
+        try:
+            await asyncio.sleep(self.LINGER_S)
+            while self._queue:
+                keys = list(itertools.islice(self._queue, self.WRITE_BATCH))
+                rows = [(k, *self._queue.pop(k)) for k in keys]
+                try:
+                    async with self._conn(self.WRITE_TIMEOUT_S) as conn:
+                        await conn.execute(_WRITE, ([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]))
+                        if self._known is not None:  # this replica's own, known before the announcement returns
+                            self._known.update((key, expires) for key, expires, _ in rows)
+                        self._unpruned += len(rows)
+                        if self._unpruned >= self.PRUNE_EVERY:
+                            self._unpruned = 0
+                            await self._prune(conn)
+                except Exception as exc:  # noqa: BLE001 - a cache write lost is a later miss
+                    what = type(exc).__name__ if isinstance(exc, TimeoutError) else exc
+                    self._logs.warning(log, "write", "teacher cache write of %d failed (%s): %s",
+                                       len(rows), self.where, what)  # fmt: skip
+        finally:
+            self._writer = None
+
+    async def prune(self) -> None:
+        """Delete the expired answers, then the soonest to expire past `max_entries` (every
+        replica writes the same table, so the bound is the table's, counted)."""
+        async with self._conn(self.WRITE_TIMEOUT_S) as conn:
+            await self._prune(conn)
+
+    async def _prune(self, conn: Any) -> None:
+        await conn.execute(f"DELETE FROM {TABLE} WHERE expires_at <= %s", (time.time(),))
+        (rows,) = await (await conn.execute(f"SELECT count(*) FROM {TABLE}")).fetchone()
+        if rows > self.max_entries:
             await conn.execute(
-                f"INSERT INTO {TABLE} (key, expires_at, answer) VALUES (%s, %s, %s)"
-                " ON CONFLICT (key) DO UPDATE SET expires_at = EXCLUDED.expires_at, answer = EXCLUDED.answer",
-                (key, time.time() + ttl_s, body),
+                f"DELETE FROM {TABLE} WHERE key IN (SELECT key FROM {TABLE} ORDER BY expires_at LIMIT %s)",
+                (rows - self.max_entries,),
             )
-            self._writes += 1
-            if self._writes % self.PRUNE_EVERY == 0:
-                await conn.execute(f"DELETE FROM {TABLE} WHERE expires_at <= %s", (time.time(),))
-                await conn.execute(
-                    f"DELETE FROM {TABLE} WHERE key IN (SELECT key FROM {TABLE} ORDER BY expires_at DESC OFFSET %s)",
-                    (self.max_entries,),
-                )
 
     async def aclose(self) -> None:
+        for task in (self._reader, self._follower):
+            if task is not None:
+                task.cancel()
+        with contextlib.suppress(Exception):  # a last batch, but not a stalled shutdown
+            await asyncio.wait_for(self.flush(), 2.0)
+        if self._writer is not None:
+            self._writer.cancel()
         if self._pool is not None:
             await self._pool.close()
+
+
+# Insert (or refresh) a batch and announce its keys with their expiry, in one statement.
+_WRITE = f"""
+    WITH written AS (
+        INSERT INTO {TABLE} (key, expires_at, answer)
+        SELECT * FROM unnest(%s::text[], %s::float8[], %s::bytea[])
+        ON CONFLICT (key) DO UPDATE SET expires_at = EXCLUDED.expires_at, answer = EXCLUDED.answer
+        RETURNING key, expires_at
+    )
+    SELECT pg_notify('{CHANNEL}', string_agg(key || ' ' || round(expires_at)::text, ',')) FROM written
+"""
 
 
 # -- the semantic layer ------------------------------------------------------------------------
@@ -299,6 +458,9 @@ class Probe:
     vector: np.ndarray | None = None
 
 
+MAX_PENDING = 2  # prompts being embedded for the semantic index at once
+
+
 class TeacherCache:
     def __init__(
         self,
@@ -311,11 +473,17 @@ class TeacherCache:
         """`embedder`: the semantic layer's model, if already loaded (else `open` loads it)."""
         self.config = config
         self.store = store
+        # A shared store gets this process's own LRU in front: a repeat answered here costs no
+        # round trip. Entries never change for a key (the same request, the same answer), so
+        # the two need no invalidation; each keeps its own time to live.
+        self.local = store if isinstance(store, MemoryStore) else MemoryStore(config.max_entries)
         self.system_prompt = system_prompt
         self.embedder = embedder
         self.index = SemanticIndex(config.max_entries) if embedder is not None else None
         self._redactor = Redactor()
         self._pending: set[asyncio.Task[None]] = set()
+        self._logs = LogThrottle()
+        self.dropped = 0  # writes not made because MAX_PENDING were under way
 
     async def open(self) -> None:
         """Open the store; load the embedding model when the semantic layer is on (seconds)."""
@@ -351,7 +519,7 @@ class TeacherCache:
     async def lookup(self, probe: Probe) -> Probe:
         """Fill in `probe` from the exact layer, else the semantic one. Errors are misses."""
         try:
-            probe.answer = await self.store.get(probe.key.exact)
+            probe.answer = await self._get(probe.key.exact)
             if probe.answer is not None:
                 probe.layer, probe.source = "exact", probe.key.exact
                 return probe
@@ -359,15 +527,29 @@ class TeacherCache:
                 (probe.vector,) = await asyncio.to_thread(self.embedder, [probe.key.prompt])
                 near = self.index.nearest(probe.key.context, probe.vector)
                 if near is not None and near[1] >= self.config.semantic.threshold:
-                    probe.answer = await self.store.get(near[0])
+                    probe.answer = await self._get(near[0])
                     if probe.answer is None:
                         self.index.discard(probe.key.context, near[0])
                     else:
                         probe.layer, probe.source, probe.similarity = "semantic", near[0], near[1]
         except Exception as exc:  # noqa: BLE001 - the cache is an optimisation: a failure is a miss
-            log.warning("teacher cache lookup failed (%s): %s", self.store.where, exc)
+            what = type(exc).__name__ if isinstance(exc, TimeoutError) else exc
+            self._logs.warning(log, "lookup", "teacher cache lookup failed (%s): %s", self.store.where, what)
             probe.answer = None
         return probe
+
+    async def _get(self, key: str) -> Generation | None:
+        answer = await self.local.get(key)
+        if answer is None and self.local is not self.store:
+            answer = await self.store.get(key)
+            if answer is not None:
+                self.local.keep(key, answer, self.config.ttl_s)
+        return answer
+
+    def _keep(self, key: str, answer: Generation, ttl_s: float) -> bool:
+        if self.local is not self.store:
+            self.local.keep(key, answer, ttl_s)
+        return self.store.keep(key, answer, ttl_s)
 
     def remember(self, probe: Probe, answer: Generation) -> None:
         """Keep a fresh teacher answer, in the background (a shared store's write is a round trip),
@@ -377,26 +559,37 @@ class TeacherCache:
         if answer.finish_reason not in ("stop", "length"):
             return
         answer = trimmed(answer, probe.logprobs)
-        task = asyncio.create_task(self._remember(probe, answer), name="teacher-cache-put")
+        if self.index is None:
+            self.dropped += not self._keep(probe.key.exact, answer, self.config.ttl_s)
+            return
+        if len(self._pending) >= MAX_PENDING:
+            self.dropped += 1  # the embedder is behind (about 15 ms a prompt)
+            return
+        task = asyncio.create_task(self._remember(probe, answer), name="teacher-cache-embed")
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
     async def _remember(self, probe: Probe, answer: Generation) -> None:
+        """Embed the prompt (if the lookup did not), then keep the answer and index it."""
         ttl = self.config.ttl_s
         try:
-            await self.store.put(probe.key.exact, answer, ttl)
-            if self.index is not None and self.embedder is not None and probe.key.prompt:
-                vector = probe.vector
-                if vector is None:
-                    (vector,) = await asyncio.to_thread(self.embedder, [probe.key.prompt])
+            vector = probe.vector
+            if vector is None and probe.key.prompt:
+                assert self.embedder is not None
+                (vector,) = await asyncio.to_thread(self.embedder, [probe.key.prompt])
+            if not self._keep(probe.key.exact, answer, ttl):
+                self.dropped += 1
+            elif self.index is not None and vector is not None:
                 self.index.add(probe.key.context, probe.key.exact, vector, ttl)
         except Exception as exc:  # noqa: BLE001 - see lookup
-            log.warning("teacher cache write failed (%s): %s", self.store.where, exc)
+            self._logs.warning(log, "embed", "teacher cache could not embed a prompt: %s", exc)
 
     async def settle(self, timeout: float = 5.0) -> None:
-        """Wait for the answers being written."""
+        """Wait for the answers being embedded and written."""
         if self._pending:
             await asyncio.wait(set(self._pending), timeout=timeout)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.store.flush(), timeout)
 
     async def aclose(self) -> None:
         await self.settle()

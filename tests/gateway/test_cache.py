@@ -234,8 +234,17 @@ def test_a_hit_needs_no_teacher(
 
 # -- the shared store ----------------------------------------------------------------------------
 def test_replicas_share_answers_in_postgres(postgres_url: str) -> None:
-    """Two caches on one database, as two replicas: one's answer is the other's hit; expired
-    answers are not served; the size bound holds after a prune."""
+    """Two caches on one database, as two replicas: one's answer is the other's hit, announced
+    to it so that a key it never heard of costs no round trip; expired answers are not served;
+    the size bound holds after a prune."""
+
+    async def known(cache: TeacherCache, key: str) -> None:
+        """Until `cache`'s replica has heard that `key` is in the table (NOTIFY)."""
+        for _ in range(100):
+            if key in (cache.store._known or {}):  # type: ignore[attr-defined]  # noqa: SLF001
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"{key} was never announced")
 
     async def scenario() -> None:
         one = TeacherCache(CacheConfig(), PostgresStore(postgres_url, 3, 2.0), system_prompt=None)
@@ -250,20 +259,28 @@ def test_replicas_share_answers_in_postgres(postgres_url: str) -> None:
             await one.settle()
             again = two.probe_for("t", user("Where is my  parcel?"), GREEDY, "g")
             assert again is not None
+            await known(two, again.key.exact)
+            assert isinstance(two.store, PostgresStore)
+            asked = two.store.round_trips
+            assert await two.store.get("a key no replica wrote") is None and two.store.round_trips == asked
             found = await two.lookup(again)
+            assert two.store.round_trips == asked + 1
             assert found.layer == "exact" and found.answer == with_logprobs
+            # Found in the shared table, it is kept in this replica's own LRU: a repeat costs no round trip.
+            assert await two.local.get(again.key.exact) == with_logprobs
             # Expiry is the database's row, not a process's memory.
             await two.store.put("old", answer(), ttl_s=0.01)
             time.sleep(0.05)
             assert await one.store.get("old") is None
             assert isinstance(one.store, PostgresStore)
-            one.store.PRUNE_EVERY = 1
             for i in range(5):
                 await one.store.put(f"k{i}", answer(), ttl_s=60 + i)
-            assert await one.store.get("k0") is None and await one.store.get("k4") is not None
+            await one.store.prune()  # the table's bound, whoever wrote the rows: the 3 to expire last stay
+            assert [await one.store.get(f"k{i}") is not None for i in range(5)] == [False, False, False, True, True]
+            assert (await two.lookup(again)).answer == with_logprobs
             async with one.store._conn() as conn:  # noqa: SLF001 - the bound is a row count
                 rows = await (await conn.execute("SELECT count(*) FROM tiergate_teacher_cache")).fetchone()
-            assert rows[0] <= 3
+            assert rows[0] == 3
         finally:
             await one.aclose()
             await two.aclose()
@@ -271,9 +288,35 @@ def test_replicas_share_answers_in_postgres(postgres_url: str) -> None:
     asyncio.run(scenario())
 
 
+def test_writes_to_the_shared_store_are_queued_in_bounds(postgres_url: str) -> None:
+    """Answers are written in batches by one task; past QUEUE_MAX queued, a write is skipped (a
+    later repeat is a miss) instead of queueing without end ahead of the lookups."""
+
+    async def scenario() -> None:
+        store = PostgresStore(postgres_url, 100, 2.0)
+        store.QUEUE_MAX = 4
+        await store.open()
+        cache = TeacherCache(CacheConfig(), store, system_prompt=None)
+        try:
+            probes = [cache.probe_for("t", user(f"question {i}"), GREEDY, "g") for i in range(10)]
+            for probe in probes:
+                assert probe is not None
+                cache.remember(probe, answer())
+            assert cache.dropped == 6
+            await cache.settle()
+            shared = [await store.get(p.key.exact) is not None for p in probes if p is not None]
+            assert shared == [True] * 4 + [False] * 6
+        finally:
+            await cache.aclose()
+
+    asyncio.run(scenario())
+
+
 def test_an_unreachable_shared_store_is_a_miss() -> None:
     async def scenario() -> None:
-        cache = TeacherCache(CacheConfig(), PostgresStore("postgresql://127.0.0.1:1/none", 10, 0.2), system_prompt=None)
+        store = PostgresStore("postgresql://127.0.0.1:1/none", 10, 0.2)
+        store.WRITE_TIMEOUT_S = 0.5
+        cache = TeacherCache(CacheConfig(), store, system_prompt=None)
         await cache.open()
         try:
             probe = cache.probe_for("t", user("Where is my parcel?"), GREEDY, "g")
