@@ -19,6 +19,7 @@ from distill_loop.buffer import Example
 from distill_loop.loss import LossWeights
 from distill_loop.trainer import StudentTrainer
 from gateway import Settings, create_app
+from gateway.settings import CacheConfig
 from models import ChatMessage, resolve_model_dir
 from tests.servers import serve_in_thread
 from tests.vllm.conftest import MAX_LORA_RANK, VllmServer
@@ -49,7 +50,11 @@ def test_gateway_on_vllm_escalates_streams_and_logs_teacher_logprobs(
     trained_adapter: Path, vllm_servers: tuple[VllmServer, VllmServer], tmp_path: Path
 ) -> None:
     student, teacher = vllm_servers
-    settings = vllm_settings(student, teacher, tmp_path, enabled=False)
+    # The teacher cache off: the stream below repeats the greedy HARD request, which the cache
+    # would answer; here both must reach vLLM's teacher (tests/gateway/test_cache.py has the cache).
+    settings = vllm_settings(student, teacher, tmp_path, enabled=False).model_copy(
+        update={"cache": CacheConfig(enabled=False)}
+    )
     with (
         serve_in_thread(create_app(settings), ready_path="/health/ready", timeout=120) as url,
         openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0, timeout=120) as client,
