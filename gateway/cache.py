@@ -483,7 +483,7 @@ class TeacherCache:
         self._redactor = Redactor()
         self._pending: set[asyncio.Task[None]] = set()
         self._logs = LogThrottle()
-        self.dropped = 0  # writes not made because MAX_PENDING were under way
+        self.dropped = 0  # answers not kept: the store's queue was full, or MAX_PENDING being embedded
 
     async def open(self) -> None:
         """Open the store; load the embedding model when the semantic layer is on (seconds)."""
