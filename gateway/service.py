@@ -592,7 +592,7 @@ class TieredService:
 
     # -- the teacher cache ---------------------------------------------------------------------
     def _cache_probe(self, call: ChatCall) -> Probe | None:
-        """The call's cache key as the teacher would get it, or None: no cache, or not cacheable."""
+        """The call's cache key, as its client asked it, or None: no cache, or not cacheable."""
         if self.cache is None:
             return None
         teacher = self.tiers["teacher"].info.name
@@ -666,8 +666,7 @@ class TieredService:
             self._logs.warning(log, f"{kind}:{error_class(exc)}", "%s of %s failed: %s", what, call.request_id, exc)
             return
         outcomes.labels(*labels, "ok").inc()
-        if self.cache is not None and (probe := self._cache_probe(call)) is not None:
-            self._cache_remember(probe, answer)  # the next escalation of this prompt needs no teacher
+        self._cache_remember(self._cache_probe(call), answer)  # the next escalation of this prompt needs no teacher
         if kind == "label":
             # `_generate` counted this in the teacher's cost already; this is the labels' share of it.
             usage = answer.usage
