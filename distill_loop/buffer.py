@@ -95,6 +95,7 @@ def examples_for(sample: Sample, config: DistillConfig) -> list[Example]:
         config.losses.error_correction
         and draft is not None
         and draft.text.strip()
+        and sample.features.get("full_draft", 1.0)  # an early decision cut this draft short: not a whole mistake
         and not config.gate.agrees(draft.text, teacher.text)
     ):
         critique = f"{sample.critique.strip()}\n" if sample.critique else ""

@@ -490,6 +490,7 @@ class DistillLoop:
             for s in read_samples(self.signal, since=self.state.last_cut, kind="escalation")
             if s.critique is None
             and s.student is not None
+            and s.features.get("full_draft", 1.0)  # an early decision cut this draft short: nothing to critique
             and not self.config.gate.agrees(s.student.text, s.teacher.text)
         ][:limit]
         done = 0

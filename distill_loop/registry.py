@@ -29,7 +29,7 @@ from typing import Any
 from distill_loop.config import DistillConfig, SignalConfig
 from distill_loop.errors import DistillError
 from distill_loop.pointer import FileState, RegistryState, atomic_write, flocked, registry_state
-from router import IDENTITY, Calibrator, Floor, quality_floor
+from router import IDENTITY, PRIOR, Calibrator, Floor, PrefixScorer, quality_floor
 
 BASE = "base"
 
@@ -64,6 +64,9 @@ class RoutingState:
     # What the floor rests on: (raw confidence, agreed with the teacher) per held-out or
     # audited item, so a tenant with its own quality target gets its own floor (`floor_for`).
     evidence: tuple[tuple[float, bool], ...] = ()
+    # The version's early-decision model (router/prefix.py), fitted on its own full drafts; the
+    # prior until there are enough.
+    prefix: PrefixScorer = PRIOR
 
     def floor_for(self, target: float, z: float) -> Floor | None:
         """The quality-target floor on this version's evidence, in the router's confidence
@@ -77,6 +80,7 @@ class RoutingState:
             "floor": self.floor,
             "calibrator": self.calibrator.to_json(),
             "evidence": [[c, a] for c, a in self.evidence],
+            "prefix": self.prefix.to_json(),
         }
 
     @classmethod
@@ -84,7 +88,10 @@ class RoutingState:
         floor = data.get("floor")
         cal = data.get("calibrator")
         evidence = tuple((float(c), bool(a)) for c, a in data.get("evidence") or ())
-        return cls(None if floor is None else float(floor), Calibrator.from_json(cal) if cal else IDENTITY, evidence)
+        prefix = PrefixScorer.from_json(data["prefix"]) if data.get("prefix") else PRIOR
+        return cls(
+            None if floor is None else float(floor), Calibrator.from_json(cal) if cal else IDENTITY, evidence, prefix
+        )
 
 
 class Registry:

@@ -51,6 +51,9 @@ class TuningConfig(BaseModel):
     learned_router: bool = False
     # With the learned router: prompts it rates at least this likely to need the teacher skip the student.
     skip_student_above: float = Field(default=0.95, ge=0.0, le=1.0)
+    # Refit each version's early-decision model (router/prefix.py) on its logged full drafts
+    # after every swap and every `refit_s`; until one is fitted, the prior decides.
+    prefix: bool = True
     # Seconds between scheduled refits.
     refit_s: float = Field(default=600.0, gt=0)
     # Hours of logged traffic used by refits and what-if (0 = everything).

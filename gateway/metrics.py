@@ -225,6 +225,34 @@ class Metrics:
             "Escalations from the backlog answered by the teacher once it was back, and recorded.",
             registry=r,
         )
+        self.hedges = Counter(
+            "tiergate_hedges_total",
+            "Teacher calls started in parallel while a draft's prefix was unsure, by outcome: used (the"
+            " request escalated and got it), cancelled (the draft turned out confident).",
+            ["outcome"],
+            registry=r,
+        )
+        self.hedge_tokens = Counter(
+            "tiergate_hedge_tokens_total",
+            "Teacher tokens spent on hedges, by outcome; a cancelled hedge counts its prompt (estimated"
+            " at 4 characters a token). Also counted, and priced, in the teacher's tokens and cost.",
+            ["outcome"],
+            registry=r,
+        )
+        self.decisions = Counter(
+            "tiergate_routing_decisions_total",
+            "Routed requests by where the one decision path decided them (prompt, prefix, full_draft)"
+            " and what it decided (student, teacher).",
+            ["decided_by", "tier"],
+            registry=r,
+        )
+        self.early_agreement = Counter(
+            "tiergate_early_decision_checks_total",
+            "Prefix decisions checked against the full draft's own decision (kept streams, and the"
+            " audited slice of early escalations whose draft ran on), by whether they agreed.",
+            ["agreed"],
+            registry=r,
+        )
         self.client_disconnects = Counter(
             "tiergate_client_disconnects_total",
             "Non-streaming requests cancelled because the client went away before the answer.",
@@ -241,6 +269,14 @@ class Metrics:
             self.breaker_state.labels(tier).set(0)
             self.shed.labels(tier)
             self.retries.labels(tier)
+        for outcome in ("used", "cancelled"):
+            self.hedges.labels(outcome)
+            self.hedge_tokens.labels(outcome)
+        for decided_by in ("prompt", "prefix", "full_draft"):
+            for tier in TIERS:
+                self.decisions.labels(decided_by, tier)
+        for agreed in ("true", "false"):
+            self.early_agreement.labels(agreed)
         for fallback in ("teacher_unavailable", "teacher_busy", "teacher_budget"):
             self.fallbacks.labels(fallback)
         for limit in ("requests", "tokens"):

@@ -559,6 +559,9 @@ class PolicyIn(BaseModel):
     rate: float | None = Field(default=None, ge=0.0, le=1.0)
     quality: float | None = Field(default=None, ge=0.0, le=1.0)
     window: int = Field(default=500, ge=20, le=100_000)
+    # Decide this tenant's routed requests on a prefix of the draft (early) or on the whole
+    # draft (full); unset: the gateway's `router.decision`.
+    decision: Literal["early", "full"] | None = None
 
     _integers = field_validator("window", mode="before")(integral)
 

@@ -44,7 +44,7 @@ from models import (
     SamplingParams,
     collect,
 )
-from router import DEFAULT_TENANT, Decision, PolicyBook, Router, RouteReason
+from router import DEFAULT_TENANT, DecidedBy, Decision, PolicyBook, PrefixVerdict, Router, RouteReason
 
 if TYPE_CHECKING:
     from gateway.cache import Layer as CacheLayer
@@ -84,6 +84,7 @@ class Route:
     decision: Decision | None = None
     degraded: bool = False
     cache: CacheLayer | None = None  # the teacher cache layer the answer came from; None: not from it
+    decided_by: DecidedBy | None = None  # None: not routed (a forced tier, or the student failed)
 
     @property
     def confidence(self) -> float | None:
@@ -103,6 +104,7 @@ class Route:
             "x-tiergate-threshold": f"{self.threshold:.4f}",
             "x-tiergate-student-version": self.student_version,
             "x-tiergate-cache": "hit" if self.cache else "miss",
+            "x-tiergate-decided-by": self.decided_by or "none",
         }
 
     def body(self, request_id: str, decision: Decision | None = None) -> dict[str, object]:
@@ -117,6 +119,7 @@ class Route:
             "scorer": d.scorer if d else None,
             "degraded": self.degraded,
             "cache": self.cache,
+            "decided_by": self.decided_by,
             "request_id": request_id,
         }
 
@@ -128,6 +131,37 @@ class AnswerStream:
         self.route = route
         self.deltas: AsyncIterator[GenerationDelta] = deltas if deltas is not None else _empty()
         self.decision: Decision | None = route.decision
+
+
+@dataclass(eq=False)
+class _Early:
+    """What an early (prefix) decision leaves running. Kept: the deltas held while deciding and
+    the student's stream, still generating, on its lease. Escalated: a hedge (the teacher asked
+    while the prefix was unsure) and, for the audited slice, the draft running on to its end."""
+
+    verdict: PrefixVerdict
+    threshold: float
+    held: list[GenerationDelta]
+    source: AsyncIterator[GenerationDelta] | None = None
+    lease: Lease | None = None
+    hedge: asyncio.Task[Generation] | None = None
+    drain: asyncio.Task[Generation | None] | None = None
+    hedge_prompt_tokens: int = 0  # the hedge's prompt, estimated: what a cut hedge is priced at
+
+    def prefix_features(self) -> dict[str, float]:
+        v = self.verdict
+        return {"prefix_p_escalate": v.p_escalate, "prefix_confidence": v.confidence, "prefix_tokens": float(v.tokens)}
+
+
+async def _chain(held: list[GenerationDelta], source: AsyncIterator[GenerationDelta]) -> AsyncIterator[GenerationDelta]:
+    """The held deltas, then the live stream; closing this closes the stream (stops its generation)."""
+    try:
+        for delta in held:
+            yield delta
+        async for delta in source:
+            yield delta
+    finally:
+        await _aclose(source)
 
 
 async def _empty() -> AsyncIterator[GenerationDelta]:
@@ -236,55 +270,86 @@ class TieredService:
         return f"{info.name}@{version or info.version}" if tier == "student" else info.name
 
     async def complete(self, call: ChatCall) -> tuple[Route, Generation]:
-        route, draft = await self._route(call)
+        route, draft, early = await self._route(call, streaming=False)
         if route.tier == "student":
+            if early is not None:  # kept on a prefix: the rest of the draft, to its end
+                handle = self._kept_stream(call, route, early)
+                draft = collect([d async for d in handle.deltas], model=self.tiers["student"].info.name,
+                                version=route.student_version)  # fmt: skip
+                return replace(route, decision=handle.decision), draft
             assert draft is not None
             self._finish(call, route, draft)
             self._maybe_audit(call, route, draft)
             return route, draft
-        probe = await self._cache_lookup(call)
+        return await self._teacher_answer(call, route, draft, early)
+
+    async def _teacher_answer(
+        self, call: ChatCall, route: Route, draft: Generation | None, early: _Early | None, probe: Probe | None = None
+    ) -> tuple[Route, Generation]:
+        """The teacher's whole answer for an escalated (or `model: teacher`) call: from the cache,
+        from the hedge already under way, or asked now; degraded to the draft when it fails."""
+        hedge = early.hedge if early is not None else None
+        probe = probe or await self._cache_lookup(call)
         if probe is not None and probe.answer is not None:
+            self._cancel_hedge(early)
             return await self._cached(call, route, draft, probe)
         try:
-            answer = await self._ask_teacher(call, "request")
+            if hedge is not None:
+                answer = await hedge
+                self.metrics.hedges.labels("used").inc()
+                self.metrics.hedge_tokens.labels("used").inc(
+                    answer.usage.prompt_tokens + answer.usage.completion_tokens
+                )
+            else:
+                answer = await self._ask_teacher(call, "request")
         except TeacherBudgetExceeded as exc:
-            return await self._over_budget(call, route, draft, exc)
+            return await self._over_budget(call, route, await self._whole_draft(call, route, draft, early), exc)
         except BackendError as exc:
-            return self._fallback(call, route, draft, exc)
+            return self._fallback(call, route, await self._whole_draft(call, route, draft, early), exc)
         self._cache_remember(probe, answer)
         self._finish(call, route, answer)
         if route.escalated:
-            await self._acknowledge(call, self._record(call, "escalation", route.reason, draft, route.decision, answer))
+            draft, decision = await self._record_draft(call, route, draft, early)
+            record = self._record(call, "escalation", route.reason, draft, decision, answer)
+            await self._acknowledge(call, record)
         return route, answer
 
     async def open_stream(self, call: ChatCall) -> AnswerStream:
         """Do all the work that must precede the first byte; return the route and the deltas.
 
         Errors before the first delta raise here, so they become proper HTTP statuses.
-        A forced-student stream is live (real time to first token); a routed one is drafted
-        and scored in full first, since headers name the tier before any byte is sent.
+        A forced-student stream is live (real time to first token). A routed one is decided on
+        the one decision path (`_route`) before any byte, since headers name the tier: on a
+        prefix of the draft (early), then streamed as the student generates the rest; or on the
+        whole draft (full), then replayed.
         """
         if call.alias == "student":
             return await self._open_live("student", call, self._routeless(call, "student"))
-        route, draft = await self._route(call)
+        route, draft, early = await self._route(call, streaming=True)
         if route.tier == "student":
+            if early is not None:
+                return self._kept_stream(call, route, early)
             assert draft is not None
             self._maybe_audit(call, route, draft)
             return AnswerStream(route, self._replay(call, route, draft))
         probe = await self._cache_lookup(call)
-        if probe is not None and probe.answer is not None:
-            route, answer = await self._cached(call, route, draft, probe)
+        if (probe is not None and probe.answer is not None) or (early is not None and (early.hedge or early.drain)):
+            # From the cache, or from the hedge already under way (or with an audited draft
+            # running on beside it): whole before the first byte.
+            route, answer = await self._teacher_answer(call, route, draft, early, probe)
             return AnswerStream(route, self._replay(call, route, answer, already_finished=True))
         try:
             grant = self._admit_teacher(call, "request")
         except TeacherBudgetExceeded as exc:
-            route, answer = await self._over_budget(call, route, draft, exc)
+            route, answer = await self._over_budget(
+                call, route, await self._whole_draft(call, route, draft, early), exc
+            )
             return AnswerStream(route, self._replay(call, route, answer, already_finished=True))
         try:
             return await self._open_live("teacher", call, route, draft, grant, probe)
         except BackendError as exc:
             self.limits.settle_teacher(grant, 0.0)
-            route, answer = self._fallback(call, route, draft, exc)
+            route, answer = self._fallback(call, route, await self._whole_draft(call, route, draft, early), exc)
             return AnswerStream(route, self._replay(call, route, answer, already_finished=True))
 
     async def drain(self, timeout: float) -> None:
@@ -299,9 +364,17 @@ class TieredService:
         version = self.student_version()
         return Route(tier, False, "forced", self.policies.effective_threshold(call.tenant, version), version)
 
-    async def _route(self, call: ChatCall) -> tuple[Route, Generation | None]:
+    async def _route(self, call: ChatCall, *, streaming: bool) -> tuple[Route, Generation | None, _Early | None]:
+        """The one decision path: before generation (the learned router's prompt model), on a
+        prefix of the draft (early), or on the whole draft (full). Returns the route, the draft
+        (a prefix, if a prefix escalated) and what an early decision left running.
+
+        A non-streaming request is decided early only when the student runs in-process, where
+        its stream is the way it generates anyway: a remote student's draft streamed over HTTP
+        costs the gateway a parse per token, more CPU than the student time an early
+        escalation saves it."""
         if call.alias == "teacher":
-            return self._routeless(call, "teacher"), None
+            return self._routeless(call, "teacher"), None, None
         threshold = self.policies.effective_threshold(call.tenant, self.student_version())
         prompt = next((m.content for m in reversed(call.messages) if m.role == "user"), "")
         learned = self.router.learned
@@ -313,8 +386,17 @@ class TieredService:
         ):
             # Rated hard before generation: skip the student's draft altogether.
             self.metrics.escalations.labels("predicted_hard").inc()
-            return Route("teacher", True, "predicted_hard", threshold, self.student_version()), None
+            self.metrics.decisions.labels("prompt", "teacher").inc()
+            route = Route("teacher", True, "predicted_hard", threshold, self.student_version(), decided_by="prompt")
+            return route, None, None
+        early = (
+            call.alias == "tiered"
+            and (streaming or self.settings.student.kind != "remote")
+            and self.policies.decision(call.tenant, self.settings.router.decision) == "early"
+        )
         try:
+            if early:
+                return await self._route_early(call, threshold, prompt)
             draft = await self._generate("student", call.messages, call.params)
         except BackendError as exc:
             # An overloaded student is the gateway's own overload: shed it (503), never pass it
@@ -322,17 +404,213 @@ class TieredService:
             if call.alias == "student" or isinstance(exc, (InvalidGenerationRequest, TierOverloaded)):
                 raise
             self.metrics.escalations.labels("student_error").inc()
-            return Route("teacher", True, "student_error", threshold, self.student_version()), None
+            return Route("teacher", True, "student_error", threshold, self.student_version()), None, None
+        return self._route_draft(call, draft, prompt), draft, None
+
+    def _route_draft(self, call: ChatCall, draft: Generation, prompt: str) -> Route:
+        """Decide on a whole draft."""
         decision = self.router.decide(draft, self.policies.effective_threshold(call.tenant, draft.version), prompt)
         self.metrics.confidence.observe(decision.confidence)
         if call.alias == "tiered":
             self.policies.observe(call.tenant, decision.confidence)
         if call.alias == "student":
-            return Route("student", False, "forced", decision.threshold, draft.version, decision), draft
+            return Route("student", False, "forced", decision.threshold, draft.version, decision)
+        tier: Tier = "teacher" if decision.escalate else "student"
+        self.metrics.decisions.labels("full_draft", tier).inc()
         if decision.escalate:
             self.metrics.escalations.labels(decision.reason).inc()
-            return Route("teacher", True, decision.reason, decision.threshold, draft.version, decision), draft
-        return Route("student", False, "confident", decision.threshold, draft.version, decision), draft
+            return Route(
+                "teacher", True, decision.reason, decision.threshold, draft.version, decision, decided_by="full_draft"
+            )
+        return Route(
+            "student", False, "confident", decision.threshold, draft.version, decision, decided_by="full_draft"
+        )
+
+    async def _route_early(
+        self, call: ChatCall, threshold: float, prompt: str
+    ) -> tuple[Route, Generation | None, _Early | None]:
+        """Stream the student's draft and judge each prefix (router/prefix.py) from
+        `router.min_prefix_tokens` on, until it is decisive or reaches `decide_after_tokens`.
+        Kept: the held deltas and the live stream go back to be sent. Escalated: the draft
+        stops at once (its stream is closed), except for an audited slice that runs on so the
+        early decision can be checked against the whole one. A draft that ends first is
+        decided whole. While an undecided prefix looks unsure (`router.hedge_below`), the
+        teacher starts in parallel."""
+        cfg = self.settings.router
+        student = self.tiers["student"]
+        delta, source, lease = await self._open_source("student", call.messages, call.params)
+        hedge_tokens = (prompt_chars(call.messages) + len(self.settings.teacher.system_prompt or "")) // 4
+        held: list[GenerationDelta] = []
+        lps: list[float] = []
+        hedge: asyncio.Task[Generation] | None = None
+        handed_on = False
+        try:
+            while True:
+                held.append(delta)
+                lps.extend(t.logprob for t in delta.logprobs)
+                if delta.finish_reason is not None:  # the whole draft came first: decide on it
+                    lease.done()
+                    draft = collect(held, model=student.info.name, version=student.info.version)
+                    self._account("student", draft.usage.prompt_tokens, draft.usage.completion_tokens)
+                    route = self._route_draft(call, draft, prompt)
+                    if route.tier == "teacher" and hedge is not None:
+                        handed_on = True
+                        verdict = self.router.judge_prefix(lps, threshold, final=True)
+                        return (
+                            route,
+                            draft,
+                            _Early(verdict, threshold, held, hedge=hedge, hedge_prompt_tokens=hedge_tokens),
+                        )
+                    return route, draft, None
+                if len(lps) >= cfg.min_prefix_tokens:
+                    verdict = self.router.judge_prefix(lps, threshold, final=len(lps) >= cfg.decide_after_tokens)
+                    if verdict.verdict != "undecided":
+                        handed_on = True
+                        early = _Early(verdict, threshold, held, source, lease, hedge, hedge_prompt_tokens=hedge_tokens)
+                        return self._decided_early(call, early)
+                    if hedge is None and verdict.confidence < cfg.hedge_below:
+                        hedge = asyncio.create_task(self._hedge(call), name=f"hedge-{call.request_id}")
+                async with asyncio.timeout_at(lease.deadline):
+                    delta = await anext(source)
+        except StopAsyncIteration:
+            lease.done(BackendResponseError("student stream ended without a finish_reason"))
+            raise BackendResponseError("student stream ended without a finish_reason") from None
+        except TimeoutError:
+            exc = BackendTimeout("student did not answer within its deadline")
+            lease.done(exc)
+            raise exc from None
+        except BaseException as exc:
+            lease.done(exc)
+            raise
+        finally:
+            if not handed_on:
+                if hedge is not None:
+                    hedge.cancel()
+                await _aclose(source)
+
+    def _decided_early(self, call: ChatCall, early: _Early) -> tuple[Route, Generation | None, _Early]:
+        version = self.student_version()
+        verdict, threshold, held, source, lease = early.verdict, early.threshold, early.held, early.source, early.lease
+        assert source is not None and lease is not None
+        escalate = verdict.verdict == "escalate"
+        features = {**early.prefix_features(), "full_draft": 0.0}
+        decision = Decision(escalate, verdict.confidence, threshold, "low_confidence" if escalate else "confident",
+                            "prefix", features)  # fmt: skip
+        self.metrics.decisions.labels("prefix", "teacher" if escalate else "student").inc()
+        if not escalate:
+            self._cancel_hedge(early)
+            return (
+                Route("student", False, "prefix_confident", threshold, version, decision, decided_by="prefix"),
+                None,
+                early,
+            )
+        self.metrics.escalations.labels("prefix_unsure").inc()
+        route = Route("teacher", True, "prefix_unsure", threshold, version, decision, decided_by="prefix")
+        prefix = collect(held, model=self.tiers["student"].info.name, version=version)
+        fraction = self.settings.signal.audit_fraction
+        if fraction > 0 and self._rng.random() < fraction:
+            # Audited: the draft runs on beside the teacher, so the record holds the whole draft
+            # and both decisions (what-if and the prefix refit learn from these).
+            early.drain = asyncio.create_task(self._run_on(early), name=f"draft-{call.request_id}")
+        else:
+            early.lease = None
+            self._spawn(self._stop_draft(source, lease, len(prefix.logprobs), call), call.request_id)
+        return route, replace(prefix, finish_reason="length"), early
+
+    async def _stop_draft(
+        self, source: AsyncIterator[GenerationDelta], lease: Lease, tokens: int, call: ChatCall
+    ) -> None:
+        """Close a draft a prefix escalated (its generation stops) and account what it cost:
+        the tokens made, and its prompt estimated at 4 characters a token (no usage came)."""
+        try:
+            await _aclose(source)
+        finally:
+            lease.done()
+            self._account("student", prompt_chars(call.messages) // 4, tokens)
+
+    async def _run_on(self, early: _Early) -> Generation | None:
+        """The rest of an escalated draft, for the audited slice; None if it failed."""
+        assert early.source is not None and early.lease is not None
+        deltas = list(early.held)
+        try:
+            async with asyncio.timeout_at(early.lease.deadline):
+                async for delta in early.source:
+                    deltas.append(delta)
+                    if delta.finish_reason is not None:
+                        break
+        except (BackendError, TimeoutError) as exc:
+            early.lease.done(_backend_error("student", exc))
+            return None
+        finally:
+            await _aclose(early.source)
+        early.lease.done()
+        draft = collect(deltas, model=self.tiers["student"].info.name, version=self.student_version())
+        self._account("student", draft.usage.prompt_tokens, draft.usage.completion_tokens)
+        return draft
+
+    async def _hedge(self, call: ChatCall) -> Generation:
+        """The teacher's answer, asked while the draft's prefix is still unsure. Cancelled when
+        the draft turns out confident: its grant keeps the estimate (no usage came back)."""
+        grant = self._admit_teacher(call, "request")
+        try:
+            answer = await self._generate("teacher", self._for_teacher(call.messages), self._teacher_params(call))
+        except BackendError:
+            self.limits.settle_teacher(grant, 0.0)
+            raise
+        except asyncio.CancelledError:
+            self.limits.settle_teacher(grant, None)
+            raise
+        self._settle(grant, answer)
+        return answer
+
+    def _cancel_hedge(self, early: _Early | None) -> None:
+        """Cancel a hedge no longer needed, and price what it cost: a call that had answered
+        is accounted already; a cut one, its prompt (estimated at 4 characters a token)."""
+        if early is None or early.hedge is None:
+            return
+        hedge, early.hedge = early.hedge, None
+        self.metrics.hedges.labels("cancelled").inc()
+        if hedge.done() and not hedge.cancelled() and hedge.exception() is None:
+            usage = hedge.result().usage
+            self.metrics.hedge_tokens.labels("cancelled").inc(usage.prompt_tokens + usage.completion_tokens)
+            return
+        hedge.cancel()
+        if not hedge.done():
+            self._account("teacher", early.hedge_prompt_tokens, 0)
+            self.metrics.hedge_tokens.labels("cancelled").inc(early.hedge_prompt_tokens)
+
+    async def _whole_draft(
+        self, call: ChatCall, route: Route, draft: Generation | None, early: _Early | None
+    ) -> Generation | None:
+        """The draft to serve in the teacher's place. A prefix decision cut it short: the
+        audited slice's ran on; any other is drafted again (or None if the student fails)."""
+        self._cancel_hedge(early)
+        if route.decided_by != "prefix" or early is None:
+            return draft
+        if early.drain is not None:
+            whole = await early.drain
+            early.drain = None
+            if whole is not None:
+                return whole
+        try:
+            return await self._generate("student", call.messages, call.params)
+        except BackendError:
+            return None
+
+    async def _record_draft(
+        self, call: ChatCall, route: Route, draft: Generation | None, early: _Early | None
+    ) -> tuple[Generation | None, Decision | None]:
+        """The draft and decision an escalation's record keeps: for the audited slice of
+        prefix escalations, the whole draft and both decisions (checked against each other)."""
+        if early is None or early.drain is None or route.decision is None:
+            return draft, route.decision
+        whole = await early.drain
+        if whole is None:
+            return draft, route.decision
+        full = self.router.decide(whole, early.threshold)
+        self.metrics.early_agreement.labels("true" if full.escalate else "false").inc()
+        features = {**full.features, **early.prefix_features(), "full_draft": 1.0}
+        return whole, replace(full, features=features)
 
     def _for_teacher(self, messages: tuple[ChatMessage, ...]) -> tuple[ChatMessage, ...]:
         """The prompt as the teacher gets it: redacted under `signal.redact_teacher_requests`,
@@ -485,6 +763,25 @@ class TieredService:
         until that first delta, since after it bytes may have reached the client."""
         params = self._teacher_params(call) if tier == "teacher" else call.params
         messages = self._for_teacher(call.messages) if tier == "teacher" else call.messages
+        first, source, lease = await self._open_source(tier, messages, params)
+        handle = AnswerStream(route)
+        handle.deltas = self._relay(tier, call, route, first, source, draft, handle, lease, grant, probe)
+        return handle
+
+    def _kept_stream(self, call: ChatCall, route: Route, early: _Early) -> AnswerStream:
+        """A draft kept on its prefix: the held deltas, then the rest as the student makes it."""
+        assert early.source is not None and early.lease is not None
+        handle = AnswerStream(route)
+        rest = _chain(early.held[1:], early.source)
+        handle.deltas = self._relay("student", call, route, early.held[0], rest, None, handle, early.lease, None, None)
+        return handle
+
+    async def _open_source(
+        self, tier: Tier, messages: tuple[ChatMessage, ...], params: SamplingParams
+    ) -> tuple[GenerationDelta, AsyncIterator[GenerationDelta], Lease]:
+        """Open the tier's stream and take its first delta, through the guard: retried (within
+        the budget) only until that first delta, since after it bytes may reach the client.
+        Returns the delta, the stream and its lease, still held."""
 
         async def first_delta() -> tuple[GenerationDelta, AsyncIterator[GenerationDelta]]:
             source = self.tiers[tier].stream(messages, params)
@@ -497,9 +794,7 @@ class TieredService:
                 raise
 
         (first, source), lease = await self._guarded(tier, first_delta)
-        handle = AnswerStream(route)
-        handle.deltas = self._relay(tier, call, route, first, source, draft, handle, lease, grant, probe)
-        return handle
+        return first, source, lease
 
     async def _relay(
         self,
@@ -570,8 +865,15 @@ class TieredService:
         if tier == "student":
             # A forced-student stream is scored after the fact, for metrics and the last chunk.
             threshold = self.policies.effective_threshold(call.tenant, gen.version)
-            handle.decision = self.router.decide(gen, threshold)
-            self.metrics.confidence.observe(handle.decision.confidence)
+            handle.decision = full = self.router.decide(gen, threshold)
+            self.metrics.confidence.observe(full.confidence)
+            if route.decided_by == "prefix" and route.decision is not None:
+                # Kept on its prefix: check that against the whole draft, keep both, and audit it.
+                self.metrics.early_agreement.labels("false" if full.escalate else "true").inc()
+                prefix = {k: v for k, v in route.decision.features.items() if k.startswith("prefix_")}
+                handle.decision = replace(full, features={**full.features, **prefix, "full_draft": 1.0})
+                self.policies.observe(call.tenant, full.confidence)
+                self._maybe_audit(call, replace(route, decision=handle.decision), gen)
         elif route.escalated:
             return self._record(call, "escalation", route.reason, draft, route.decision, gen)
         return None
@@ -736,7 +1038,8 @@ class TieredService:
             reason=reason,
             messages=call.messages,
             student=draft,
-            confidence=decision.confidence if decision else None,
+            # A draft a prefix decision cut short has no confidence of its own (only predicted).
+            confidence=decision.confidence if decision and decision.features.get("full_draft") != 0.0 else None,
             features=dict(decision.features) if decision else {},
             teacher=answer,
             threshold=decision.threshold if decision else self.policies.threshold(DEFAULT_TENANT),
@@ -744,7 +1047,10 @@ class TieredService:
             # Every escalation is logged; an audit stands for the 1/fraction confident requests
             # `_maybe_audit` drew it from. Stored, so a reader with another fraction weights it right.
             # A label was chosen, not drawn: 1.0, and what-if leaves it out.
-            sampling_weight=1.0 / self.settings.signal.audit_fraction if kind == "audit" else 1.0,
+            # So does a prefix escalation whose draft ran on: it was drawn from all of them.
+            sampling_weight=1.0 / self.settings.signal.audit_fraction
+            if kind == "audit" or _drawn(kind, decision)
+            else 1.0,
             client_request_id=call.client_request_id,
         )
         if self.labeler is not None:
@@ -805,6 +1111,17 @@ class TieredService:
 
 
 BREAKER_VALUE: dict[BreakerState, int] = {"closed": 0, "half_open": 1, "open": 2}
+
+
+def _drawn(kind: str, decision: Decision | None) -> bool:
+    """An escalation decided on its prefix whose whole draft was kept: the audited slice."""
+    return (
+        kind == "escalation"
+        and decision is not None
+        and decision.features.get("full_draft") == 1.0
+        and "prefix_tokens" in decision.features
+    )
+
 
 # Seeded from os.urandom once; 128 random bits per id, as uuid4 has, without a getrandom(2)
 # syscall per request (4% of the gateway's CPU under load, bench/README.md). Request ids are

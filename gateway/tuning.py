@@ -38,6 +38,7 @@ from router import (
     curve,
     fit_calibrator,
     fit_learned_router,
+    fit_prefix_scorer,
     point,
     quantile,
     threshold_for_quality,
@@ -120,6 +121,7 @@ class Tuning:
     def resolve(self, body: dict[str, Any], hours: float | None = None) -> tuple[Policy, dict[str, Any] | None]:
         """Turn an admin request into a policy, and predict its effect on logged traffic."""
         kind = body.get("kind")
+        decision = body.get("decision")
         obs = self.observations(self.samples(hours, population=True))
         if kind == "fixed":
             policy: Policy = FixedThreshold(_unit(body.get("threshold"), "threshold"))
@@ -136,6 +138,8 @@ class Tuning:
             policy = TargetQuality(quality, best.threshold)
         else:
             raise ValueError("kind must be fixed, target_rate or target_quality")
+        if decision is not None:
+            policy = dataclasses.replace(policy, decision=decision)
         predicted = point(obs, policy.current()).to_json() if obs else None
         return policy, predicted
 
@@ -191,8 +195,32 @@ class Tuning:
             if learned is not None:
                 self.router.learned = learned
             report["learned_router"] = learned is not None
+        if self.settings.tuning.prefix:
+            report["prefix"] = self._refit_prefix(version, samples)
         self.last_refit = report
         return report
+
+    def _refit_prefix(self, version: str, samples: Sequence[Sample]) -> dict[str, Any] | None:
+        """Fit the version's prefix scorer on its full drafts (a draft an early decision cut
+        short says nothing about where a whole one ends), against their confidence under the
+        calibrator routing now. Saved in the version's routing state; None with too few drafts."""
+        full = [
+            s for s in samples if s.features.get("full_draft", 1.0) and s.student is not None and s.student.logprobs
+        ]
+        calibrator = self.router.calibrator
+        cfg = self.settings.router
+        scorer = fit_prefix_scorer(
+            [[t.logprob for t in s.student.logprobs] for s in full if s.student is not None],
+            [calibrator(float(s.features.get("raw_confidence", s.confidence or 0.0))) for s in full],
+            [self.weight(s) for s in full],
+            lengths=range(cfg.min_prefix_tokens, cfg.decide_after_tokens + 1),
+        )
+        if scorer is None:
+            return None
+        self.router.prefix = scorer
+        state = self.registry.routing_state(version)
+        self.registry.save_routing_state(version, dataclasses.replace(state, prefix=scorer))
+        return scorer.to_json()
 
     @property
     def registry(self) -> Registry:
@@ -216,6 +244,7 @@ class Tuning:
         self.policies.floor_curves = {name: _floor_curve(st, z) for name, st in states.items() if st.evidence}
         if self.settings.tuning.calibrate:
             self.router.calibrator = states.get(version, RoutingState()).calibrator
+        self.router.prefix = states.get(version, RoutingState()).prefix
         if swapped:
             self.policies.reset()
             await asyncio.to_thread(self.refit, version)
@@ -233,7 +262,7 @@ class Tuning:
                 log.exception("tuning refit failed")
 
     def start(self, current_version: Callable[[], str]) -> None:
-        if self.settings.tuning.calibrate or self.settings.tuning.learned_router:
+        if self.settings.tuning.calibrate or self.settings.tuning.learned_router or self.settings.tuning.prefix:
             self._task = asyncio.create_task(self.run(current_version), name="tuning-refit")
 
     async def stop(self) -> None:

@@ -7,6 +7,7 @@ from router.base import (
     ESCALATION_REASONS,
     ROUTE_REASONS,
     ConfidenceScorer,
+    DecidedBy,
     Decision,
     EscalationReason,
     Router,
@@ -28,6 +29,7 @@ from router.policy import (
     TargetRate,
     policy_from_json,
 )
+from router.prefix import PRIOR, PrefixScorer, PrefixVerdict, fit_prefix_scorer, prefix_features
 from router.replay import (
     Floor,
     Routed,
@@ -44,6 +46,12 @@ from router.threshold import ConfidenceRouter, check_threshold
 from router.whatif import CurvePoint, Observation, curve, point, threshold_for_quality
 
 __all__ = [
+    "PRIOR",
+    "PrefixScorer",
+    "PrefixVerdict",
+    "fit_prefix_scorer",
+    "prefix_features",
+    "DecidedBy",
     "AuditedTable",
     "Where",
     "is_url",

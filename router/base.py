@@ -8,7 +8,7 @@ The router sees only the student's `Generation`; it knows nothing about HTTP or 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol, get_args, runtime_checkable
 
@@ -16,6 +16,7 @@ from models import Generation
 
 if TYPE_CHECKING:
     from router.learned import LearnedRouter
+    from router.prefix import PrefixVerdict
 
 # What the confidence router decides on a draft.
 Reason = Literal["confident", "low_confidence", "empty_answer"]
@@ -23,6 +24,8 @@ Reason = Literal["confident", "low_confidence", "empty_answer"]
 # `x-tiergate-reason` header, the `tiergate` body object, metrics labels, records and docs.
 #   confident            the draft's confidence met the threshold; the student answered
 #   low_confidence       the draft's confidence fell below the threshold; escalated
+#   prefix_confident     the draft's first tokens made a confident full draft near certain; streamed
+#   prefix_unsure        the draft's first tokens made an escalating full draft near certain; escalated
 #   empty_answer         the student produced no tokens; escalated
 #   predicted_hard       the learned router rated the prompt hard; escalated without a draft
 #   student_error        the student failed (unavailable, timeout, upstream error); escalated
@@ -32,6 +35,8 @@ Reason = Literal["confident", "low_confidence", "empty_answer"]
 RouteReason = Literal[
     "confident",
     "low_confidence",
+    "prefix_confident",
+    "prefix_unsure",
     "empty_answer",
     "predicted_hard",
     "student_error",
@@ -41,7 +46,10 @@ RouteReason = Literal[
     "teacher_budget",
 ]
 ROUTE_REASONS: tuple[RouteReason, ...] = get_args(RouteReason)
-EscalationReason = Literal["low_confidence", "empty_answer", "predicted_hard", "student_error"]
+EscalationReason = Literal["low_confidence", "prefix_unsure", "empty_answer", "predicted_hard", "student_error"]
+# Which of the one decision path's three points decided a routed request (`x-tiergate-decided-by`):
+# before generation (the learned router's prompt model), on a prefix of the draft, or on the whole draft.
+DecidedBy = Literal["prompt", "prefix", "full_draft"]
 ESCALATION_REASONS: tuple[EscalationReason, ...] = get_args(EscalationReason)
 
 
@@ -69,6 +77,8 @@ class ConfidenceScorer(Protocol):
 
     def features(self, generation: Generation) -> dict[str, float]: ...
 
+    def features_of(self, logprobs: Sequence[float]) -> dict[str, float]: ...
+
     def score(self, features: Mapping[str, float]) -> float: ...
 
 
@@ -85,3 +95,6 @@ class Router(Protocol):
         """Set the threshold; returns the previous one. Raises ValueError outside [0, 1]."""
 
     def decide(self, generation: Generation, threshold: float | None = None, prompt: str = "") -> Decision: ...
+
+    def judge_prefix(self, logprobs: Sequence[float], threshold: float, *, final: bool) -> PrefixVerdict:
+        """The early decision on a draft's first tokens (router/prefix.py)."""

@@ -58,7 +58,10 @@ class LogprobScorer:
         self._q = config.quantile
 
     def features(self, generation: Generation) -> dict[str, float]:
-        lps = [t.logprob for t in generation.logprobs]
+        return self.features_of([t.logprob for t in generation.logprobs])
+
+    def features_of(self, lps: Sequence[float]) -> dict[str, float]:
+        """`features` of a bare logprob sequence (a draft's prefix, while it is generated)."""
         feats = logprob_features(lps)
         if lps and self._qkey not in feats:
             feats[self._qkey] = quantile(lps, self._q)

@@ -29,12 +29,16 @@ from router.confidence import quantile
 from router.replay import effective_threshold
 
 DEFAULT_TENANT = "*"
+# Where a routed request is decided: on a prefix of the draft, or on the whole draft
+# (`router.decision` is the default; a policy may set its own).
+DecisionMode = Literal["early", "full"]
 
 
 @dataclass
 class FixedThreshold:
     threshold: float
     kind: Literal["fixed"] = "fixed"
+    decision: DecisionMode | None = None  # None: the gateway's `router.decision`
 
     def current(self) -> float:
         return self.threshold
@@ -46,7 +50,7 @@ class FixedThreshold:
         """Fixed: nothing to forget."""
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "threshold": self.threshold}
+        return _with_decision({"kind": self.kind, "threshold": self.threshold}, self.decision)
 
 
 @dataclass
@@ -58,6 +62,7 @@ class TargetRate:
     window: int = 500
     min_samples: int = 20
     kind: Literal["target_rate"] = "target_rate"
+    decision: DecisionMode | None = None  # None: the gateway's `router.decision`
     _recent: deque[float] = field(default_factory=deque, repr=False)
 
     def __post_init__(self) -> None:
@@ -84,7 +89,8 @@ class TargetRate:
         self._recent.clear()
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "rate": self.rate, "window": self.window, "threshold": self.current()}
+        body = {"kind": self.kind, "rate": self.rate, "window": self.window, "threshold": self.current()}
+        return _with_decision(body, self.decision)
 
 
 @dataclass
@@ -95,6 +101,7 @@ class TargetQuality:
     quality: float
     threshold: float
     kind: Literal["target_quality"] = "target_quality"
+    decision: DecisionMode | None = None  # None: the gateway's `router.decision`
 
     def current(self) -> float:
         return self.threshold
@@ -106,20 +113,27 @@ class TargetQuality:
         """The per-version floors follow a swap; the threshold stays."""
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "quality": self.quality, "threshold": self.threshold}
+        return _with_decision({"kind": self.kind, "quality": self.quality, "threshold": self.threshold}, self.decision)
 
 
 Policy = FixedThreshold | TargetRate | TargetQuality
 
 
+def _with_decision(body: dict[str, Any], decision: DecisionMode | None) -> dict[str, Any]:
+    return body if decision is None else {**body, "decision": decision}
+
+
 def policy_from_json(data: dict[str, Any], *, initial: float) -> Policy:
     kind = data.get("kind")
+    decision = data.get("decision")
+    if decision not in (None, "early", "full"):
+        raise ValueError(f"unknown decision {decision!r}: early or full")
     if kind == "fixed":
-        return FixedThreshold(float(data["threshold"]))
+        return FixedThreshold(float(data["threshold"]), decision=decision)
     if kind == "target_quality":
-        return TargetQuality(float(data["quality"]), float(data["threshold"]))
+        return TargetQuality(float(data["quality"]), float(data["threshold"]), decision=decision)
     if kind == "target_rate":
-        return TargetRate(float(data["rate"]), initial, window=int(data.get("window", 500)))
+        return TargetRate(float(data["rate"]), initial, window=int(data.get("window", 500)), decision=decision)
     raise ValueError(f"unknown policy kind {kind!r}")
 
 
@@ -164,6 +178,10 @@ class PolicyBook:
     def threshold(self, tenant: str) -> float:
         """The tenant's policy threshold, before any version floor."""
         return self.policy(tenant).current()
+
+    def decision(self, tenant: str, default: DecisionMode) -> DecisionMode:
+        """Where the tenant's routed requests are decided: its policy's choice, else `default`."""
+        return self.policy(tenant).decision or default
 
     def effective_threshold(self, tenant: str, version: str) -> float:
         """What a request of `tenant` answered by student `version` is routed with."""

@@ -6,6 +6,8 @@ sees either the old or the new value, never a mix. Per-tenant policies are a lat
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from models import Generation
 from router.base import ConfidenceScorer, Decision, should_escalate
 from router.calibrate import IDENTITY, Calibrator
@@ -13,6 +15,7 @@ from router.confidence import SCORERS
 from router.config import RouterConfig
 from router.errors import UnknownScorer
 from router.learned import LearnedRouter
+from router.prefix import PRIOR, PrefixScorer, PrefixVerdict
 
 
 def check_threshold(value: float) -> float:
@@ -22,11 +25,13 @@ def check_threshold(value: float) -> float:
 
 
 class ConfidenceRouter:
-    def __init__(self, scorer: ConfidenceScorer, threshold: float) -> None:
+    def __init__(self, scorer: ConfidenceScorer, threshold: float, *, decisive: float = 0.9) -> None:
         self.scorer = scorer
         self._threshold = check_threshold(threshold)
         self.calibrator: Calibrator = IDENTITY  # replaced whole on refit, never mutated
         self.learned: LearnedRouter | None = None
+        self.prefix: PrefixScorer = PRIOR  # the serving version's, replaced whole at each swap or refit
+        self.decisive = decisive
 
     @classmethod
     def from_config(cls, config: RouterConfig) -> ConfidenceRouter:
@@ -34,7 +39,7 @@ class ConfidenceRouter:
             factory = SCORERS[config.scorer]
         except KeyError:
             raise UnknownScorer(f"unknown scorer {config.scorer!r}; known: {', '.join(SCORERS)}") from None
-        return cls(factory(config), config.threshold)
+        return cls(factory(config), config.threshold, decisive=config.decisive)
 
     @property
     def threshold(self) -> float:
@@ -74,3 +79,10 @@ class ConfidenceRouter:
             scorer=self.scorer.name if learned is None else "learned",
             features=features,
         )
+
+    def judge_prefix(self, logprobs: Sequence[float], threshold: float, *, final: bool) -> PrefixVerdict:
+        """Judge a draft's first tokens: would the whole draft escalate at `threshold`?
+        Before a prefix scorer is fitted, the prior reads the prefix as a (calibrated) draft."""
+        prefix, calibrator = self.prefix, self.calibrator  # read once: one verdict, one model
+        prior = 0.0 if prefix.fitted else calibrator(self.scorer.score(self.scorer.features_of(logprobs)))
+        return prefix.judge(logprobs, prior, threshold, decisive=self.decisive, final=final)

@@ -83,6 +83,9 @@ class UpstreamScript:
     delay_s: float = 0.0
     cut_stream_after: int | None = None  # drop the connection after N content chunks
     echo: bool = False  # answer with `text` followed by the last message (a model that repeats what it read)
+    token_delay_s: float = 0.0  # a streamed answer's pause before each content chunk (a model generating)
+    token_logprobs: list[float] | None = None  # per-token logprobs, in place of `logprob` (the last repeats)
+    streamed: int = 0  # content chunks sent by streams, all told (a stream cut short stops adding)
     requests: list[dict[str, Any]] = field(default_factory=list)
     inflight: int = 0  # requests being answered now, and the most there ever were at once
     peak_inflight: int = 0
@@ -131,12 +134,14 @@ def fake_upstream(script: UpstreamScript) -> FastAPI:
         toks = _tokens(answer)[: int(body.get("max_tokens") or 1000)]
         finish = "stop" if len(toks) == len(_tokens(answer)) else "length"
 
-        def entry(t: str) -> dict[str, Any]:
+        def entry(t: str, i: int = 0) -> dict[str, Any]:
+            schedule = script.token_logprobs
+            x = schedule[min(i, len(schedule) - 1)] if schedule and "HARD" not in last else lp
             return {
                 "token": t,
-                "logprob": lp,
+                "logprob": x,
                 "bytes": list(t.encode()),
-                "top_logprobs": [{"token": t, "logprob": lp, "bytes": None}][:k],
+                "top_logprobs": [{"token": t, "logprob": x, "bytes": None}][:k],
             }
 
         usage = {"prompt_tokens": 11, "completion_tokens": len(toks), "total_tokens": 11 + len(toks)}
@@ -149,7 +154,9 @@ def fake_upstream(script: UpstreamScript) -> FastAPI:
                     {
                         "index": 0,
                         "message": {"role": "assistant", "content": "".join(toks)},
-                        "logprobs": {"content": [entry(t) for t in toks]} if body.get("logprobs") else None,
+                        "logprobs": {"content": [entry(t, i) for i, t in enumerate(toks)]}
+                        if body.get("logprobs")
+                        else None,
                         "finish_reason": finish,
                     }
                 ],
@@ -165,7 +172,10 @@ def fake_upstream(script: UpstreamScript) -> FastAPI:
             for i, t in enumerate(toks):
                 if script.cut_stream_after is not None and i >= script.cut_stream_after:
                     raise RuntimeError("scripted cut")  # uvicorn drops the connection mid-stream
-                lps = {"content": [entry(t)]} if body.get("logprobs") else None
+                if script.token_delay_s:
+                    await asyncio.sleep(script.token_delay_s)
+                script.streamed += 1
+                lps = {"content": [entry(t, i)]} if body.get("logprobs") else None
                 yield sse({**ck, "choices": [{"index": 0, "delta": {"content": t}, "logprobs": lps}]})
             yield sse({**ck, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
             yield sse({**ck, "choices": [], "usage": usage})

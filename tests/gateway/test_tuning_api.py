@@ -259,3 +259,27 @@ def test_whatif_weights_each_audit_by_the_fraction_it_was_sampled_at(tmp_path: P
         assert tuning.weight(dataclasses.replace(audit, sampling_weight=None)) == 20.0  # a pre-v4 row
     assert current["threshold"] == 0.3
     assert current["escalation_rate"] == pytest.approx(true_rate) == pytest.approx(80 / 260)
+
+
+def test_the_prefix_scorer_refits_on_full_drafts_and_is_stored_with_the_version(tmp_path: Path) -> None:
+    with make(tmp_path) as c:  # audits on every confident answer, and the audited slice of early escalations
+        traffic(c, 120)
+        service = c.app.state.service  # type: ignore[attr-defined]
+        assert not service.router.prefix.fitted  # the prior decides until a refit
+        report = c.app.state.tuning.refit("base")  # type: ignore[attr-defined]
+        assert report["prefix"] is not None and report["prefix"]["n"] >= 30
+        assert service.router.prefix.fitted
+        headers = traffic(c, 1)[0]
+    assert headers["x-tiergate-decided-by"] in ("prefix", "full_draft")
+    stored = Registry(tmp_path / "registry").routing_state("base").prefix
+    assert stored.to_json() == report["prefix"]
+    records = read_samples(tmp_path / "s.db")
+    # Every record keeps the prefix decision beside the whole draft's, where the draft ran to its end.
+    both = [s for s in records if "prefix_confidence" in s.features and s.features.get("full_draft") == 1.0]
+    assert both and all(s.confidence is not None for s in both)
+    with make(tmp_path) as c:  # a restart routes with the same prefix scorer
+        router = c.app.state.service.router  # type: ignore[attr-defined]
+        deadline = time.monotonic() + 10
+        while router.prefix != stored and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert router.prefix == stored

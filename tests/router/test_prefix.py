@@ -1,0 +1,60 @@
+"""The prefix scorer: its prior, a fit on full drafts, JSON round trips, and the verdicts."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from router import PRIOR, ConfidenceRouter, PrefixScorer, RouterConfig, fit_prefix_scorer
+
+
+def drafts(n: int, seed: int = 0) -> tuple[list[list[float]], list[float]]:
+    """Drafts whose first tokens foretell the whole: a sure draft starts sure, an unsure one
+    starts unsure, and its confidence is that of the whole draft (the logprob_v1 prior's)."""
+    rng = random.Random(seed)
+    out, conf = [], []
+    scorer = ConfidenceRouter.from_config(RouterConfig()).scorer
+    for i in range(n):
+        level = -0.05 if i % 2 else -2.5
+        lps = [level + rng.gauss(0, 0.1) for _ in range(24)]
+        out.append(lps)
+        conf.append(scorer.score(scorer.features_of(lps)))
+    return out, conf
+
+
+def test_the_prior_reads_a_prefix_as_a_draft_and_decides_only_clear_cases() -> None:
+    router = ConfidenceRouter.from_config(RouterConfig(threshold=0.35))
+    sure = router.judge_prefix([-0.05] * 4, 0.35, final=False)
+    unsure = router.judge_prefix([-3.0] * 4, 0.35, final=False)
+    middling = router.judge_prefix([-1.0] * 4, 0.35, final=False)
+    assert (sure.verdict, unsure.verdict, middling.verdict) == ("keep", "escalate", "undecided")
+    assert sure.p_escalate < 0.1 < 0.9 < unsure.p_escalate
+    # The last prefix decides, to whichever side is likelier.
+    assert router.judge_prefix([-1.0] * 16, 0.35, final=True).verdict in ("keep", "escalate")
+    assert router.judge_prefix([-0.05] * 4, 1.0, final=False).verdict == "escalate"  # 1 escalates everything
+    assert router.judge_prefix([-3.0] * 4, 0.0, final=False).verdict == "keep"  # 0 escalates nothing
+
+
+def test_a_fitted_scorer_predicts_the_whole_drafts_decision_from_its_prefix() -> None:
+    train, conf = drafts(80)
+    scorer = fit_prefix_scorer(train, conf, lengths=range(4, 17))
+    assert scorer is not None and scorer.fitted and scorer.n == 80
+    test, test_conf = drafts(40, seed=1)
+    agree = 0
+    for lps, c in zip(test, test_conf, strict=True):
+        v = scorer.judge(lps[:8], 0.0, 0.35, decisive=0.9, final=True)
+        agree += (v.verdict == "escalate") == (c < 0.35)
+    assert agree == len(test)
+    assert PrefixScorer.from_json(scorer.to_json()) == scorer
+
+
+def test_too_few_drafts_fit_nothing() -> None:
+    train, conf = drafts(10)
+    assert fit_prefix_scorer(train, conf, lengths=range(4, 17)) is None
+    assert PrefixScorer.from_json(PRIOR.to_json()) == PRIOR and not PRIOR.fitted
+
+
+def test_prefix_lengths_are_checked() -> None:
+    with pytest.raises(ValueError, match="min_prefix_tokens"):
+        RouterConfig(min_prefix_tokens=20, decide_after_tokens=16)
