@@ -86,6 +86,14 @@ def whatif(
                 _pct(p["quality_lower"]), _pct(p["cost_vs_teacher"]),
             )  # fmt: skip
         Console(width=120).print(table)
+        early = data.get("early") or {}
+        if early.get("current"):
+            e = early["current"]
+            typer.echo(
+                f"early decisions, on {early['samples']} records that hold both: agree with full-draft ones on "
+                f"{_pct(early['agreement'])}; at the current threshold escalation {_pct(e['escalation_rate'])}, "
+                f"quality {_pct(e['quality'])}"
+            )
     if png is not None and data["curve"]:
         plot(data, png)
         typer.echo(f"wrote {png}")

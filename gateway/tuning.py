@@ -109,13 +109,39 @@ class Tuning:
 
     # -- what-if -------------------------------------------------------------------------------
     def whatif(self, hours: float | None = None, tenant: str = DEFAULT_TENANT) -> dict[str, Any]:
-        obs = self.observations(self.samples(hours, population=True))
+        samples = self.samples(hours, population=True)
+        obs = self.observations(samples)
         current = self.policies.threshold(tenant)
         return {
             "samples": len(obs),
             "current": point(obs, current).to_json() if obs else None,
             "policy": self.policies.policy(tenant).to_json(),
             "curve": [p.to_json() for p in curve(obs)] if obs else [],
+            "early": self._early_whatif(samples, obs, current),
+        }
+
+    @staticmethod
+    def _early_whatif(samples: Sequence[Sample], obs: Sequence[Observation], current: float) -> dict[str, Any]:
+        """The early-decision policy beside the full-draft one, on the records that hold both
+        decisions (kept drafts and the audited slice of prefix escalations, weighted as drawn):
+        at a threshold t a prefix escalates when its predicted confidence is below t, and a kept
+        draft is served whole, so its quality is the whole draft's. `agreement` is how often
+        the two decisions agree at the current threshold."""
+        pairs = [
+            (dataclasses.replace(o, confidence=s.features["prefix_confidence"]), o)
+            for s, o in zip(samples, obs, strict=True)
+            if "prefix_confidence" in s.features and s.features.get("full_draft") == 1.0
+        ]
+        if not pairs:
+            return {"samples": 0, "agreement": None, "current": None, "curve": []}
+        early = [e for e, _ in pairs]
+        total = sum(o.weight for _, o in pairs)
+        agree = sum(o.weight for e, o in pairs if (e.confidence < current) == (o.confidence < current))
+        return {
+            "samples": len(pairs),
+            "agreement": agree / total if total else None,
+            "current": point(early, current).to_json(),
+            "curve": [p.to_json() for p in curve(early)],
         }
 
     def resolve(self, body: dict[str, Any], hours: float | None = None) -> tuple[Policy, dict[str, Any] | None]:

@@ -269,6 +269,8 @@ def test_the_prefix_scorer_refits_on_full_drafts_and_is_stored_with_the_version(
         report = c.app.state.tuning.refit("base")  # type: ignore[attr-defined]
         assert report["prefix"] is not None and report["prefix"]["n"] >= 30
         assert service.router.prefix.fitted
+        early = c.get("/admin/whatif", headers=AUTH).json()["early"]  # the early policy beside the full one
+        assert early["samples"] > 0 and 0.0 <= early["agreement"] <= 1.0 and early["curve"]
         headers = traffic(c, 1)[0]
     assert headers["x-tiergate-decided-by"] in ("prefix", "full_draft")
     stored = Registry(tmp_path / "registry").routing_state("base").prefix
