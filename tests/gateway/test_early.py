@@ -182,3 +182,20 @@ def test_the_tiny_models_kept_stream_is_the_answer_a_full_decision_gives(
                 assert raw.headers["x-tiergate-decided-by"] == ("prefix" if decision == "early" else "full_draft")
                 answers[decision] = "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices)
     assert answers["early"] == answers["full"] and answers["early"]
+
+
+def test_a_client_that_leaves_a_stream_stops_the_drafts_generation(gateway: str, paced: UpstreamScript) -> None:
+    client = openai.OpenAI(base_url=gateway + "/v1", api_key="k", max_retries=0)
+    for model in ("tiered", "student"):  # a kept routed stream, and a live student one
+        start = paced.streamed
+        stream = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "where is my refund?"}], max_tokens=64, stream=True
+        )
+        for i, _chunk in enumerate(stream):
+            if i == 6:
+                break
+        stream.close()  # the client leaves with most of the draft still to come
+        time.sleep(0.3)  # the gateway notices, and closes the student's stream
+        left = paced.streamed
+        time.sleep(1.0)
+        assert paced.streamed == left < start + len(LONG.split())  # nothing more within 1 s

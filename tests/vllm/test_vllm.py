@@ -95,6 +95,63 @@ def test_gateway_on_vllm_escalates_streams_and_logs_teacher_logprobs(
     assert len(rec.draft_scores[0].top) >= 1
 
 
+def generated(server: VllmServer) -> tuple[float, float]:
+    """(tokens the server has generated, requests running now), from its Prometheus metrics."""
+    text = httpx.get(server.url.removesuffix("/v1") + "/metrics", timeout=10).text
+    tokens = running = 0.0
+    for line in text.splitlines():
+        if line.startswith("vllm:generation_tokens_total"):
+            tokens += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("vllm:num_requests_running"):
+            running += float(line.rsplit(" ", 1)[1])
+    return tokens, running
+
+
+def test_a_cut_draft_and_a_client_that_leaves_stop_vllms_generation(
+    trained_adapter: Path, vllm_servers: tuple[VllmServer, VllmServer], tmp_path: Path
+) -> None:
+    """Cancellation reaches vLLM: an unsure prefix closes the student's stream, and so does a
+    client that leaves a live stream; within 1 s the student server generates nothing more."""
+    student, teacher = vllm_servers
+    settings = vllm_settings(student, teacher, tmp_path, enabled=False).model_copy(
+        update={"cache": CacheConfig(enabled=False)}
+    )
+    with (
+        serve_in_thread(create_app(settings), ready_path="/health/ready", timeout=120) as url,
+        openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0, timeout=120) as client,
+    ):
+        before, _ = generated(student)
+        with client.chat.completions.with_streaming_response.create(
+            model="tiered", messages=[{"role": "user", "content": HARD}], max_tokens=256, temperature=0, stream=True
+        ) as raw:
+            decided_by = raw.headers["x-tiergate-decided-by"]
+            assert raw.headers["x-tiergate-tier"] == "teacher" and decided_by in ("prefix", "full_draft")
+            list(raw.parse())
+        time.sleep(1.0)
+        after, running = generated(student)
+        assert running == 0
+        if decided_by == "prefix":
+            assert after - before <= 32  # the draft stopped at its prefix, far short of 256 tokens
+        time.sleep(1.0)
+        assert generated(student)[0] == after  # nothing more within the next second
+
+        stream = client.chat.completions.create(
+            model="student", messages=[{"role": "user", "content": "Tell me a long story about a bike."}],
+            max_tokens=512, temperature=0, stream=True,
+        )  # fmt: skip
+        for i, _chunk in enumerate(stream):
+            if i == 3:
+                break
+        stream.close()  # the client leaves
+        deadline = time.monotonic() + 1.0
+        while generated(student)[1] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left, running = generated(student)
+        assert running == 0  # vLLM aborted the request within 1 s
+        time.sleep(1.0)
+        assert generated(student)[0] - left <= 1  # and made no more tokens for it
+
+
 @pytest.fixture(scope="session")
 def trained_adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # Session-scoped and requested before the servers: training on 2 cores next to two vLLM
