@@ -41,6 +41,9 @@ RESULTS = REPO / "bench" / "results" / "gateway_overhead.json"
 HOST = "127.0.0.1"
 THRESHOLD = 0.5  # confidence exp(-0.05) ≈ 0.95 stays on the student; exp(-3.0) ≈ 0.05 escalates
 GOALS = {"gateway-0%": 0.70, "gateway-20%": 0.50}  # min throughput as a fraction of the pass-through
+# The default config (audits on, nothing escalated), at the concurrencies the goal names: req/s as
+# a fraction of the pass-through's, and p99 at most this multiple of the pass-through's (issue 14).
+GOALS_DEFAULT = {"rps": 0.85, "p99": 1.5, "concurrency": (16, 64)}
 # Goals against another system of the same round: (that system, min fraction of its req/s).
 GOALS_VS = {"gateway-20%-postgres": ("gateway-20%", 0.90)}
 NOISY_PCT = 25.0  # a run during which other processes used more than this much of a core is flagged
@@ -495,7 +498,11 @@ def summarize(runs: list[Cell]) -> Cell:
 def goal_rows(cells: list[Cell]) -> list[dict[str, Any]]:
     rows = []
     for cell in cells:
-        if cell.system in GOALS and "rps" in cell.ratios:
+        if cell.system == "gateway-default" and "rps" in cell.ratios:
+            if cell.concurrency not in GOALS_DEFAULT["concurrency"]:
+                continue
+            against, goal, key, runs = "passthrough", GOALS_DEFAULT["rps"], "rps", cell.rps_ratio_runs
+        elif cell.system in GOALS and "rps" in cell.ratios:
             against, goal, key, runs = "passthrough", GOALS[cell.system], "rps", cell.rps_ratio_runs
         elif cell.system in GOALS_VS and "rps_vs_ref" in cell.ratios:
             (against, goal), key, runs = GOALS_VS[cell.system], "rps_vs_ref", cell.ref_ratio_runs
@@ -514,6 +521,18 @@ def goal_rows(cells: list[Cell]) -> list[dict[str, Any]]:
                 "passed": cell.ratios[key] >= goal and cell.errors == 0,
             }
         )
+        if cell.system == "gateway-default" and cell.concurrency == max(GOALS_DEFAULT["concurrency"]):
+            p99 = cell.ratios.get("p99", float("nan"))
+            rows.append(
+                {
+                    "system": cell.system,
+                    "concurrency": cell.concurrency,
+                    "against": "passthrough",
+                    "goal_p99_ratio": GOALS_DEFAULT["p99"],
+                    "p99_ratio": round(p99, 3),
+                    "passed": p99 <= GOALS_DEFAULT["p99"] and cell.errors == 0,
+                }
+            )
     return rows
 
 
@@ -562,6 +581,13 @@ def render(cells: list[Cell], goals: list[dict[str, Any]]) -> None:
     for col in ("system", "conc", "goal", "req/s ratio", "middle half", "result", "CPU-based ratio", "vs GC-tuned pt"):
         goals_table.add_column(col)
     for g in goals:
+        if "goal_p99_ratio" in g:
+            goals_table.add_row(
+                g["system"], str(g["concurrency"]), f"p99 ≤ {g['goal_p99_ratio']:.1f}× pt",
+                f"p99 {g['p99_ratio']:.2f}×", "-",
+                "[green]pass[/green]" if g["passed"] else "[red]FAIL[/red]", "-", "-",
+            )  # fmt: skip
+            continue
         goals_table.add_row(
             g["system"],
             str(g["concurrency"]),
@@ -581,10 +607,13 @@ def render(cells: list[Cell], goals: list[dict[str, Any]]) -> None:
 # buffered, so what acknowledged durability (the default) costs is read off one run.
 # gateway-20%-postgres: the same escalations, on a third gateway whose signal store is a local
 # PostgreSQL server (`signal.url`), run when PostgreSQL is installed (`make postgres`).
+# gateway-default: a fourth gateway on the default config but for its upstreams (audits on at
+# signal.audit_fraction, active labels, the default threshold), sent the easy prompts only.
 SYSTEM_ORDER = (
     "direct",
     "passthrough",
     "passthrough-gc",
+    "gateway-default",
     "gateway-0%",
     "gateway-20%",
     "gateway-20%-buffered",
@@ -684,6 +713,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "gateway-buffered", args.gateway_module, gateway_args, cpus=server_cpus, logs=logs, env=buffered_env
             )
             servers += [passthrough, passthrough_gc, gateway, buffered]
+            default = None
+            if "gateway-default" in args.systems:
+                default_env = base_env | {"TIERGATE_SIGNAL__PATH": str(logs / "signal-default.db")}
+                default_env |= dict(kv.split("=", 1) for kv in args.set)
+                default = start(
+                    "gateway-default", args.gateway_module, ["--student-url", v1, "--teacher-url", v1],
+                    cpus=server_cpus, logs=logs, env=default_env,
+                )  # fmt: skip
+                servers.append(default)
             on_postgres = None
             if "gateway-20%-postgres" in args.systems:
                 postgres = start_postgres()
@@ -702,6 +740,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             }
             await check_routing(gateway.base)
             await check_routing(buffered.base)
+            if default is not None:
+                ready_s["gateway-default"] = await wait_ready(default, "/health/ready")
             if on_postgres is not None:
                 ready_s["gateway-postgres"] = await wait_ready(on_postgres, "/health/ready")
                 await check_routing(on_postgres.base)
@@ -721,6 +761,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "gateway-20%-buffered", buffered.base + "/v1/chat/completions", 5, buffered.proc.pid
             ),
         }
+        if default is not None:
+            all_systems["gateway-default"] = System(
+                "gateway-default", default.base + "/v1/chat/completions", 0, default.proc.pid
+            )
         if on_postgres is not None:
             all_systems["gateway-20%-postgres"] = System(
                 "gateway-20%-postgres", on_postgres.base + "/v1/chat/completions", 5, on_postgres.proc.pid
@@ -780,6 +824,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "gateway_settings_not_default": args.set,
             "threshold": THRESHOLD,
             "audit_fraction": 0,
+            "gateway_default": "gateway-default runs the default config but for its upstream URLs (audits at"
+            " signal.audit_fraction, active labels, router.threshold), sent the easy prompts only",
             "passthrough_client": args.client,
             "passthrough_gc_gen0_threshold": GC_GEN0_THRESHOLD,
             "pinning": {"servers": sorted(server_cpus or []), "upstream_and_load": sorted(load_cpus or [])},
