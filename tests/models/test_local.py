@@ -14,9 +14,11 @@ from models import (
     BackendError,
     BackendUnavailable,
     ChatMessage,
+    GenerationDelta,
     InvalidGenerationRequest,
     SamplingParams,
     SwappableStudent,
+    collect,
 )
 from models.local import LoadedModel, LocalBackend, load_model
 from tests.fakes import make_adapter
@@ -245,3 +247,111 @@ async def test_a_swap_runs_after_the_batch_it_met_even_under_steady_load(tiny_mo
     finally:
         await backend.aclose()
     assert max(waits) <= 2, f"calls waited {waits} batches"
+
+
+LONG = (ChatMessage("user", "Tell me everything about refunds, shipping and passwords."),)
+LONG_PARAMS = SamplingParams(max_tokens=200, temperature=0)
+
+
+async def _start_long(backend: LocalBackend) -> asyncio.Task[list[GenerationDelta]]:
+    """Stream LONG (greedy, 200 tokens) and return once its first token came; the task returns
+    every delta."""
+    started = asyncio.Event()
+
+    async def read() -> list[GenerationDelta]:
+        deltas = []
+        async for d in backend.stream(LONG, LONG_PARAMS):
+            deltas.append(d)
+            started.set()
+        return deltas
+
+    task = asyncio.create_task(read())
+    await started.wait()
+    return task
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(max_tokens=12, temperature=0, top_logprobs=3),
+        SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=7, top_logprobs=1),
+    ],
+    ids=["greedy", "seeded"],
+)
+async def test_a_newcomer_joins_the_running_batch_and_decodes_as_it_would_alone(
+    backend: LocalBackend, params: SamplingParams
+) -> None:
+    """Continuous batching: a request sent while another decodes starts at the next step, in the
+    same batch (not after it), and both get the tokens they get alone; logprobs up to rounding."""
+    newcomer = (ChatMessage("user", "Is shipping free?"),)  # shorter than LONG: padded in front
+    long_alone = await backend.generate(LONG, LONG_PARAMS)
+    alone = await backend.generate(newcomer, params)
+    assert long_alone.usage.completion_tokens > 100  # long enough to still run when the newcomer comes
+
+    batches_before, order = backend.batches_run, []
+    long_task = await _start_long(backend)
+    long_task.add_done_callback(lambda _: order.append("long finished"))
+    deltas = []
+    async for d in backend.stream(newcomer, params):
+        if not deltas:
+            order.append("newcomer's first token")
+        deltas.append(d)
+    long_deltas = await long_task
+
+    assert order == ["newcomer's first token", "long finished"]
+    assert backend.batches_run - batches_before == 1 and backend.max_batch_seen >= 2
+    joined = collect(deltas, model="m", version="base")
+    long_joined = collect(long_deltas, model="m", version="base")
+    for got, want in ((joined, alone), (long_joined, long_alone)):
+        assert (got.token_ids, got.text, got.finish_reason) == (want.token_ids, want.text, want.finish_reason)
+        for x, y in zip(got.logprobs, want.logprobs, strict=True):
+            assert x.logprob == pytest.approx(y.logprob, abs=1e-4)
+            assert [t.token_id for t in x.top] == [t.token_id for t in y.top]
+
+
+class _CountingModel:
+    """The transformers model, recording the batch size of every one-token (decode) forward."""
+
+    def __init__(self, model: object) -> None:
+        self.model = model
+        self.config = model.config  # type: ignore[attr-defined]
+        self.generation_config = model.generation_config  # type: ignore[attr-defined]
+        self.decode_rows: list[int] = []
+
+    def __call__(self, **kwargs: torch.Tensor) -> object:
+        if kwargs["input_ids"].shape[1] == 1:
+            self.decode_rows.append(kwargs["input_ids"].shape[0])
+        return self.model(**kwargs)  # type: ignore[operator]
+
+
+async def test_a_caller_that_stops_reading_leaves_the_batch_at_the_next_step(backend: LocalBackend) -> None:
+    good = backend.loaded
+    assert good is not None
+    counting = _CountingModel(good.model)
+    await backend.swap(LoadedModel(counting, good.tokenizer, "counted"))
+    long_task = await _start_long(backend)
+    reader = backend.stream(MSG, SamplingParams(max_tokens=100, temperature=0))
+    await anext(reader)
+    decoded_before = len(counting.decode_rows)
+    await reader.aclose()  # stream()'s finally cancels the job, as when a client disconnects
+    await long_task
+    after = counting.decode_rows[decoded_before:]
+    # At most the step already running when the caller left still carries its row; every later
+    # step decodes the long request alone, and there are such steps (it was still running).
+    assert after.count(2) <= 1 and after[-1] == 1 and all(n <= 2 for n in after), after
+
+
+async def test_a_swap_closes_the_batch_to_newcomers_and_running_rows_finish_on_the_old_model(
+    backend: LocalBackend, tmp_path: Path
+) -> None:
+    from tests.fakes import build_tiny_model
+
+    other = load_model(build_tiny_model(tmp_path / "other", seed=7), torch.device("cpu"), torch.float32, version="v2")
+    long_task = await _start_long(backend)
+    swap = asyncio.create_task(backend.swap(other))
+    await asyncio.sleep(0)  # the swap is queued before the newcomer
+    newcomer = asyncio.create_task(backend.generate(MSG, SamplingParams(max_tokens=4, temperature=0)))
+    long_deltas = await long_task
+    await swap
+    assert long_deltas[-1].version == "base"
+    assert (await newcomer).version == "v2"
