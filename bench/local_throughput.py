@@ -74,8 +74,8 @@ class Cell:
     requests_per_s: float
     p50_latency_s: float
     max_latency_s: float
-    batches: int  # batches the owner thread ran for this cell
-    mean_batch: float  # requests per batch
+    batches: int  # batches the owner thread started for this cell (one runs until no row is left)
+    mean_batch: float  # rows per decode step (requests join and leave a running batch)
     other_load_pct: float  # CPU used by other processes during the cell, % of one core (noise)
     tokens_ratio_to_1: float = float("nan")
     requests_ratio_to_1: float = float("nan")
@@ -89,7 +89,7 @@ async def run_cell(
     pending = iter(range(n_requests))
     latencies: list[float] = []
     tokens = 0
-    batches_before = backend.batches_run
+    batches_before, steps_before, rows_before = backend.batches_run, backend.steps_run, backend.rows_stepped
     busy_before, ours_before = busy_seconds(), time.process_time()
 
     async def caller() -> None:
@@ -107,7 +107,7 @@ async def run_cell(
     wall = time.perf_counter() - began
     other = (busy_seconds() - busy_before) - (time.process_time() - ours_before)
     progress.remove_task(task)
-    batches = backend.batches_run - batches_before
+    batches, steps = backend.batches_run - batches_before, backend.steps_run - steps_before
     return Cell(
         concurrency=concurrency,
         requests=n_requests,
@@ -118,7 +118,7 @@ async def run_cell(
         p50_latency_s=statistics.median(latencies),
         max_latency_s=max(latencies),
         batches=batches,
-        mean_batch=n_requests / batches if batches else float("nan"),
+        mean_batch=(backend.rows_stepped - rows_before) / steps if steps else float("nan"),
         other_load_pct=max(0.0, other / wall * 100),
     )
 
@@ -165,7 +165,7 @@ async def ttft_round(
 
 def render(cells: list[Cell], goal: dict[str, Any]) -> None:
     table = Table(title="In-process student throughput (LocalBackend.generate, closed loop)")
-    columns = ("callers", "requests", "tokens", "wall s", "tok/s", "× c=1", "req/s", "× c=1", "p50 s", "mean batch")
+    columns = ("callers", "requests", "tokens", "wall s", "tok/s", "× c=1", "req/s", "× c=1", "p50 s", "rows/step")
     for col in (*columns, "other load %"):
         table.add_column(col, justify="right")
     for c in cells:
@@ -265,7 +265,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 cells.append(cell)
                 progress.console.log(
                     f"concurrency {concurrency:>2}: {cell.tokens_per_s:7.1f} tok/s  {cell.requests_per_s:6.2f} req/s"
-                    f"  p50 {cell.p50_latency_s:5.2f} s  mean batch {cell.mean_batch:4.1f}"
+                    f"  p50 {cell.p50_latency_s:5.2f} s  rows/step {cell.mean_batch:4.1f}"
                     f"  other load {cell.other_load_pct:3.0f}%"
                 )
             task = progress.add_task("  TTFT alone / behind", total=args.ttft_rounds)

@@ -310,25 +310,32 @@ async def test_a_newcomer_joins_the_running_batch_and_decodes_as_it_would_alone(
 
 
 class _CountingModel:
-    """The transformers model, recording the batch size of every one-token (decode) forward."""
+    """The transformers model, recording the rows and attention width of every decode forward."""
 
     def __init__(self, model: object) -> None:
         self.model = model
         self.config = model.config  # type: ignore[attr-defined]
         self.generation_config = model.generation_config  # type: ignore[attr-defined]
         self.decode_rows: list[int] = []
+        self.decode_widths: list[int] = []
 
     def __call__(self, **kwargs: torch.Tensor) -> object:
         if kwargs["input_ids"].shape[1] == 1:
             self.decode_rows.append(kwargs["input_ids"].shape[0])
+            self.decode_widths.append(kwargs["attention_mask"].shape[1])
         return self.model(**kwargs)  # type: ignore[operator]
 
 
-async def test_a_caller_that_stops_reading_leaves_the_batch_at_the_next_step(backend: LocalBackend) -> None:
+async def _counting(backend: LocalBackend) -> _CountingModel:
     good = backend.loaded
     assert good is not None
     counting = _CountingModel(good.model)
     await backend.swap(LoadedModel(counting, good.tokenizer, "counted"))
+    return counting
+
+
+async def test_a_caller_that_stops_reading_leaves_the_batch_at_the_next_step(backend: LocalBackend) -> None:
+    counting = await _counting(backend)
     long_task = await _start_long(backend)
     reader = backend.stream(MSG, SamplingParams(max_tokens=100, temperature=0))
     await anext(reader)
@@ -355,3 +362,30 @@ async def test_a_swap_closes_the_batch_to_newcomers_and_running_rows_finish_on_t
     await swap
     assert long_deltas[-1].version == "base"
     assert (await newcomer).version == "v2"
+
+
+async def test_a_row_that_outlives_a_wider_one_loses_its_padding_and_decodes_as_alone(backend: LocalBackend) -> None:
+    """The newcomer joins behind LONG's prompt and first tokens (padded in front to that width);
+    once LONG leaves, that padding is cut, and its tokens are still those it gets alone."""
+    counting = await _counting(backend)
+    newcomer, params = (ChatMessage("user", "hi"),), SamplingParams(max_tokens=60, temperature=0, top_logprobs=2)
+    alone = await backend.generate(newcomer, params)
+    assert alone.usage.completion_tokens > 20
+    short_long = SamplingParams(max_tokens=10, temperature=0)
+    started = asyncio.Event()
+
+    async def read_long() -> None:
+        async for _ in backend.stream(LONG, short_long):
+            started.set()
+
+    long_task = asyncio.create_task(read_long())
+    await started.wait()
+    decoded_before = len(counting.decode_rows)
+    joined = await backend.generate(newcomer, params)
+    await long_task
+    rows, widths = counting.decode_rows[decoded_before:], counting.decode_widths[decoded_before:]
+    left = rows.index(1, rows.index(2))  # the first step after LONG left (it ran alone before the join)
+    assert widths[left] < widths[left - 1]  # the newcomer's padding in front was cut
+    assert (joined.token_ids, joined.text) == (alone.token_ids, alone.text)
+    for x, y in zip(joined.logprobs, alone.logprobs, strict=True):
+        assert x.logprob == pytest.approx(y.logprob, abs=1e-4)
