@@ -1,13 +1,16 @@
-"""In-process transformers backend with dynamic batching on one owner thread per backend.
+"""In-process transformers backend with continuous (iteration-level) batching on one owner thread.
 
-Requests from any coroutine are queued; the owner thread takes every request waiting (up to
-`max_batch_size`), decodes them together in one batched KV-cached loop with per-row sampling,
-stop strings and deadlines, and sends tokens back to each caller's event loop as they come.
-Torch never runs on the event loop. Finished rows leave the batch at once; requests that
-arrive during a batch wait for the next one (no mid-batch joins: that needs paged KV, which is
-vLLM's job, see `models/remote.py`). Running out of memory is a BackendError; anything else
-raised while decoding is a bug, and reaches each caller in the batch as it is. It knows
-nothing about tiers or routing.
+Requests from any coroutine are queued; the owner thread decodes every running request together,
+one token per step, in one KV-cached batch with per-row sampling, stop strings and deadlines,
+and sends tokens back to each caller's event loop as they come. A request that arrives while a
+batch runs is prefilled on a cache of its own and joins the batch at the next step (the caches
+padded in front to one length, at most `max_batch_size` rows); a row that finishes, or whose
+caller stopped reading, leaves at once. A `call_on_owner` (a hot-swap) runs between steps: it
+closes the batch to newcomers, the rows already running finish on the old model, then it runs.
+Torch never runs on the event loop. Running out of memory is a BackendError; anything else
+raised while decoding is a bug, and reaches each caller in the batch as it is. It knows nothing
+about tiers or routing, and neither pages the KV cache nor preempts rows: that is vLLM's job
+(`models/remote.py`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import queue
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -25,7 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers.cache_utils import DynamicSlidingWindowLayer
 
 from models.base import (
     BackendInfo,
@@ -42,7 +48,7 @@ from models.base import (
 from models.config import BackendConfig
 from models.convert import resolve_model_dir
 from models.errors import BackendError, BackendTimeout, BackendUnavailable
-from models.prefix import PrefixKV, static_prefix
+from models.prefix import PrefixKV, join_caches, joinable, static_prefix
 from models.prompt import Prompt, build_prompt
 
 log = logging.getLogger(__name__)
@@ -70,7 +76,7 @@ class _Job:
 
 @dataclass(eq=False)
 class _Call:
-    """A function to run on the owner thread between batches (e.g. a student hot-swap)."""
+    """A function to run on the owner thread when no batch runs (e.g. a student hot-swap)."""
 
     fn: Callable[[], Any]
     future: Future[Any]
@@ -157,8 +163,12 @@ class LocalBackend:
         self._path: Path | None = None  # the base weights, resolved once by start()
         self._loaded: LoadedModel | None = None
         self._closed = False
-        self.batches_run = 0  # observable in tests and benchmarks: proves requests were batched
-        self.max_batch_seen = 0
+        # Observable in tests and benchmarks. A batch runs from its first rows until no row is
+        # left; under steady load that can be one batch for the whole run.
+        self.batches_run = 0
+        self.max_batch_seen = 0  # most rows decoded in one step
+        self.steps_run = 0  # decode steps (one token for every running row)
+        self.rows_stepped = 0  # rows summed over those steps: rows_stepped / steps_run is the mean batch
 
     # -- lifecycle ---------------------------------------------------------------------------
     @property
@@ -192,7 +202,10 @@ class LocalBackend:
         self._loaded = loaded
 
     async def call_on_owner(self, fn: Callable[[], Any]) -> Any:
-        """Run `fn` on the owner thread between batches, so it never overlaps a generation."""
+        """Run `fn` on the owner thread when no batch runs, so it never overlaps a generation.
+
+        A batch running when it arrives takes no newcomers; its rows finish (each within its
+        own `max_tokens` steps), then `fn` runs, then the requests that waited start."""
         if self._thread is None or self._closed:
             raise BackendUnavailable(f"{self.config.name} is not running")
         fut: Future[Any] = Future()
@@ -200,7 +213,7 @@ class LocalBackend:
         return await asyncio.wrap_future(fut)
 
     async def swap(self, loaded: LoadedModel) -> None:
-        """Serve `loaded` from the next batch on; batches already running finish on the old one."""
+        """Serve `loaded` from the next batch on; rows already running finish on the old one."""
         await self.call_on_owner(lambda: self._install(loaded))
 
     async def load_version(self, version: str, adapter: Path | None) -> None:
@@ -256,7 +269,7 @@ class LocalBackend:
                 if item.finish_reason is not None:
                     return
         finally:
-            job.cancelled.set()  # a caller that stops reading frees its batch row
+            job.cancelled.set()  # a caller that stops reading frees its batch row at the next step
 
     def _encode(
         self, loaded: LoadedModel, messages: tuple[ChatMessage, ...], params: SamplingParams
@@ -268,46 +281,67 @@ class LocalBackend:
 
     # -- owner thread ------------------------------------------------------------------------
     def _owner(self) -> None:
-        # Calls (swaps) met while a batch was filling: they run right after that batch, before
-        # any later job. Put back at the end of the inbox they would wait behind every job that
-        # arrived meanwhile, and under steady load a hot-swap never ran (starved for 60 s+).
-        deferred: list[_Call] = []
+        waiting: deque[_Job] = deque()  # taken from the inbox, not yet in the batch
+        # Calls wait for the running batch to finish and close it to newcomers meanwhile. A call
+        # put back behind the jobs that arrived after it never ran under steady load (a hot-swap
+        # starved for 60 s+); one that only waited for the batch to end would starve too now,
+        # since newcomers could keep a batch running for ever.
+        calls: list[_Call] = []
+        batch: _Batch | None = None
+        stopping = False
         while True:
-            for call in deferred:
-                self._run_call(call)
-            deferred.clear()
-            item = self._inbox.get()
-            if item is None:
-                break
-            if isinstance(item, _Call):
-                self._run_call(item)
-                continue
-            jobs = [item]
-            wait_until = time.monotonic() + self.config.batch_wait_ms / 1000
-            stop = False
-            while len(jobs) < self.config.max_batch_size:
-                timeout = wait_until - time.monotonic()
-                try:
-                    nxt = self._inbox.get(timeout=timeout) if timeout > 0 else self._inbox.get_nowait()
-                except queue.Empty:
+            stopping = self._collect(waiting, calls, idle=batch is None and not stopping) or stopping
+            if batch is None:
+                if stopping:
                     break
-                if nxt is None:
-                    stop = True
-                    break
-                if isinstance(nxt, _Call):
-                    deferred.append(nxt)  # runs after this batch
-                    break
-                jobs.append(nxt)
-            live = [j for j in jobs if not j.cancelled.is_set()]
-            if live:
-                self._run_batch(live)
-            if stop:
-                break
-        for pending in [*deferred, *self._drain_inbox()]:
+                for call in calls:
+                    self._run_call(call)
+                calls.clear()
+            newcomers = [] if calls or stopping else self._admit(waiting, batch)
+            if batch is not None or newcomers:
+                batch = self._run_step(batch, newcomers)
+        for pending in [*waiting, *calls, *self._drain_inbox()]:
             if isinstance(pending, _Job):
                 pending.emit(BackendUnavailable(f"{self.config.name} is shutting down"))
             else:
                 pending.future.set_exception(BackendUnavailable("backend closed"))
+
+    def _collect(self, waiting: deque[_Job], calls: list[_Call], *, idle: bool) -> bool:
+        """Move what the inbox holds into `waiting` and `calls`; True once `aclose` asked to stop.
+
+        When `idle` and nothing waits, block for the first item, then give more jobs up to
+        `batch_wait_ms` to arrive, so that a burst starts with one prefill for all of it."""
+        block = idle and not waiting and not calls
+        fill_until = 0.0
+        while True:
+            if block:
+                item = self._inbox.get()
+                block, fill_until = False, time.monotonic() + self.config.batch_wait_ms / 1000
+            else:
+                filling = not calls and len(waiting) < self.config.max_batch_size
+                timeout = fill_until - time.monotonic() if filling else 0.0
+                try:
+                    item = self._inbox.get(timeout=timeout) if timeout > 0 else self._inbox.get_nowait()
+                except queue.Empty:
+                    return False
+            if item is None:
+                return True
+            if isinstance(item, _Call):
+                calls.append(item)
+            else:
+                waiting.append(item)
+
+    def _admit(self, waiting: deque[_Job], batch: _Batch | None) -> list[_Job]:
+        """The waiting jobs that join now, oldest first, up to the batch's free rows."""
+        if batch is not None and not batch.joinable:
+            return []  # this model's cache cannot be padded and joined: newcomers wait for the batch to end
+        room = self.config.max_batch_size - (len(batch.rows) if batch is not None else 0)
+        jobs: list[_Job] = []
+        while waiting and len(jobs) < room:
+            job = waiting.popleft()
+            if not job.cancelled.is_set():
+                jobs.append(job)
+        return jobs
 
     def _drain_inbox(self) -> list[_Job | _Call]:
         items: list[_Job | _Call] = []
@@ -326,15 +360,25 @@ class LocalBackend:
         except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
             call.future.set_exception(exc)
 
-    def _run_batch(self, jobs: list[_Job]) -> None:
-        loaded = self._loaded
+    def _run_step(self, batch: _Batch | None, newcomers: list[_Job]) -> _Batch | None:
+        """Prefill `newcomers` into `batch` (a new one if None), then one decode step for every
+        row. The batch, or None once no row is left or the step failed."""
+        loaded = batch.loaded if batch is not None else self._loaded
         assert loaded is not None
-        self.batches_run += 1
-        self.max_batch_seen = max(self.max_batch_seen, len(jobs))
+        if batch is None:
+            self.batches_run += 1
         try:
             with torch.inference_mode():
-                _decode(loaded, jobs, self._device)
+                if newcomers:
+                    fresh = _prefill_batch(loaded, newcomers, self._device)
+                    batch = fresh if batch is None else _join(batch, fresh)
+                assert batch is not None
+                self.max_batch_seen = max(self.max_batch_seen, len(batch.rows))
+                self.steps_run += 1
+                self.rows_stepped += len(batch.rows)
+                return batch if _step(batch, self._device) else None
         except torch.OutOfMemoryError as exc:
+            jobs = _jobs(batch, newcomers)
             log.warning("batch of %d ran out of memory on %s", len(jobs), self.config.name)
             error = BackendUnavailable(f"{self.config.name}: out of memory ({len(jobs)} requests)")
             error.__cause__ = exc
@@ -343,7 +387,8 @@ class LocalBackend:
             # Anything else is a bug, not a backend failure: each caller gets the exception
             # itself, with its traceback, and the gateway logs it and answers 500 rather than
             # escalating it as a student error.
-            self._fail(jobs, exc)
+            self._fail(_jobs(batch, newcomers), exc)
+        return None
 
     @staticmethod
     def _fail(jobs: list[_Job], error: BaseException) -> None:
@@ -352,60 +397,120 @@ class LocalBackend:
             job.emit(error)
 
 
-def _decode(loaded: LoadedModel, jobs: list[_Job], device: torch.device) -> None:
-    """Batched decode of `jobs` with left padding, a shared KV cache and per-row sampling.
+@dataclass(eq=False)
+class _Batch:
+    """The rows decoding together on one model; each tensor has one row per entry of `rows`."""
+
+    loaded: LoadedModel
+    rows: list[_Row]
+    cache: DynamicCache
+    mask_B_T: torch.Tensor  # 1 = a prompt or generated token, 0 = left padding
+    next_pos_B: torch.Tensor  # each row's position for its next token
+    logits_B_V: torch.Tensor  # each row's logits for its next token, not sampled yet
+    joinable: bool  # the cache's layers can be padded and joined (models/prefix.py)
+
+
+def _jobs(batch: _Batch | None, newcomers: list[_Job]) -> list[_Job]:
+    """Every request of a step, once each (newcomers may already be rows of `batch`)."""
+    rows = batch.rows if batch is not None else []
+    return list(dict.fromkeys([*(r.job for r in rows), *newcomers]))
+
+
+def _prefill_batch(loaded: LoadedModel, jobs: list[_Job], device: torch.device) -> _Batch:
+    """A batch of `jobs` alone, with left padding, prefilled and ready for its first sample.
 
     When every prompt starts with the model's cached static prefix, only the rest of each is
     prefilled (models/prefix.py)."""
-    model, tok = loaded.model, loaded.tokenizer
+    model = loaded.model
     rows = [_Row(job=j, generator=_generator(j.params, device)) for j in jobs]
     prefix = loaded.prefix
     if prefix is not None and all(prefix.covers(j.prompt_ids) for j in jobs) and prefix.ready(model, device):
         cache, mask_B_T, next_pos_B, logits_B_V = prefix.prefill(model, [j.prompt_ids for j in jobs], device)
     else:
         cache, mask_B_T, next_pos_B, logits_B_V = _prefill(model, loaded.pad_id, jobs, device)
-    max_top = max(j.params.top_logprobs for j in jobs)
-    step = 0
-    while True:
-        logprobs_B_V = torch.log_softmax(logits_B_V, dim=-1)
-        chosen = _choose(rows, logits_B_V)
-        top_vals_B_K = top_ids_B_K = None
-        if max_top:
-            top_vals_B_K, top_ids_B_K = logprobs_B_V.topk(max_top, dim=-1)
-        chosen_lp = logprobs_B_V.gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()
-        chosen_ids = chosen.tolist()
-        now = time.monotonic()
-        for b, row in enumerate(rows):
-            tid = chosen_ids[b]
-            top: tuple[TopLogprob, ...] = ()
-            if row.job.params.top_logprobs and top_vals_B_K is not None and top_ids_B_K is not None:
-                k = row.job.params.top_logprobs
-                top = tuple(
-                    TopLogprob(tok.decode([i]), v, i)
-                    for i, v in zip(top_ids_B_K[b, :k].tolist(), top_vals_B_K[b, :k].tolist(), strict=True)
-                )
-            _advance(row, tid, chosen_lp[b], top, loaded, now)
-        step += 1
-        keep = [b for b, r in enumerate(rows) if not r.done]
-        if not keep:
-            return
-        if len(keep) < len(rows):  # finished rows leave the batch: no wasted compute on them
-            idx = torch.tensor(keep, device=device)
-            cache.batch_select_indices(idx)
-            rows = [rows[b] for b in keep]
-            chosen = chosen[idx]
-            mask_B_T = mask_B_T[idx]
-            next_pos_B = next_pos_B[idx]
-        mask_B_T = torch.cat([mask_B_T, mask_B_T.new_ones((len(rows), 1))], dim=1)
-        out = model(
-            input_ids=chosen.unsqueeze(1),
-            attention_mask=mask_B_T,
-            position_ids=next_pos_B.unsqueeze(1),
-            cache=cache,
-            use_cache=True,
-        )
-        logits_B_V = out.logits[:, -1, :].float()
-        next_pos_B = next_pos_B + 1
+    return _Batch(loaded, rows, cache, mask_B_T, next_pos_B, logits_B_V, joinable(cache))
+
+
+def _join(running: _Batch, fresh: _Batch) -> _Batch:
+    """`fresh`'s rows appended to `running`'s: the shorter side's caches and masks padded in front,
+    so every row sees what it saw alone (positions are per row and unchanged)."""
+    width = max(running.mask_B_T.shape[1], fresh.mask_B_T.shape[1])
+    masks = [F.pad(b.mask_B_T, (width - b.mask_B_T.shape[1], 0)) for b in (running, fresh)]
+    return _Batch(
+        running.loaded,
+        running.rows + fresh.rows,
+        join_caches([running.cache, fresh.cache]),
+        torch.cat(masks),
+        torch.cat([running.next_pos_B, fresh.next_pos_B]),
+        torch.cat([running.logits_B_V, fresh.logits_B_V]),
+        running.joinable,
+    )
+
+
+def _step(batch: _Batch, device: torch.device) -> bool:
+    """Sample and emit each row's next token, drop the rows that finished, and run one decode
+    forward for the rest. False once no row is left."""
+    loaded, rows, tok = batch.loaded, batch.rows, batch.loaded.tokenizer
+    logprobs_B_V = torch.log_softmax(batch.logits_B_V, dim=-1)
+    chosen = _choose(rows, batch.logits_B_V)
+    max_top = max(r.job.params.top_logprobs for r in rows)
+    top_vals_B_K = top_ids_B_K = None
+    if max_top:
+        top_vals_B_K, top_ids_B_K = logprobs_B_V.topk(max_top, dim=-1)
+    chosen_lp = logprobs_B_V.gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()
+    chosen_ids = chosen.tolist()
+    now = time.monotonic()
+    for b, row in enumerate(rows):
+        tid = chosen_ids[b]
+        top: tuple[TopLogprob, ...] = ()
+        if row.job.params.top_logprobs and top_vals_B_K is not None and top_ids_B_K is not None:
+            k = row.job.params.top_logprobs
+            top = tuple(
+                TopLogprob(tok.decode([i]), v, i)
+                for i, v in zip(top_ids_B_K[b, :k].tolist(), top_vals_B_K[b, :k].tolist(), strict=True)
+            )
+        _advance(row, tid, chosen_lp[b], top, loaded, now)
+    keep = [b for b, r in enumerate(rows) if not r.done]
+    if not keep:
+        return False
+    if len(keep) < len(rows):  # finished rows leave the batch: no wasted compute on them
+        idx = torch.tensor(keep, device=device)
+        batch.cache.batch_select_indices(idx)
+        batch.rows = [rows[b] for b in keep]
+        chosen = chosen[idx]
+        batch.mask_B_T = batch.mask_B_T[idx]
+        batch.next_pos_B = batch.next_pos_B[idx]
+        if batch.joinable:
+            _trim(batch)
+    batch.mask_B_T = torch.cat([batch.mask_B_T, batch.mask_B_T.new_ones((len(batch.rows), 1))], dim=1)
+    out = loaded.model(
+        input_ids=chosen.unsqueeze(1),
+        attention_mask=batch.mask_B_T,
+        position_ids=batch.next_pos_B.unsqueeze(1),
+        cache=batch.cache,
+        use_cache=True,
+    )
+    batch.logits_B_V = out.logits[:, -1, :].float()
+    batch.next_pos_B = batch.next_pos_B + 1
+    return True
+
+
+def _trim(batch: _Batch) -> None:
+    """Drop the columns that are padding in every row left, so a long row that left the batch
+    no longer widens every other row's attention (and its cache copies) for the rest of it."""
+    width = batch.mask_B_T.shape[1]
+    cut = int(batch.mask_B_T.any(dim=0).int().argmax())  # the first column some row uses
+    if cut == 0:
+        return
+    batch.mask_B_T = batch.mask_B_T[:, cut:]
+    layers: list[Any] = batch.cache.layers  # all _JOINABLE (models/prefix.py), checked by the caller
+    for layer in layers:
+        # A sliding-window layer may hold fewer than `width` positions: its last ones.
+        keep = min(layer.keys.shape[-2], width - cut)
+        layer.keys = layer.keys[..., -keep:, :]
+        layer.values = layer.values[..., -keep:, :]
+        if isinstance(layer, DynamicSlidingWindowLayer):
+            layer.cumulative_length = width - cut
 
 
 def _prefill(

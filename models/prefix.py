@@ -16,7 +16,8 @@ computes what it would alone, up to rounding.
 It deliberately caches one prefix per loaded model, not arbitrary shared prefixes (a radix tree
 of conversation histories is vLLM's job), and it is never used for a batch whose every prompt
 does not start with that prefix exactly: such a batch is prefilled whole, as before. It knows
-nothing about batching, sampling or routing.
+nothing about batching, sampling or routing; `join_caches` also serves models/local.py to join
+newcomers' caches to a running batch's.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ class PrefixKV:
                 use_cache=True,
                 logits_to_keep=1,
             )
-            self.usable = all(type(layer) in _JOINABLE for layer in cache.layers)
+            self.usable = joinable(cache)
             self._cache = cache if self.usable else None
         return self.usable
 
@@ -127,14 +128,20 @@ class PrefixKV:
         for b, ids in enumerate(rows):
             mask_B_T[b, width - len(ids) :] = 1
         next_pos_B = torch.tensor([len(ids) for ids in rows], dtype=torch.long, device=device)
-        return _join(caches), mask_B_T, next_pos_B, torch.cat(logits).float()
+        return join_caches(caches), mask_B_T, next_pos_B, torch.cat(logits).float()
 
 
-def _join(caches: list[DynamicCache]) -> DynamicCache:
-    """One batch cache from batch-of-one caches, each row's keys and values padded in front."""
+def joinable(cache: DynamicCache) -> bool:
+    """Whether every layer of `cache` is one `join_caches` can pad and join."""
+    return all(type(layer) in _JOINABLE for layer in cache.layers)
+
+
+def join_caches(caches: list[DynamicCache]) -> DynamicCache:
+    """One batch cache from `caches` (each of one or more rows; every one `joinable`), each
+    row's keys and values padded in front to the longest. Reuses, and so changes, `caches[0]`."""
     joined = caches[0]
     for i, layer in enumerate(joined.layers):
-        parts: list[Any] = [c.layers[i] for c in caches]  # all _JOINABLE, checked by ready()
+        parts: list[Any] = [c.layers[i] for c in caches]
         length = max(p.keys.shape[-2] for p in parts)
         for attr in ("keys", "values"):
             padded = [F.pad(getattr(p, attr), (0, 0, length - getattr(p, attr).shape[-2], 0)) for p in parts]

@@ -14,9 +14,11 @@ from models import (
     BackendError,
     BackendUnavailable,
     ChatMessage,
+    GenerationDelta,
     InvalidGenerationRequest,
     SamplingParams,
     SwappableStudent,
+    collect,
 )
 from models.local import LoadedModel, LocalBackend, load_model
 from tests.fakes import make_adapter
@@ -245,3 +247,145 @@ async def test_a_swap_runs_after_the_batch_it_met_even_under_steady_load(tiny_mo
     finally:
         await backend.aclose()
     assert max(waits) <= 2, f"calls waited {waits} batches"
+
+
+LONG = (ChatMessage("user", "Tell me everything about refunds, shipping and passwords."),)
+LONG_PARAMS = SamplingParams(max_tokens=200, temperature=0)
+
+
+async def _start_long(backend: LocalBackend) -> asyncio.Task[list[GenerationDelta]]:
+    """Stream LONG (greedy, 200 tokens) and return once its first token came; the task returns
+    every delta."""
+    started = asyncio.Event()
+
+    async def read() -> list[GenerationDelta]:
+        deltas = []
+        async for d in backend.stream(LONG, LONG_PARAMS):
+            deltas.append(d)
+            started.set()
+        return deltas
+
+    task = asyncio.create_task(read())
+    await started.wait()
+    return task
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(max_tokens=12, temperature=0, top_logprobs=3),
+        SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=7, top_logprobs=1),
+    ],
+    ids=["greedy", "seeded"],
+)
+async def test_a_newcomer_joins_the_running_batch_and_decodes_as_it_would_alone(
+    backend: LocalBackend, params: SamplingParams
+) -> None:
+    """Continuous batching: a request sent while another decodes starts at the next step, in the
+    same batch (not after it), and both get the tokens they get alone; logprobs up to rounding."""
+    newcomer = (ChatMessage("user", "Is shipping free?"),)  # shorter than LONG: padded in front
+    long_alone = await backend.generate(LONG, LONG_PARAMS)
+    alone = await backend.generate(newcomer, params)
+    assert long_alone.usage.completion_tokens > 100  # long enough to still run when the newcomer comes
+
+    batches_before, order = backend.batches_run, []
+    long_task = await _start_long(backend)
+    long_task.add_done_callback(lambda _: order.append("long finished"))
+    deltas = []
+    async for d in backend.stream(newcomer, params):
+        if not deltas:
+            order.append("newcomer's first token")
+        deltas.append(d)
+    long_deltas = await long_task
+
+    assert order == ["newcomer's first token", "long finished"]
+    assert backend.batches_run - batches_before == 1 and backend.max_batch_seen >= 2
+    joined = collect(deltas, model="m", version="base")
+    long_joined = collect(long_deltas, model="m", version="base")
+    for got, want in ((joined, alone), (long_joined, long_alone)):
+        assert (got.token_ids, got.text, got.finish_reason) == (want.token_ids, want.text, want.finish_reason)
+        for x, y in zip(got.logprobs, want.logprobs, strict=True):
+            assert x.logprob == pytest.approx(y.logprob, abs=1e-4)
+            assert [t.token_id for t in x.top] == [t.token_id for t in y.top]
+
+
+class _CountingModel:
+    """The transformers model, recording the rows and attention width of every decode forward."""
+
+    def __init__(self, model: object) -> None:
+        self.model = model
+        self.config = model.config  # type: ignore[attr-defined]
+        self.generation_config = model.generation_config  # type: ignore[attr-defined]
+        self.decode_rows: list[int] = []
+        self.decode_widths: list[int] = []
+
+    def __call__(self, **kwargs: torch.Tensor) -> object:
+        if kwargs["input_ids"].shape[1] == 1:
+            self.decode_rows.append(kwargs["input_ids"].shape[0])
+            self.decode_widths.append(kwargs["attention_mask"].shape[1])
+        return self.model(**kwargs)  # type: ignore[operator]
+
+
+async def _counting(backend: LocalBackend) -> _CountingModel:
+    good = backend.loaded
+    assert good is not None
+    counting = _CountingModel(good.model)
+    await backend.swap(LoadedModel(counting, good.tokenizer, "counted"))
+    return counting
+
+
+async def test_a_caller_that_stops_reading_leaves_the_batch_at_the_next_step(backend: LocalBackend) -> None:
+    counting = await _counting(backend)
+    long_task = await _start_long(backend)
+    reader = backend.stream(MSG, SamplingParams(max_tokens=100, temperature=0))
+    await anext(reader)
+    decoded_before = len(counting.decode_rows)
+    await reader.aclose()  # stream()'s finally cancels the job, as when a client disconnects
+    await long_task
+    after = counting.decode_rows[decoded_before:]
+    # At most the step already running when the caller left still carries its row; every later
+    # step decodes the long request alone, and there are such steps (it was still running).
+    assert after.count(2) <= 1 and after[-1] == 1 and all(n <= 2 for n in after), after
+
+
+async def test_a_swap_closes_the_batch_to_newcomers_and_running_rows_finish_on_the_old_model(
+    backend: LocalBackend, tmp_path: Path
+) -> None:
+    from tests.fakes import build_tiny_model
+
+    other = load_model(build_tiny_model(tmp_path / "other", seed=7), torch.device("cpu"), torch.float32, version="v2")
+    long_task = await _start_long(backend)
+    swap = asyncio.create_task(backend.swap(other))
+    await asyncio.sleep(0)  # the swap is queued before the newcomer
+    newcomer = asyncio.create_task(backend.generate(MSG, SamplingParams(max_tokens=4, temperature=0)))
+    long_deltas = await long_task
+    await swap
+    assert long_deltas[-1].version == "base"
+    assert (await newcomer).version == "v2"
+
+
+async def test_a_row_that_outlives_a_wider_one_loses_its_padding_and_decodes_as_alone(backend: LocalBackend) -> None:
+    """The newcomer joins behind LONG's prompt and first tokens (padded in front to that width);
+    once LONG leaves, that padding is cut, and its tokens are still those it gets alone."""
+    counting = await _counting(backend)
+    newcomer, params = (ChatMessage("user", "hi"),), SamplingParams(max_tokens=60, temperature=0, top_logprobs=2)
+    alone = await backend.generate(newcomer, params)
+    assert alone.usage.completion_tokens > 20
+    short_long = SamplingParams(max_tokens=10, temperature=0)
+    started = asyncio.Event()
+
+    async def read_long() -> None:
+        async for _ in backend.stream(LONG, short_long):
+            started.set()
+
+    long_task = asyncio.create_task(read_long())
+    await started.wait()
+    decoded_before = len(counting.decode_rows)
+    joined = await backend.generate(newcomer, params)
+    await long_task
+    rows, widths = counting.decode_rows[decoded_before:], counting.decode_widths[decoded_before:]
+    left = rows.index(1, rows.index(2))  # the first step after LONG left (it ran alone before the join)
+    assert widths[left] < widths[left - 1]  # the newcomer's padding in front was cut
+    assert (joined.token_ids, joined.text) == (alone.token_ids, alone.text)
+    for x, y in zip(joined.logprobs, alone.logprobs, strict=True):
+        assert x.logprob == pytest.approx(y.logprob, abs=1e-4)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from models import BackendConfig, ChatMessage, Generation, SamplingParams
+from models import BackendConfig, ChatMessage, Generation, SamplingParams, collect
 from models.local import LocalBackend
 from models.prefix import MIN_PREFIX_TOKENS, static_prefix
 
@@ -126,3 +126,44 @@ async def test_the_real_teacher_past_its_sliding_window(tmp_path: Path) -> None:
     assert solo[0].usage.prompt_tokens > 600 and hits >= 2
     _assert_same(solo, solo_whole, 2e-3)
     _assert_same(together, together_whole, 2e-3)
+
+
+@pytest.mark.slow
+async def test_the_real_teacher_joins_a_running_batch_past_its_sliding_window() -> None:
+    """A request that joins a running Gemma-3 batch (both prompts past the 512-token window, the
+    newcomer padded in front), then outlives the row ahead and loses that padding, gets what it
+    gets alone; so does the row it joined."""
+    from bench.kb import DATA, load_kb, teacher_prompt
+
+    config = BackendConfig(
+        model="gemma-3-270m",
+        prompt_format="transcript",
+        system_prompt=teacher_prompt(load_kb(DATA / "kb.jsonl")[:6], "faq"),
+        device="cpu",
+        dtype="float32",
+        max_model_len=4096,
+    )
+    ahead, newcomer = (ChatMessage("user", QUESTIONS[2]),), (ChatMessage("user", QUESTIONS[0]),)  # longer first
+    ahead_params = SamplingParams(max_tokens=6, temperature=0, top_logprobs=2)
+    params = SamplingParams(max_tokens=16, temperature=0, top_logprobs=2)
+    backend = LocalBackend(config)
+    await backend.start()
+    try:
+        alone = [await backend.generate(ahead, ahead_params), await backend.generate(newcomer, params)]
+        started = asyncio.Event()
+
+        async def read_ahead() -> Generation:
+            deltas = []
+            async for d in backend.stream(ahead, ahead_params):
+                deltas.append(d)
+                started.set()
+            return collect(deltas, model="m", version="base")
+
+        ahead_task = asyncio.create_task(read_ahead())
+        await started.wait()
+        joined = await backend.generate(newcomer, params)
+        together = [await ahead_task, joined]
+        assert backend.batches_run == 3 and backend.max_batch_seen == 2  # two alone, then one joined
+    finally:
+        await backend.aclose()
+    _assert_same(together, alone, 2e-3)
