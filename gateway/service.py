@@ -289,9 +289,11 @@ class TieredService:
         """The teacher's whole answer for an escalated (or `model: teacher`) call: from the cache,
         from the hedge already under way, or asked now; degraded to the draft when it fails."""
         hedge = early.hedge if early is not None else None
+        if early is not None:
+            early.hedge = None  # consumed here, whatever it gives: not cancelled later
         probe = probe or await self._cache_lookup(call)
         if probe is not None and probe.answer is not None:
-            self._cancel_hedge(early)
+            self._cancel_early_hedge(early)
             return await self._cached(call, route, draft, probe)
         try:
             if hedge is not None:
@@ -484,8 +486,7 @@ class TieredService:
             raise
         finally:
             if not handed_on:
-                if hedge is not None:
-                    hedge.cancel()
+                self._cancel_hedge(hedge, hedge_tokens)
                 await _aclose(source)
 
     def _decided_early(self, call: ChatCall, early: _Early) -> tuple[Route, Generation | None, _Early]:
@@ -498,13 +499,16 @@ class TieredService:
                             "prefix", features)  # fmt: skip
         self.metrics.decisions.labels("prefix", "teacher" if escalate else "student").inc()
         if not escalate:
-            self._cancel_hedge(early)
+            self._cancel_early_hedge(early)
             return (
                 Route("student", False, "prefix_confident", threshold, version, decision, decided_by="prefix"),
                 None,
                 early,
             )
         self.metrics.escalations.labels("prefix_unsure").inc()
+        # A target-rate policy must see the unsure ones too, or its quantile drifts up: the
+        # prefix's predicted confidence (below the threshold) stands in for the whole draft's.
+        self.policies.observe(call.tenant, verdict.confidence)
         route = Route("teacher", True, "prefix_unsure", threshold, version, decision, decided_by="prefix")
         prefix = collect(held, model=self.tiers["student"].info.name, version=version)
         fraction = self.settings.signal.audit_fraction
@@ -563,12 +567,16 @@ class TieredService:
         self._settle(grant, answer)
         return answer
 
-    def _cancel_hedge(self, early: _Early | None) -> None:
+    def _cancel_early_hedge(self, early: _Early | None) -> None:
+        if early is not None and early.hedge is not None:
+            hedge, early.hedge = early.hedge, None
+            self._cancel_hedge(hedge, early.hedge_prompt_tokens)
+
+    def _cancel_hedge(self, hedge: asyncio.Task[Generation] | None, prompt_tokens: int) -> None:
         """Cancel a hedge no longer needed, and price what it cost: a call that had answered
-        is accounted already; a cut one, its prompt (estimated at 4 characters a token)."""
-        if early is None or early.hedge is None:
+        is accounted already; a cut one, its prompt (`prompt_tokens`, estimated)."""
+        if hedge is None:
             return
-        hedge, early.hedge = early.hedge, None
         self.metrics.hedges.labels("cancelled").inc()
         if hedge.done() and not hedge.cancelled() and hedge.exception() is None:
             usage = hedge.result().usage
@@ -576,15 +584,15 @@ class TieredService:
             return
         hedge.cancel()
         if not hedge.done():
-            self._account("teacher", early.hedge_prompt_tokens, 0)
-            self.metrics.hedge_tokens.labels("cancelled").inc(early.hedge_prompt_tokens)
+            self._account("teacher", prompt_tokens, 0)
+            self.metrics.hedge_tokens.labels("cancelled").inc(prompt_tokens)
 
     async def _whole_draft(
         self, call: ChatCall, route: Route, draft: Generation | None, early: _Early | None
     ) -> Generation | None:
         """The draft to serve in the teacher's place. A prefix decision cut it short: the
         audited slice's ran on; any other is drafted again (or None if the student fails)."""
-        self._cancel_hedge(early)
+        self._cancel_early_hedge(early)
         if route.decided_by != "prefix" or early is None:
             return draft
         if early.drain is not None:
