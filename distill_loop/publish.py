@@ -1,8 +1,8 @@
 """Student hot-swap: serve whatever the registry's CURRENT names, in-process or on vLLM.
 
 `LocalPublisher.sync()` asks an in-process student to build the named version (base weights +
-its LoRA adapter, merged) and swap to it between batches: in-flight batches finish on the old
-model, the next batch uses the new one, and no request fails. The object that served traffic is
+its LoRA adapter, merged) and swap to it between decode steps: rows already running finish on the
+old model, requests after the swap start on the new one, and no request fails. The object that served traffic is
 never mutated; a new one replaces it. `VllmPublisher` does the same through vLLM's runtime LoRA.
 Neither imports torch: building weights is the student's job (`models.SwappableStudent`).
 """

@@ -4,7 +4,7 @@ The same registry is written by the in-gateway loop, by `python -m distill_loop 
 another machine, and by rollbacks (admin endpoint, CLI, auto). A watcher polls CURRENT and
 hot-swaps the student when it changes, so every writer takes effect the same way. What a
 student can do is asked through the capability protocols in models/base.py, never its class:
-a `SwappableStudent` (in-process) loads versions itself between batches, a
+a `SwappableStudent` (in-process) loads versions itself and swaps between decode steps, a
 `RuntimeLoraStudent` (vLLM server or in-process AsyncLLM) swaps runtime LoRA adapters. Nothing
 here imports torch: the loop and publishers load only when this student needs them.
 """

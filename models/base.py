@@ -140,7 +140,7 @@ class Backend(Protocol):
 @runtime_checkable
 class SwappableStudent(Backend, Protocol):
     """A student that builds a registry version itself (base weights plus a LoRA adapter) and
-    swaps to it without failing a request: in-process models, between batches."""
+    swaps to it without failing a request: in-process models, once the rows running on the old one finish."""
 
     async def load_version(self, version: str, adapter: Path | None) -> None:
         """Build `version` from the base weights and `adapter` (None: the base model), then

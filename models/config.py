@@ -33,7 +33,7 @@ class BackendConfig(BaseModel):
     device: str = "auto"
     # local: weights dtype. bfloat16 is about 1.4x faster than float32 on AVX-512 CPUs.
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
-    # local: most requests decoded together in one batch (dynamic batching).
+    # local: most requests decoded together in one running batch (continuous batching: newcomers join at the next step).
     max_batch_size: int = Field(default=16, ge=1, le=512)
     # local: how long the owner thread waits for more requests to fill a batch, in ms.
     batch_wait_ms: float = Field(default=2.0, ge=0.0, le=1000.0)
