@@ -441,7 +441,7 @@ class TieredService:
         cfg = self.settings.router
         student = self.tiers["student"]
         delta, source, lease = await self._open_source("student", call.messages, call.params)
-        hedge_tokens = (prompt_chars(call.messages) + len(self.settings.teacher.system_prompt or "")) // 4
+        hedge_tokens = 0  # a hedge's prompt, estimated when one starts: what a cut one is priced at
         held: list[GenerationDelta] = []
         lps: list[float] = []
         hedge: asyncio.Task[Generation] | None = None
@@ -472,6 +472,9 @@ class TieredService:
                         return self._decided_early(call, early)
                     if hedge is None and verdict.confidence < cfg.hedge_below:
                         hedge = asyncio.create_task(self._hedge(call), name=f"hedge-{call.request_id}")
+                        hedge_tokens = (
+                            prompt_chars(call.messages) + len(self.settings.teacher.system_prompt or "")
+                        ) // 4
                 async with asyncio.timeout_at(lease.deadline):
                     delta = await anext(source)
         except StopAsyncIteration:
