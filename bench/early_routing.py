@@ -579,10 +579,13 @@ WARMUP: dict[str, Override] = {
 }
 
 
-def prefix_state(registry: Path) -> dict[str, Any] | None:
-    """The fitted prefix scorer in the registry's routing state files, if any."""
+def prefix_state(registry: Path, since: float = 0.0) -> dict[str, Any] | None:
+    """The fitted prefix scorer in the registry's routing state files, if one was saved after
+    `since` (a Unix time)."""
     for path in sorted(registry.rglob("*.json")):
         try:
+            if path.stat().st_mtime <= since:
+                continue
             body = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
@@ -594,8 +597,8 @@ def prefix_state(registry: Path) -> dict[str, Any] | None:
 
 def warm_up(run: Run, folder: Path, items: Sequence[StreamItem]) -> dict[str, Any]:
     """Log `items`' full drafts (full-draft tenant, every draft audited) in a gateway of its own,
-    then wait for its refit to fit the prefix scorer. The scorer is saved in `folder`'s registry,
-    where the measuring gateway loads it at start-up."""
+    then wait for a refit after the last of them is logged. The scorer is saved in `folder`'s
+    registry, where the measuring gateway loads it at start-up."""
     folder.mkdir(parents=True, exist_ok=True)
     env = run.env(folder, WARMUP)
     t0 = time.perf_counter()
@@ -606,12 +609,12 @@ def warm_up(run: Run, folder: Path, items: Sequence[StreamItem]) -> dict[str, An
             for i, item in enumerate(items):
                 bench.ask("full", i, item)
                 run.progress.advance(task)
+            logged = time.time()  # `ask` waited for the gateway to be idle: every audit is on record
             deadline = time.monotonic() + 120.0
-            while (state := prefix_state(folder / "registry")) is None or state.get("n", 0) < MIN_DRAFTS:
+            while (state := prefix_state(folder / "registry", logged)) is None or state.get("n", 0) < MIN_DRAFTS:
                 if time.monotonic() > deadline:
                     break
                 time.sleep(2.0)
-                bench.settle()
         finally:
             bench.close()
     return {"requests": len(items), "seconds": time.perf_counter() - t0, "scorer": prefix_state(folder / "registry")}

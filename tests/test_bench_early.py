@@ -18,6 +18,7 @@ from bench.early_routing import (
     order_for,
     overrides,
     parse_args,
+    prefix_state,
     quantile,
     summarize,
     wilson,
@@ -161,3 +162,18 @@ def test_the_documented_command_parses() -> None:
     args = parse_args(["--limit", "8", "--warmup", "0"])
     assert (args.limit, args.warmup) == (8, 0)
     assert parse_args([]).limit == 40
+
+
+def test_the_refit_phase_waits_for_a_scorer_saved_after_the_warm_up(tmp_path: Path) -> None:
+    import json
+    import os
+
+    state = tmp_path / "routing" / "base.json"
+    state.parent.mkdir()
+    state.write_text(json.dumps({"floor": None, "prefix": {"coef": [], "n": 0}}))  # the prior: nothing fitted
+    assert prefix_state(tmp_path) is None
+    state.write_text(json.dumps({"prefix": {"coef": [0.1], "intercept": -0.9, "n": 31}}))
+    os.utime(state, (1000.0, 1000.0))
+    assert prefix_state(tmp_path) == {"coef": [0.1], "intercept": -0.9, "n": 31}
+    assert prefix_state(tmp_path, since=1000.0) is None  # fitted before the last warm-up draft
+    assert prefix_state(tmp_path, since=999.0) is not None
