@@ -13,6 +13,7 @@ label is `labels.py`'s choice; asking the teacher and recording is here.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import random
@@ -133,6 +134,54 @@ class AnswerStream:
         self.decision: Decision | None = route.decision
 
 
+class _Hedge:
+    """A teacher stream started while a draft's prefix was unsure, read into a buffer as it
+    comes (by `TieredService._run_hedge`), so an escalation takes it over where it has got to:
+    streamed on from its first delta, or awaited whole."""
+
+    def __init__(self, run: Callable[[_Hedge], Coroutine[Any, Any, Generation]], name: str, prompt_tokens: int) -> None:
+        self.deltas: list[GenerationDelta] = []
+        self.prompt_tokens = prompt_tokens  # estimated: what a cut hedge is priced at
+        self._more = asyncio.Event()
+        self.task = asyncio.create_task(run(self), name=name)
+        self.task.add_done_callback(lambda _: self._more.set())
+
+    def push(self, delta: GenerationDelta) -> None:
+        self.deltas.append(delta)
+        self._more.set()
+
+    @property
+    def received(self) -> int:
+        """Tokens received so far (a delta with text is one token from a streaming server)."""
+        return sum(max(1, len(d.logprobs)) for d in self.deltas if d.text)
+
+    async def first(self) -> None:
+        """Wait for the first delta; raises what the hedge failed with before it."""
+        while not self.deltas and not self.task.done():
+            self._more.clear()
+            if not self.deltas and not self.task.done():
+                await self._more.wait()
+        if not self.deltas:
+            await self.task  # raises its error
+
+    async def follow(self) -> AsyncIterator[GenerationDelta]:
+        """Every delta, those already buffered first, until the last; raises the hedge's error."""
+        i = 0
+        while True:
+            while i < len(self.deltas):
+                delta = self.deltas[i]
+                i += 1
+                yield delta
+                if delta.finish_reason is not None:
+                    return
+            if self.task.done():
+                await self.task  # raises its error; a finished one ended on its last delta above
+                return
+            self._more.clear()
+            if i == len(self.deltas) and not self.task.done():
+                await self._more.wait()
+
+
 @dataclass(eq=False)
 class _Early:
     """What an early (prefix) decision leaves running. Kept: the deltas held while deciding and
@@ -144,9 +193,8 @@ class _Early:
     held: list[GenerationDelta]
     source: AsyncIterator[GenerationDelta] | None = None
     lease: Lease | None = None
-    hedge: asyncio.Task[Generation] | None = None
+    hedge: _Hedge | None = None
     drain: asyncio.Task[Generation | None] | None = None
-    hedge_prompt_tokens: int = 0  # the hedge's prompt, estimated: what a cut hedge is priced at
 
     def prefix_features(self) -> dict[str, float]:
         v = self.verdict
@@ -297,11 +345,8 @@ class TieredService:
             return await self._cached(call, route, draft, probe)
         try:
             if hedge is not None:
-                answer = await hedge
-                self.metrics.hedges.labels("used").inc()
-                self.metrics.hedge_tokens.labels("used").inc(
-                    answer.usage.prompt_tokens + answer.usage.completion_tokens
-                )
+                answer = await hedge.task
+                self._hedge_used(answer)
             else:
                 answer = await self._ask_teacher(call, "request")
         except TeacherBudgetExceeded as exc:
@@ -335,9 +380,22 @@ class TieredService:
             self._maybe_audit(call, route, draft)
             return AnswerStream(route, self._replay(call, route, draft))
         probe = await self._cache_lookup(call)
+        if (probe is None or probe.answer is None) and early is not None and early.hedge is not None:
+            # The hedge already under way: streamed on from its first delta.
+            hedge, early.hedge = early.hedge, None
+            try:
+                await hedge.first()
+            except TeacherBudgetExceeded as exc:
+                whole = await self._whole_draft(call, route, draft, early)
+                route, answer = await self._over_budget(call, route, whole, exc)
+                return AnswerStream(route, self._replay(call, route, answer, already_finished=True))
+            except BackendError as exc:
+                route, answer = self._fallback(call, route, await self._whole_draft(call, route, draft, early), exc)
+                return AnswerStream(route, self._replay(call, route, answer, already_finished=True))
+            return AnswerStream(route, self._follow_hedge(call, route, draft, early, hedge, probe))
         if (probe is not None and probe.answer is not None) or (early is not None and (early.hedge or early.drain)):
-            # From the cache, or from the hedge already under way (or with an audited draft
-            # running on beside it): whole before the first byte.
+            # From the cache (or with an audited draft running on beside the teacher): whole
+            # before the first byte.
             route, answer = await self._teacher_answer(call, route, draft, early, probe)
             return AnswerStream(route, self._replay(call, route, answer, already_finished=True))
         try:
@@ -441,10 +499,9 @@ class TieredService:
         cfg = self.settings.router
         student = self.tiers["student"]
         delta, source, lease = await self._open_source("student", call.messages, call.params)
-        hedge_tokens = 0  # a hedge's prompt, estimated when one starts: what a cut one is priced at
         held: list[GenerationDelta] = []
         lps: list[float] = []
-        hedge: asyncio.Task[Generation] | None = None
+        hedge: _Hedge | None = None
         handed_on = False
         try:
             while True:
@@ -461,20 +518,20 @@ class TieredService:
                         return (
                             route,
                             draft,
-                            _Early(verdict, threshold, held, hedge=hedge, hedge_prompt_tokens=hedge_tokens),
+                            _Early(verdict, threshold, held, hedge=hedge),
                         )
                     return route, draft, None
                 if len(lps) >= cfg.min_prefix_tokens:
                     verdict = self.router.judge_prefix(lps, threshold, final=len(lps) >= cfg.decide_after_tokens)
                     if verdict.verdict != "undecided":
                         handed_on = True
-                        early = _Early(verdict, threshold, held, source, lease, hedge, hedge_prompt_tokens=hedge_tokens)
+                        early = _Early(verdict, threshold, held, source, lease, hedge)
                         return self._decided_early(call, early)
                     if hedge is None and verdict.confidence < cfg.hedge_below:
-                        hedge = asyncio.create_task(self._hedge(call), name=f"hedge-{call.request_id}")
-                        hedge_tokens = (
-                            prompt_chars(call.messages) + len(self.settings.teacher.system_prompt or "")
-                        ) // 4
+                        system = self.settings.teacher.system_prompt or ""
+                        estimate = (prompt_chars(call.messages) + len(system)) // 4
+                        run = functools.partial(self._run_hedge, call)
+                        hedge = _Hedge(run, f"hedge-{call.request_id}", estimate)
                 async with asyncio.timeout_at(lease.deadline):
                     delta = await anext(source)
         except StopAsyncIteration:
@@ -489,7 +546,7 @@ class TieredService:
             raise
         finally:
             if not handed_on:
-                self._cancel_hedge(hedge, hedge_tokens)
+                self._cancel_hedge(hedge)
                 await _aclose(source)
 
     def _decided_early(self, call: ChatCall, early: _Early) -> tuple[Route, Generation | None, _Early]:
@@ -555,40 +612,92 @@ class TieredService:
         self._account("student", draft.usage.prompt_tokens, draft.usage.completion_tokens)
         return draft
 
-    async def _hedge(self, call: ChatCall) -> Generation:
-        """The teacher's answer, asked while the draft's prefix is still unsure. Cancelled when
-        the draft turns out confident: its grant keeps the estimate (no usage came back)."""
+    async def _run_hedge(self, call: ChatCall, hedge: _Hedge) -> Generation:
+        """Stream the teacher's answer into `hedge`, through the guard and the key's budget, and
+        account it once whole. Cancelled when the draft is kept: the grant keeps its estimate."""
         grant = self._admit_teacher(call, "request")
+        source: AsyncIterator[GenerationDelta] | None = None
+        lease: Lease | None = None
         try:
-            answer = await self._generate("teacher", self._for_teacher(call.messages), self._teacher_params(call))
-        except BackendError:
-            self.limits.settle_teacher(grant, 0.0)
+            messages, params = self._for_teacher(call.messages), self._teacher_params(call)
+            delta, source, lease = await self._open_source("teacher", messages, params)
+            while True:
+                hedge.push(delta)
+                if delta.finish_reason is not None:
+                    break
+                try:
+                    async with asyncio.timeout_at(lease.deadline):
+                        delta = await anext(source)
+                except StopAsyncIteration:
+                    raise BackendResponseError("teacher stream ended without a finish_reason") from None
+                except TimeoutError:
+                    raise BackendTimeout("teacher stream did not finish within its deadline") from None
+        except BaseException as exc:
+            if lease is not None:
+                lease.done(exc)
+            if isinstance(exc, BackendError):
+                self.metrics.errors.labels("teacher", error_class(exc)).inc()
+            self.limits.settle_teacher(grant, None if isinstance(exc, asyncio.CancelledError) else 0.0)
             raise
-        except asyncio.CancelledError:
-            self.limits.settle_teacher(grant, None)
-            raise
+        finally:
+            if source is not None:
+                await _aclose(source)
+        lease.done()
+        info = self.tiers["teacher"].info
+        answer = collect(hedge.deltas, model=info.name, version=info.version)
+        self._account("teacher", answer.usage.prompt_tokens, answer.usage.completion_tokens)
         self._settle(grant, answer)
         return answer
+
+    async def _follow_hedge(
+        self, call: ChatCall, route: Route, draft: Generation | None, early: _Early, hedge: _Hedge, probe: Probe | None
+    ) -> AsyncIterator[GenerationDelta]:
+        """An escalation answered by its hedge, streamed from where the hedge has got to; the
+        record is written (and acknowledged) before the last delta leaves, as for a live one."""
+        finished = False
+        try:
+            async for delta in hedge.follow():
+                if delta.finish_reason is not None:
+                    answer = await hedge.task
+                    finished = True
+                    self._hedge_used(answer)
+                    self._cache_remember(probe, answer)
+                    self._finish(call, route, answer)
+                    whole, decision = await self._record_draft(call, route, draft, early)
+                    record = self._record(call, "escalation", route.reason, whole, decision, answer)
+                    await self._acknowledge(call, record)
+                yield delta
+        finally:
+            if not finished:
+                hedge.task.cancel()  # the client left, or the hedge failed: nothing more is generated
+                if early.drain is not None:
+                    early.drain.cancel()
+
+    def _hedge_used(self, answer: Generation) -> None:
+        self.metrics.hedges.labels("used").inc()
+        self.metrics.hedge_tokens.labels("used").inc(answer.usage.prompt_tokens + answer.usage.completion_tokens)
 
     def _cancel_early_hedge(self, early: _Early | None) -> None:
         if early is not None and early.hedge is not None:
             hedge, early.hedge = early.hedge, None
-            self._cancel_hedge(hedge, early.hedge_prompt_tokens)
+            self._cancel_hedge(hedge)
 
-    def _cancel_hedge(self, hedge: asyncio.Task[Generation] | None, prompt_tokens: int) -> None:
-        """Cancel a hedge no longer needed, and price what it cost: a call that had answered
-        is accounted already; a cut one, its prompt (`prompt_tokens`, estimated)."""
+    def _cancel_hedge(self, hedge: _Hedge | None) -> None:
+        """Cancel a hedge no longer needed, and price what it cost: one that had answered is
+        accounted already; a cut one, its prompt (estimated) and the tokens it had sent."""
         if hedge is None:
             return
         self.metrics.hedges.labels("cancelled").inc()
-        if hedge.done() and not hedge.cancelled() and hedge.exception() is None:
-            usage = hedge.result().usage
+        task = hedge.task
+        if task.done() and not task.cancelled() and task.exception() is None:
+            usage = task.result().usage
             self.metrics.hedge_tokens.labels("cancelled").inc(usage.prompt_tokens + usage.completion_tokens)
             return
-        hedge.cancel()
-        if not hedge.done():
-            self._account("teacher", prompt_tokens, 0)
-            self.metrics.hedge_tokens.labels("cancelled").inc(prompt_tokens)
+        task.cancel()
+        if not task.done():
+            received = hedge.received
+            self._account("teacher", hedge.prompt_tokens, received)
+            self.metrics.hedge_tokens.labels("cancelled").inc(hedge.prompt_tokens + received)
 
     async def _whole_draft(
         self, call: ChatCall, route: Route, draft: Generation | None, early: _Early | None

@@ -104,13 +104,15 @@ def test_an_unsure_undecided_prefix_hedges_and_the_hedge_answers(
     # confidence exp(-1.6) = 0.20 at a threshold of 0.5: P(escalate) 0.82 under the prior, so no
     # prefix is decisive (0.9) until the 16th token forces it, and 0.20 < hedge_below (0.25).
     paced.token_logprobs = [-1.6]
-    teacher_script.delay_s = 0.2
+    teacher_script.token_delay_s = 0.1  # still streaming when the request escalates
     settings = settings_for(student_url, teacher_url, tmp_path / "signal.db")
     with serve_in_thread(create_app(settings), ready_path="/health/ready") as url:
-        headers, seen, _ = stream(url, "a middling question", script=paced, max_tokens=64)
+        headers, seen, _ = stream(url, "a middling question", script=teacher_script, max_tokens=64)
         assert headers["x-tiergate-reason"] == "prefix_unsure"
         assert "".join(text for text, _ in seen) == teacher_script.text
         assert len(teacher_script.requests) == 1  # the hedge was the teacher call
+        # Taken over mid-way and streamed on: the first token left before the teacher had finished.
+        assert seen[0][1] < len(teacher_script.text.split())
         assert metric(url, "tiergate_hedges_total", outcome="used") == 1
         assert metric(url, "tiergate_hedge_tokens_total", outcome="used") > 0
 
