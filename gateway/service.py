@@ -212,6 +212,18 @@ async def _chain(held: list[GenerationDelta], source: AsyncIterator[GenerationDe
         await _aclose(source)
 
 
+async def _next_delta(tier: str, source: AsyncIterator[GenerationDelta], lease: Lease) -> GenerationDelta:
+    """The stream's next delta within the call's deadline: a stream that ends before its last
+    delta, or runs past the deadline, is the tier's error."""
+    try:
+        async with asyncio.timeout_at(lease.deadline):
+            return await anext(source)
+    except StopAsyncIteration:
+        raise BackendResponseError(f"{tier} stream ended without a finish_reason") from None
+    except TimeoutError:
+        raise BackendTimeout(f"{tier} stream did not finish within its deadline") from None
+
+
 async def _empty() -> AsyncIterator[GenerationDelta]:
     return
     yield  # pragma: no cover - makes this an async generator
@@ -356,7 +368,7 @@ class TieredService:
         self._cache_remember(probe, answer)
         self._finish(call, route, answer)
         if route.escalated:
-            draft, decision = await self._record_draft(call, route, draft, early)
+            draft, decision = await self._record_draft(route, draft, early)
             record = self._record(call, "escalation", route.reason, draft, decision, answer)
             await self._acknowledge(call, record)
         return route, answer
@@ -532,15 +544,7 @@ class TieredService:
                         estimate = (prompt_chars(call.messages) + len(system)) // 4
                         run = functools.partial(self._run_hedge, call)
                         hedge = _Hedge(run, f"hedge-{call.request_id}", estimate)
-                async with asyncio.timeout_at(lease.deadline):
-                    delta = await anext(source)
-        except StopAsyncIteration:
-            lease.done(BackendResponseError("student stream ended without a finish_reason"))
-            raise BackendResponseError("student stream ended without a finish_reason") from None
-        except TimeoutError:
-            exc = BackendTimeout("student did not answer within its deadline")
-            lease.done(exc)
-            raise exc from None
+                delta = await _next_delta("student", source, lease)
         except BaseException as exc:
             lease.done(exc)
             raise
@@ -625,13 +629,7 @@ class TieredService:
                 hedge.push(delta)
                 if delta.finish_reason is not None:
                     break
-                try:
-                    async with asyncio.timeout_at(lease.deadline):
-                        delta = await anext(source)
-                except StopAsyncIteration:
-                    raise BackendResponseError("teacher stream ended without a finish_reason") from None
-                except TimeoutError:
-                    raise BackendTimeout("teacher stream did not finish within its deadline") from None
+                delta = await _next_delta("teacher", source, lease)
         except BaseException as exc:
             if lease is not None:
                 lease.done(exc)
@@ -663,7 +661,7 @@ class TieredService:
                     self._hedge_used(answer)
                     self._cache_remember(probe, answer)
                     self._finish(call, route, answer)
-                    whole, decision = await self._record_draft(call, route, draft, early)
+                    whole, decision = await self._record_draft(route, draft, early)
                     record = self._record(call, "escalation", route.reason, whole, decision, answer)
                     await self._acknowledge(call, record)
                 yield delta
@@ -718,7 +716,7 @@ class TieredService:
             return None
 
     async def _record_draft(
-        self, call: ChatCall, route: Route, draft: Generation | None, early: _Early | None
+        self, route: Route, draft: Generation | None, early: _Early | None
     ) -> tuple[Generation | None, Decision | None]:
         """The draft and decision an escalation's record keeps: for the audited slice of
         prefix escalations, the whole draft and both decisions (checked against each other)."""
@@ -944,13 +942,7 @@ class TieredService:
                     yield delta
                     return
                 yield delta
-                try:
-                    async with asyncio.timeout_at(lease.deadline):
-                        delta = await anext(source)
-                except StopAsyncIteration:
-                    raise BackendResponseError(f"{tier} stream ended without a finish_reason") from None
-                except TimeoutError:
-                    raise BackendTimeout(f"{tier} stream did not finish within its deadline") from None
+                delta = await _next_delta(tier, source, lease)
         except BackendError as exc:
             outcome = exc
             self.metrics.errors.labels(tier, error_class(exc)).inc()
