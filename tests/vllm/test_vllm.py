@@ -8,6 +8,8 @@ import json
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -46,12 +48,10 @@ def vllm_settings(student: VllmServer, teacher: VllmServer, tmp_path: Path, **di
     )
 
 
-def test_gateway_on_vllm_escalates_streams_and_logs_teacher_logprobs(
-    trained_adapter: Path, vllm_servers: tuple[VllmServer, VllmServer], tmp_path: Path
-) -> None:
-    student, teacher = vllm_servers
-    # The teacher cache off: the stream below repeats the greedy HARD request, which the cache
-    # would answer; here both must reach vLLM's teacher (tests/gateway/test_cache.py has the cache).
+@contextmanager
+def uncached_gateway(student: VllmServer, teacher: VllmServer, tmp_path: Path) -> Iterator[openai.OpenAI]:
+    """A gateway on both vLLM servers with the loop and the teacher cache off (a repeated greedy
+    request must reach vLLM), and an SDK client for it."""
     settings = vllm_settings(student, teacher, tmp_path, enabled=False).model_copy(
         update={"cache": CacheConfig(enabled=False)}
     )
@@ -59,6 +59,16 @@ def test_gateway_on_vllm_escalates_streams_and_logs_teacher_logprobs(
         serve_in_thread(create_app(settings), ready_path="/health/ready", timeout=120) as url,
         openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0, timeout=120) as client,
     ):
+        yield client
+
+
+def test_gateway_on_vllm_escalates_streams_and_logs_teacher_logprobs(
+    trained_adapter: Path, vllm_servers: tuple[VllmServer, VllmServer], tmp_path: Path
+) -> None:
+    student, teacher = vllm_servers
+    # The teacher cache off: the stream below repeats the greedy HARD request, which the cache
+    # would answer; here both must reach vLLM's teacher (tests/gateway/test_cache.py has the cache).
+    with uncached_gateway(student, teacher, tmp_path) as client:
         kept = client.chat.completions.with_raw_response.create(
             model="tiered", messages=[{"role": "user", "content": EASY}], max_tokens=24, temperature=0,
             logprobs=True, top_logprobs=3,
@@ -113,13 +123,7 @@ def test_a_cut_draft_and_a_client_that_leaves_stop_vllms_generation(
     """Cancellation reaches vLLM: an unsure prefix closes the student's stream, and so does a
     client that leaves a live stream; within 1 s the student server generates nothing more."""
     student, teacher = vllm_servers
-    settings = vllm_settings(student, teacher, tmp_path, enabled=False).model_copy(
-        update={"cache": CacheConfig(enabled=False)}
-    )
-    with (
-        serve_in_thread(create_app(settings), ready_path="/health/ready", timeout=120) as url,
-        openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0, timeout=120) as client,
-    ):
+    with uncached_gateway(student, teacher, tmp_path) as client:
         before, _ = generated(student)
         with client.chat.completions.with_streaming_response.create(
             model="tiered", messages=[{"role": "user", "content": HARD}], max_tokens=256, temperature=0, stream=True
