@@ -36,6 +36,10 @@ class SignalConfig(BaseModel):
     # synchronous=FULL commit (an fsync) per few records cost the gateway about 165 us of CPU
     # per record under load (bench/). A graceful shutdown still flushes everything queued.
     linger_s: float = Field(default=0.05, ge=0.0, le=1.0)
+    # The longest the writer holds a batch with an acknowledged record open while more such
+    # records are on their way (teacher calls in flight), so that they share its fsync. A lone
+    # escalation never waits; 0 commits every acknowledged record as soon as it is queued.
+    ack_linger_s: float = Field(default=0.005, ge=0.0, le=0.1)
     # Alternatives per token requested from the teacher for the signal (0-20).
     teacher_top_logprobs: int = Field(default=5, ge=0, le=20)
     # Ask a teacher that supports it (vLLM prompt_logprobs) to score each escalated draft, in the

@@ -7,6 +7,10 @@ on a bounded queue (full queue → the record is dropped and counted). The write
 the gateway sends an escalated response only then (`signal.durability: acknowledged`). A batch
 holding such a record does not linger: it takes what is queued and commits, and whatever
 arrives during that fsync is the next group (group commit), so many requests share one fsync.
+Told how many acknowledged records are on their way (`expect_from`: the gateway passes its
+teacher calls in flight), the writer also holds such a batch open, up to `ack_linger_s`,
+while more are coming: PostgreSQL's commit_delay with commit_siblings, made exact. A lone
+request never waits, and under load a few escalations share each fsync instead of one each.
 If the database fails (disk full, locked), batches are kept and retried with back-off; a row
 the database rejects on its own (a constraint) goes to the dead-letter table. `close()`
 drains the queue, and whatever still cannot be written is spilled to a JSONL file that the
@@ -122,6 +126,12 @@ class SignalStore:
         self.db = signal_db(config)
         self.spill_path = config.spill_path or config.path.with_suffix(".spill.jsonl")
         self._redactor = Redactor() if config.redact else None
+        self._coming: Callable[[], int] = lambda: 0
+
+    def expect_from(self, coming: Callable[[], int]) -> None:
+        """`coming()`: how many acknowledged records are on their way now (read on the writer
+        thread, so it must be a cheap read of a counter, never a lock the event loop holds)."""
+        self._coming = coming
 
     # -- lifecycle ---------------------------------------------------------------------------
     def open(self) -> None:
@@ -203,12 +213,15 @@ class SignalStore:
                     stop = True
                 else:
                     batch.append(first)
-                # A client waits on an acknowledged record: take what is queued, no lingering.
+                # A client waits on an acknowledged record: take what is queued, and wait for
+                # more only while more are on their way (`expect_from`), up to `ack_linger_s`.
                 acked = first is not None and first[1] is not None
-                linger_until = time.monotonic() + self.config.linger_s
+                linger_until = time.monotonic() + (self.config.ack_linger_s if acked else self.config.linger_s)
                 while len(batch) < self.config.batch_size and not stop:
                     try:
-                        wait = 0.0 if acked else linger_until - time.monotonic()
+                        wait = linger_until - time.monotonic()
+                        if acked and self._coming() <= 0:
+                            wait = 0.0
                         nxt = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
                     except queue.Empty:
                         break
@@ -217,7 +230,9 @@ class SignalStore:
                         stop = True
                         break
                     batch.append(nxt)
-                    acked = acked or nxt[1] is not None
+                    if not acked and nxt[1] is not None:  # from here, a client waits
+                        acked = True
+                        linger_until = min(linger_until, time.monotonic() + self.config.ack_linger_s)
                 if batch:
                     self._write_and_ack(conn, batch)
                 for _ in range(taken):

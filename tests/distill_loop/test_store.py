@@ -394,6 +394,47 @@ def test_an_acknowledged_record_resolves_only_once_committed_and_waiters_share_c
     store.close()
 
 
+def test_acknowledged_records_on_their_way_share_a_commit_and_a_lone_one_never_waits(
+    tmp_path: Path, backend: str | None
+) -> None:
+    """`expect_from`: while more acknowledged records are on their way, the writer holds an
+    acknowledged batch open (up to `ack_linger_s`) so that they share its fsync; with none
+    coming it commits at once, and a record that never comes costs at most `ack_linger_s`."""
+    events: list[tuple[str, int]] = []
+    coming = [0]
+    store = open_store(tmp_path, events, backend, ack_linger_s=0.08)
+    store.expect_from(lambda: coming[0])
+    written = lambda: [n for e, n in events if e == "written"]  # noqa: E731
+
+    # None coming: a lone record is committed at once, not after the linger.
+    t0 = time.monotonic()
+    assert store.submit_acked(sample(1)).result(timeout=10)
+    assert time.monotonic() - t0 < 0.06
+    assert written() == [1]
+
+    # Two more on their way: the first waits for them, and all three share one commit.
+    coming[0] = 2
+    first = store.submit_acked(sample(2))
+    time.sleep(0.02)
+    assert not first.done()
+    coming[0] = 1
+    second = store.submit_acked(sample(3))
+    time.sleep(0.02)
+    coming[0] = 0
+    third = store.submit_acked(sample(4))
+    assert all(f.result(timeout=10) for f in (first, second, third))
+    assert written() == [1, 3]
+
+    # One announced that never comes (a client that left): the wait ends at ack_linger_s.
+    coming[0] = 1
+    t0 = time.monotonic()
+    assert store.submit_acked(sample(5)).result(timeout=10)
+    waited = time.monotonic() - t0
+    assert 0.07 <= waited < 1.0
+    assert written() == [1, 3, 1]
+    store.close()
+
+
 def test_an_acknowledged_record_on_a_full_queue_resolves_false_at_once(tmp_path: Path, backend: str | None) -> None:
     store = open_store(tmp_path, url=backend, queue_size=1)
     with database_locked(store):
