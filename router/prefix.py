@@ -2,17 +2,20 @@
 
 A `PrefixScorer` predicts the full draft's confidence from a prefix of its token logprobs, as
 a normal distribution in logit space (mean from a linear model over prefix features, spread
-from its residuals), so P(the full-draft decision escalates | prefix) = P(confidence <
-threshold) holds for any tenant's threshold. Before a version has a fitted one, a prior
-stands in: the full scorer applied to the prefix, with a wide spread (`PRIOR_SIGMA`), so only
-clearly sure or clearly unsure prefixes decide early. Fitted with scikit-learn on logged full
-drafts (records whose draft ran to the end), serialised to JSON beside the version's
-calibrator, and evaluated in plain Python (serving does not load numpy). What to do with a
-verdict (stream, escalate, hedge) is the gateway's business, not this module's.
+from its residuals at each prefix length: a short prefix foretells less than a long one, and
+one spread for all lengths would make short prefixes too decisive and long ones too timid),
+so P(the full-draft decision escalates | prefix) = P(confidence < threshold) holds for any
+tenant's threshold. Before a version has a fitted one, a prior stands in: the full scorer
+applied to the prefix, with a wide spread (`PRIOR_SIGMA`), so only clearly sure or clearly
+unsure prefixes decide early. Fitted with scikit-learn on logged full drafts (records whose
+draft ran to the end), serialised to JSON beside the version's calibrator, and evaluated in
+plain Python (serving does not load numpy). What to do with a verdict (stream, escalate,
+hedge) is the gateway's business, not this module's.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,8 +55,10 @@ class PrefixVerdict:
 @dataclass(frozen=True, slots=True)
 class PrefixScorer:
     """`coef`/`intercept` over standardised `prefix_features` (`mean`, `scale`) give the mean
-    logit of the full draft's confidence; `sigma` is the residual spread. An empty `coef` is the
-    prior: the full scorer's confidence of the prefix itself, spread by `sigma`."""
+    logit of the full draft's confidence; `sigma` is the residual spread over all lengths and
+    `sigmas` the spread at each fitted length (`lengths`), which a prefix of that length (or
+    the longest fitted length below it) uses. An empty `coef` is the prior: the full scorer's
+    confidence of the prefix itself, spread by `sigma`."""
 
     mean: tuple[float, ...] = ()
     scale: tuple[float, ...] = ()
@@ -61,6 +66,13 @@ class PrefixScorer:
     intercept: float = 0.0
     sigma: float = PRIOR_SIGMA
     n: int = 0
+    lengths: tuple[int, ...] = ()
+    sigmas: tuple[float, ...] = ()
+
+    def sigma_at(self, tokens: int) -> float:
+        """The spread for a prefix of `tokens`: its length's, else the pooled one."""
+        at = bisect.bisect_right(self.lengths, tokens) - 1
+        return self.sigmas[at] if at >= 0 else self.sigma
 
     @property
     def fitted(self) -> bool:
@@ -74,7 +86,7 @@ class PrefixScorer:
         z = self.intercept + sum(
             c * (v - m) / s for c, v, m, s in zip(self.coef, x, self.mean, self.scale, strict=True)
         )
-        return z, self.sigma
+        return z, self.sigma_at(len(logprobs))
 
     def judge(
         self, logprobs: Sequence[float], prior_confidence: float, threshold: float, *, decisive: float, final: bool
@@ -104,6 +116,8 @@ class PrefixScorer:
             "intercept": self.intercept,
             "sigma": self.sigma,
             "n": self.n,
+            "lengths": list(self.lengths),
+            "sigmas": list(self.sigmas),
         }
 
     @classmethod
@@ -115,11 +129,16 @@ class PrefixScorer:
             float(data.get("intercept", 0.0)),
             float(data.get("sigma", PRIOR_SIGMA)),
             int(data.get("n", 0)),
+            tuple(map(int, data.get("lengths", ()))),  # scorers stored before these: pooled only
+            tuple(map(float, data.get("sigmas", ()))),
         )
 
 
 PRIOR = PrefixScorer()
 MIN_DRAFTS = 30  # fewer full drafts than this: keep the scorer there is (or the prior)
+# A length's spread is shrunk towards the pooled one as if the pooled one came from this many
+# drafts: a length few drafts reach gets little say of its own.
+SIGMA_PRIOR_DRAFTS = 10.0
 
 
 def fit_prefix_scorer(
@@ -138,6 +157,7 @@ def fit_prefix_scorer(
     rows: list[list[float]] = []
     targets: list[float] = []
     w: list[float] = []
+    at: list[int] = []
     kept = 0
     for i, lps in enumerate(drafts):
         ks = [k for k in lengths if 0 < k <= len(lps)]
@@ -149,6 +169,7 @@ def fit_prefix_scorer(
             rows.append(prefix_features(lps[:k]))
             targets.append(logit(confidences[i]))
             w.append(base / len(ks))
+            at.append(k)
     if kept < MIN_DRAFTS:
         return None
     x, y, sw = np.asarray(rows), np.asarray(targets), np.asarray(w)
@@ -157,12 +178,23 @@ def fit_prefix_scorer(
     scale[scale == 0] = 1.0
     model = Ridge(alpha=1.0).fit((x - mean) / scale, y, sample_weight=sw)
     resid = y - model.predict((x - mean) / scale)
-    sigma = float(math.sqrt(np.average(resid**2, weights=sw)))
+    pooled = float(np.average(resid**2, weights=sw))
+    ks_at = np.asarray(at)
+    fitted_lengths = sorted(set(at))
+    sigmas = []
+    for k in fitted_lengths:
+        here = ks_at == k
+        n_k = int(here.sum())  # drafts that reach this length (one row each)
+        var_k = float(np.average(resid[here] ** 2, weights=sw[here]))
+        shrunk = (n_k * var_k + SIGMA_PRIOR_DRAFTS * pooled) / (n_k + SIGMA_PRIOR_DRAFTS)
+        sigmas.append(max(math.sqrt(shrunk), 0.05))
     return PrefixScorer(
         tuple(map(float, mean)),
         tuple(map(float, scale)),
         tuple(map(float, model.coef_)),
         float(model.intercept_),
-        max(sigma, 0.05),
+        max(math.sqrt(pooled), 0.05),
         kept,
+        tuple(fitted_lengths),
+        tuple(sigmas),
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -58,3 +59,40 @@ def test_too_few_drafts_fit_nothing() -> None:
 def test_prefix_lengths_are_checked() -> None:
     with pytest.raises(ValueError, match="min_prefix_tokens"):
         RouterConfig(min_prefix_tokens=20, decide_after_tokens=16)
+
+
+def test_a_short_prefix_that_foretells_little_gets_a_wide_spread_and_does_not_decide() -> None:
+    """Drafts whose first six tokens look alike whatever follows: a fitted scorer must learn
+    that a 4-token prefix says little (wide spread, no early verdict) while a 12-token one says
+    much, rather than one spread for every length."""
+    rng = random.Random(3)
+    scorer_of = ConfidenceRouter.from_config(RouterConfig()).scorer
+    train, conf = [], []
+    for i in range(120):
+        level = -0.05 if i % 2 else -2.5
+        lps = [rng.gauss(-1.2, 0.6) for _ in range(6)] + [level + rng.gauss(0, 0.1) for _ in range(18)]
+        train.append(lps)
+        conf.append(scorer_of.score(scorer_of.features_of(lps)))
+    scorer = fit_prefix_scorer(train, conf, lengths=range(4, 17))
+    assert scorer is not None and scorer.lengths == tuple(range(4, 17))
+    assert scorer.sigma_at(4) > 1.5 * scorer.sigma_at(12)
+    assert scorer.sigma_at(2) == scorer.sigma and scorer.sigma_at(40) == scorer.sigma_at(16)
+
+    def tally(m: PrefixScorer, k: int) -> dict[str, int]:
+        out = {"right": 0, "wrong": 0, "undecided": 0}
+        for lps, c in zip(train[:40], conf[:40], strict=True):
+            v = m.judge(lps[:k], 0.0, 0.35, decisive=0.9, final=False).verdict
+            truth = "escalate" if c < 0.35 else "keep"
+            out["undecided" if v == "undecided" else "right" if v == truth else "wrong"] += 1
+        return out
+
+    pooled = dataclasses.replace(scorer, lengths=(), sigmas=())  # one spread for every length
+    assert tally(scorer, 4)["wrong"] == 0 < tally(pooled, 4)["wrong"]  # pooled: 7 wrong early verdicts
+    assert tally(scorer, 4)["undecided"] >= 36
+    for k in (12, 16):
+        assert tally(scorer, k)["wrong"] == 0
+        assert tally(scorer, k)["right"] > tally(pooled, k)["right"] + 5  # per length: 32 and 38; pooled 23 and 29
+    assert PrefixScorer.from_json(scorer.to_json()) == scorer
+    # A scorer stored before per-length spreads reads back with its pooled spread only.
+    old = {k: v for k, v in scorer.to_json().items() if k not in ("lengths", "sigmas")}
+    assert PrefixScorer.from_json(old).sigma_at(4) == scorer.sigma
