@@ -337,10 +337,15 @@ class LocalBackend:
             return []  # this model's cache cannot be padded and joined: newcomers wait for the batch to end
         room = self.config.max_batch_size - (len(batch.rows) if batch is not None else 0)
         jobs: list[_Job] = []
+        now = time.monotonic()
         while waiting and len(jobs) < room:
             job = waiting.popleft()
-            if not job.cancelled.is_set():
-                jobs.append(job)
+            if job.cancelled.is_set():
+                continue
+            if now > job.deadline:  # it waited out its deadline (behind a swap, say): no prefill for it
+                job.emit(BackendTimeout("generation exceeded its deadline before it started"))
+                continue
+            jobs.append(job)
         return jobs
 
     def _drain_inbox(self) -> list[_Job | _Call]:

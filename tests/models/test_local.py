@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections import deque
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import torch
 from models import (
     BackendConfig,
     BackendError,
+    BackendTimeout,
     BackendUnavailable,
     ChatMessage,
     GenerationDelta,
@@ -389,3 +392,21 @@ async def test_a_row_that_outlives_a_wider_one_loses_its_padding_and_decodes_as_
     assert (joined.token_ids, joined.text) == (alone.token_ids, alone.text)
     for x, y in zip(joined.logprobs, alone.logprobs, strict=True):
         assert x.logprob == pytest.approx(y.logprob, abs=1e-4)
+
+
+async def test_a_job_that_waited_out_its_deadline_fails_at_admission_without_a_prefill(
+    backend: LocalBackend,
+) -> None:
+    """A job kept waiting (behind a swap, say) past its deadline gets its timeout when it would
+    have joined the batch, and takes no row: the others are admitted as usual."""
+    from models.local import _Job
+
+    def job(deadline: float) -> _Job:
+        loop = asyncio.get_running_loop()
+        return _Job([1, 2], SamplingParams(max_tokens=2), (), False, loop, asyncio.Queue(), deadline)
+
+    late, fresh = job(time.monotonic() - 1.0), job(time.monotonic() + 60.0)
+    waiting = deque([late, fresh])
+    assert backend._admit(waiting, None) == [fresh]
+    err = await asyncio.wait_for(late.out.get(), 5)
+    assert isinstance(err, BackendTimeout) and "before it started" in str(err)
