@@ -22,6 +22,7 @@ import dataclasses
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,8 @@ from distill_loop.pointer import FileState, RegistryState, atomic_write, flocked
 from router import IDENTITY, PRIOR, Calibrator, Floor, PrefixScorer, quality_floor
 
 BASE = "base"
+# A staging folder untouched this long was left by a trainer that died while writing it.
+STALE_STAGING_S = 3600.0
 
 
 class UnknownVersion(DistillError, LookupError):
@@ -195,7 +198,9 @@ class Registry:
         return old
 
     def prune(self) -> list[str]:
-        """Delete the oldest versions beyond `keep`, never the current or previous one."""
+        """Delete the oldest versions beyond `keep`, never the current or previous one, and
+        the staging folders that trainers which died while writing a version left behind
+        (untouched for `STALE_STAGING_S`: one being written now is seconds old)."""
         protected = {self.current(), self.previous() or BASE}
         names = self.versions()
         removed = []
@@ -204,6 +209,14 @@ class Registry:
                 shutil.rmtree(self.root / "versions" / name)
                 self.state.drop_routing(name)
                 removed.append(name)
+        stale = time.time() - STALE_STAGING_S
+        for staging in (self.root / "versions").glob(".*.tmp"):
+            try:
+                if staging.stat().st_mtime < stale:
+                    shutil.rmtree(staging)
+                    removed.append(staging.name)
+            except FileNotFoundError:  # another process pruned it first
+                continue
         return removed
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 import shutil
 import time
@@ -155,6 +156,18 @@ def make_version(registry: Registry, tmp_path: Path, name: str, parent: str) -> 
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text("{}")
     registry.add(name, adapter, VersionMeta(name=name, parent=parent, created_at=time.time()))
+
+
+def test_pruning_removes_staging_folders_a_dead_trainer_left_but_not_one_being_written(tmp_path: Path) -> None:
+    reg = Registry(tmp_path / "reg", keep=2)
+    versions = tmp_path / "reg" / "versions"
+    dead, live = versions / ".v0007.tmp", versions / ".v0008.tmp"
+    for folder in (dead, live):
+        (folder / "adapter").mkdir(parents=True)
+    old = time.time() - 2 * 3600
+    os.utime(dead, (old, old))
+    assert reg.prune() == [".v0007.tmp"]
+    assert not dead.exists() and live.exists() and reg.versions() == []
 
 
 def test_registry_names_pointer_history_and_pruning(tmp_path: Path) -> None:
