@@ -409,9 +409,8 @@ class TieredService:
                 route, answer = self._fallback(call, route, await self._whole_draft(call, route, draft, early), exc)
                 return AnswerStream(route, self._replay(call, route, answer, already_finished=True))
             return AnswerStream(route, self._follow_hedge(call, route, draft, early, hedge, probe))
-        if (probe is not None and probe.answer is not None) or (early is not None and (early.hedge or early.drain)):
-            # From the cache (or with an audited draft running on beside the teacher): whole
-            # before the first byte.
+        if (probe is not None and probe.answer is not None) or (early is not None and early.hedge):
+            # From the cache (or the cache and a hedge both): whole before the first byte.
             route, answer = await self._teacher_answer(call, route, draft, early, probe)
             return AnswerStream(route, self._replay(call, route, answer, already_finished=True))
         try:
@@ -422,11 +421,17 @@ class TieredService:
             )
             return AnswerStream(route, self._replay(call, route, answer, already_finished=True))
         try:
-            return await self._open_live("teacher", call, route, draft, grant, probe)
+            # An audited draft running on beside the teacher (`early.drain`) is awaited before
+            # the teacher's last delta leaves, so the record holds both; the teacher streams live.
+            return await self._open_live("teacher", call, route, draft, grant, probe, early)
         except BackendError as exc:
             self.limits.settle_teacher(grant, 0.0)
             route, answer = self._fallback(call, route, await self._whole_draft(call, route, draft, early), exc)
             return AnswerStream(route, self._replay(call, route, answer, already_finished=True))
+        except BaseException:
+            if early is not None and early.drain is not None:
+                early.drain.cancel()
+            raise
 
     async def drain(self, timeout: float) -> None:
         """Wait for background audits and labels so their records are written before shutdown."""
@@ -880,6 +885,7 @@ class TieredService:
         draft: Generation | None = None,
         grant: TeacherGrant | None = None,
         probe: Probe | None = None,
+        early: _Early | None = None,
     ) -> AnswerStream:
         """Open the tier's stream and take its first delta; retried (within the budget) only
         until that first delta, since after it bytes may have reached the client."""
@@ -887,7 +893,7 @@ class TieredService:
         messages = self._for_teacher(call.messages) if tier == "teacher" else call.messages
         first, source, lease = await self._open_source(tier, messages, params)
         handle = AnswerStream(route)
-        handle.deltas = self._relay(tier, call, route, first, source, draft, handle, lease, grant, probe)
+        handle.deltas = self._relay(tier, call, route, first, source, draft, handle, lease, grant, probe, early)
         return handle
 
     def _kept_stream(self, call: ChatCall, route: Route, early: _Early) -> AnswerStream:
@@ -930,8 +936,10 @@ class TieredService:
         lease: Lease,
         grant: TeacherGrant | None,
         probe: Probe | None,
+        early: _Early | None = None,
     ) -> AsyncIterator[GenerationDelta]:
-        """Pass the deltas on, under the call's deadline; the tier's slot is held until the end."""
+        """Pass the deltas on, under the call's deadline; the tier's slot is held until the end.
+        `early` with a drain: the audited draft that ran on, awaited for the record at the end."""
         deltas: list[GenerationDelta] = []
         delta = first
         outcome: BaseException | None = None
@@ -940,6 +948,9 @@ class TieredService:
                 deltas.append(delta)
                 if delta.finish_reason is not None:
                     lease.done()  # the tier's part is over; the record's commit is not its concern
+                    if early is not None and early.drain is not None:
+                        draft, decision = await self._record_draft(route, draft, early)
+                        route = replace(route, decision=decision)
                     # Account and score before the last delta leaves, so the final chunk carries it.
                     committed = self._complete_live(tier, call, route, deltas, draft, handle, grant, probe)
                     await self._acknowledge(call, committed)
@@ -958,6 +969,8 @@ class TieredService:
             lease.done(outcome)
             self.limits.settle_teacher(grant, None)  # cut short: the estimate stands; settled already otherwise
             await _aclose(source)
+            if outcome is not None and early is not None and early.drain is not None:
+                early.drain.cancel()  # the answer was cut short: no record, so no draft to wait for
 
     def _complete_live(
         self,

@@ -88,6 +88,28 @@ def test_an_unsure_prefix_escalates_before_any_byte_and_stops_the_draft(
     assert metric(gateway, "tiergate_escalations_total", reason="prefix_unsure") == 1
 
 
+def test_an_audited_prefix_escalation_streams_the_teacher_live_and_records_the_whole_draft(
+    paced: UpstreamScript, teacher_script: UpstreamScript, student_url: str, teacher_url: str, tmp_path: Path
+) -> None:
+    """The audited slice of prefix escalations lets the draft run on beside the teacher, so
+    the record holds both decisions. The teacher still streams live: its first token reaches
+    the client long before its last is generated, and the record waits only for the end."""
+    teacher_script.text = LONG
+    teacher_script.token_delay_s = 0.02
+    settings = settings_for(student_url, teacher_url, tmp_path / "signal.db", audit=1.0)
+    with serve_in_thread(create_app(settings), ready_path="/health/ready") as url:
+        headers, seen, finish = stream(url, "HARD question about a refund", script=teacher_script, max_tokens=64)
+    assert (headers["x-tiergate-reason"], headers["x-tiergate-decided-by"]) == ("prefix_unsure", "prefix")
+    assert "".join(text for text, _ in seen) == LONG and finish == "stop"
+    # Streamed from the teacher (a whole answer is asked for unstreamed), and the first token
+    # reached the client while the teacher was still generating.
+    assert 0 < seen[0][1] < len(LONG.split()) // 2
+    (rec,) = read_samples(tmp_path / "signal.db", kind="escalation")
+    assert rec.features["full_draft"] == 1.0 and rec.confidence is not None  # the whole draft, scored
+    assert rec.student is not None and rec.student.text == LONG
+    assert rec.sampling_weight == 1.0  # drawn at a fraction of 1
+
+
 def test_non_streaming_requests_to_a_remote_student_are_decided_on_the_whole_draft(
     gateway: str, paced: UpstreamScript
 ) -> None:
