@@ -554,6 +554,19 @@ class TieredService:
                         run = functools.partial(self._run_hedge, call)
                         hedge = _Hedge(run, f"hedge-{call.request_id}", estimate)
                 delta = await _next_delta("student", source, lease)
+        except BackendError as exc:
+            lease.done(exc)
+            self.metrics.errors.labels("student", error_class(exc)).inc()
+            if hedge is None or isinstance(exc, (InvalidGenerationRequest, TierOverloaded)):
+                raise  # `_route` escalates it (or sheds it) as for a draft that failed whole
+            # The draft failed with the teacher already under way: the hedge answers, as
+            # `_route` would have asked the teacher anew.
+            handed_on = True
+            await _aclose(source)
+            self.metrics.escalations.labels("student_error").inc()
+            route = Route("teacher", True, "student_error", threshold, self.student_version())
+            verdict = self.router.judge_prefix(lps, threshold, final=True)
+            return route, None, _Early(verdict, threshold, held, hedge=hedge)
         except BaseException as exc:
             lease.done(exc)
             raise

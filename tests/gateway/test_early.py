@@ -139,6 +139,32 @@ def test_an_unsure_undecided_prefix_hedges_and_the_hedge_answers(
         assert metric(url, "tiergate_hedge_tokens_total", outcome="used") > 0
 
 
+def test_a_draft_that_fails_while_a_hedge_runs_is_answered_by_the_hedge(
+    paced: UpstreamScript, teacher_script: UpstreamScript, student_url: str, teacher_url: str, tmp_path: Path
+) -> None:
+    """The student's stream breaks after the teacher was hedged: the request escalates as a
+    student error, and the hedge already under way answers it: no second teacher call."""
+    paced.token_logprobs = [-1.6]  # undecided and under hedge_below: a hedge starts at 4 tokens
+    paced.cut_stream_after = 8
+    teacher_script.token_delay_s = 0.05
+    settings = settings_for(student_url, teacher_url, tmp_path / "signal.db")
+    with serve_in_thread(create_app(settings), ready_path="/health/ready") as url:
+        headers, seen, finish = stream(url, "a middling question", script=teacher_script, max_tokens=64)
+        assert (headers["x-tiergate-tier"], headers["x-tiergate-reason"]) == ("teacher", "student_error")
+        assert "".join(text for text, _ in seen) == teacher_script.text and finish == "stop"
+        assert len(teacher_script.requests) == 1  # the hedge, not a second call
+        assert metric(url, "tiergate_hedges_total", outcome="used") == 1
+        assert metric(url, "tiergate_escalations_total", reason="student_error") == 1
+        failed = [
+            line
+            for line in httpx.get(url + "/metrics").text.splitlines()
+            if line.startswith("tiergate_request_errors_total{") and 'tier="student"' in line
+        ]
+        assert sum(float(line.rsplit(" ", 1)[1]) for line in failed) == 1  # the broken stream, counted once
+    (rec,) = read_samples(tmp_path / "signal.db", kind="escalation")
+    assert rec.reason == "student_error" and rec.student is None
+
+
 def test_a_hedge_is_cancelled_when_the_draft_turns_out_confident(
     paced: UpstreamScript, teacher_script: UpstreamScript, student_url: str, teacher_url: str, tmp_path: Path
 ) -> None:
