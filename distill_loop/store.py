@@ -5,12 +5,12 @@ The database is a SQLite file in WAL mode with synchronous=FULL (the default) or
 on a bounded queue (full queue → the record is dropped and counted). The writer thread commits batches.
 `submit_acked()` does the same and returns a future that resolves once the record is committed:
 the gateway sends an escalated response only then (`signal.durability: acknowledged`). A batch
-holding such a record does not linger: it takes what is queued and commits, and whatever
-arrives during that fsync is the next group (group commit), so many requests share one fsync.
-Told how many acknowledged records are on their way (`expect_from`: the gateway passes its
-teacher calls in flight), the writer also holds such a batch open, up to `ack_linger_s`,
-while more are coming: PostgreSQL's commit_delay with commit_siblings, made exact. A lone
-request never waits, and under load a few escalations share each fsync instead of one each.
+holding such a record does not wait out `linger_s`: it takes what is queued and commits, and
+whatever arrives during that fsync is the next group (group commit). Told how many
+acknowledged records are on their way (`expect_from`: the gateway passes its teacher calls in
+flight), the writer holds such a batch open while more are coming, up to `ack_linger_s`:
+PostgreSQL's commit_delay with commit_siblings, made exact. A lone request never waits, and
+under load several escalations share each fsync instead of two or three.
 If the database fails (disk full, locked), batches are kept and retried with back-off; a row
 the database rejects on its own (a constraint) goes to the dead-letter table. `close()`
 drains the queue, and whatever still cannot be written is spilled to a JSONL file that the
