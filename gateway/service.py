@@ -409,8 +409,8 @@ class TieredService:
                 route, answer = self._fallback(call, route, await self._whole_draft(call, route, draft, early), exc)
                 return AnswerStream(route, self._replay(call, route, answer, already_finished=True))
             return AnswerStream(route, self._follow_hedge(call, route, draft, early, hedge, probe))
-        if (probe is not None and probe.answer is not None) or (early is not None and early.hedge):
-            # From the cache (or the cache and a hedge both): whole before the first byte.
+        if probe is not None and probe.answer is not None:
+            # From the cache (a hedge, if any, is cancelled there): whole before the first byte.
             route, answer = await self._teacher_answer(call, route, draft, early, probe)
             return AnswerStream(route, self._replay(call, route, answer, already_finished=True))
         try:
