@@ -484,9 +484,13 @@ class TieredService:
             # on to the teacher. Only a student that really fails (or whose breaker is open) escalates.
             if call.alias == "student" or isinstance(exc, (InvalidGenerationRequest, TierOverloaded)):
                 raise
-            self.metrics.escalations.labels("student_error").inc()
-            return Route("teacher", True, "student_error", threshold, self.student_version()), None, None
+            return self._student_failed(threshold), None, None
         return self._route_draft(call, draft, prompt), draft, None
+
+    def _student_failed(self, threshold: float) -> Route:
+        """The escalation of a request whose draft failed (counted as `student_error`)."""
+        self.metrics.escalations.labels("student_error").inc()
+        return Route("teacher", True, "student_error", threshold, self.student_version())
 
     def _route_draft(self, call: ChatCall, draft: Generation, prompt: str) -> Route:
         """Decide on a whole draft."""
@@ -563,10 +567,8 @@ class TieredService:
             # `_route` would have asked the teacher anew.
             handed_on = True
             await _aclose(source)
-            self.metrics.escalations.labels("student_error").inc()
-            route = Route("teacher", True, "student_error", threshold, self.student_version())
             verdict = self.router.judge_prefix(lps, threshold, final=True)
-            return route, None, _Early(verdict, threshold, held, hedge=hedge)
+            return self._student_failed(threshold), None, _Early(verdict, threshold, held, hedge=hedge)
         except BaseException as exc:
             lease.done(exc)
             raise
