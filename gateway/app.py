@@ -31,6 +31,7 @@ from gateway.service import TieredService
 from gateway.settings import Settings
 from gateway.student import StudentManager
 from gateway.tuning import Tuning
+from gateway.usage import SharedUsage, Totals
 from models import Backend, BackendError, build_backend
 from router import DEFAULT_TENANT, AuditedTable, ConfidenceRouter, PolicyBook, is_url
 
@@ -78,6 +79,32 @@ async def _follow_shared_state(settings: Settings, policies: PolicyBook, limits:
         listener.close()
 
 
+async def _share_usage(limits: Limiter, shared: SharedUsage, interval_s: float) -> None:
+    """Every `interval_s`, while any limit is set: write this replica's usage per key and take
+    the other replicas' (gateway/usage.py). Totals are running sums, so what a failed exchange
+    did not write goes with the next one; the database being away never stops serving."""
+    pending: dict[str, Totals] = {}
+    failing = False
+    while True:
+        await asyncio.sleep(interval_s)
+        if not limits.active:
+            continue
+        pending |= limits.changes()
+        try:
+            rows = await asyncio.to_thread(shared.exchange, pending, limits.today())
+        except Exception:  # noqa: BLE001 - psycopg's errors, and anything else the database says
+            if not failing:
+                log.warning("shared per-key usage: exchange failed; limits hold per replica until it works",
+                            exc_info=True)  # fmt: skip
+            failing = True
+            continue
+        if failing:
+            log.info("shared per-key usage: exchanging again")
+        failing = False
+        pending = {}
+        limits.take_others(rows)
+
+
 async def _start_until_ready(name: str, backend: Backend, metrics: Metrics) -> None:
     """Start a tier, retrying while it is unreachable (a remote server still booting)."""
     while True:
@@ -108,12 +135,15 @@ def create_app(settings: Settings, *, student: Backend | None = None, teacher: B
         usage = teacher_usage_since(store.db, since)
         return {tenant: settings.pricing.teacher.cost(p, c) for tenant, (p, c) in usage.items()}
 
+    # Replicas on one database share each key's usage, earlier runs' spend today included
+    # (gateway/usage.py); a lone process reads its own spend today back from its records.
+    shared = SharedUsage(str(settings.policy_store)) if is_url(settings.policy_store) else None
     limits = Limiter(
         settings.limits,
         settings.pricing.teacher,
         table=AuditedTable(settings.policy_store, "limits"),
         metrics=metrics,
-        spent_since=spent_since,
+        spent_since=spent_since if shared is None else None,
     )
     cache = build_cache(settings)
     service = TieredService(
@@ -160,12 +190,27 @@ def create_app(settings: Settings, *, student: Backend | None = None, teacher: B
         await manager.start(starters[0])
         tuning.start(service.student_version)
         sync = asyncio.create_task(_follow_shared_state(settings, policies, limits, metrics), name="shared-state")
+        usage = (
+            asyncio.create_task(_share_usage(limits, shared, settings.sync.interval_s), name="shared-usage")
+            if shared is not None
+            else None
+        )
         try:
             yield
         finally:
             app.state.shutting_down = True
             sync.cancel()
             await asyncio.gather(sync, return_exceptions=True)
+            if usage is not None and shared is not None:
+                usage.cancel()
+                await asyncio.gather(usage, return_exceptions=True)
+                if limits.active:  # the last second's usage, for the replicas that go on
+                    last = asyncio.to_thread(shared.exchange, limits.changes(), limits.today())
+                    try:
+                        await asyncio.wait_for(last, 5.0)
+                    except Exception:  # noqa: BLE001 - shutting down regardless
+                        log.warning("shared per-key usage: last exchange failed", exc_info=True)
+                shared.close()
             policies.close()
             limits.close()
             if cache is not None:

@@ -6,7 +6,9 @@ remember (its buckets full again, nothing spent today); both clocks are injected
 time. It raises `RateLimited` and `TeacherBudgetExceeded` and builds OpenAI's `x-ratelimit-*`
 headers; turning those into responses is gateway/errors.py's, and what a refused teacher call
 becomes is the service's. With no limit set anywhere `active` is False, and callers skip it
-altogether. Owned by the event loop: no locks.
+altogether. Owned by the event loop: no locks. Where replicas share a database, `changes` and
+`take_others` carry each key's usage to and from the others (gateway/usage.py), so its limits
+hold across all of them.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.errors import InvalidRequest, RateLimited, TeacherBudgetExceeded
 from gateway.settings import LimitsConfig, TenantLimits, TierPrice
+from gateway.usage import Totals
 from models import ChatMessage
 from router import DEFAULT_TENANT, AuditedTable
 
@@ -28,6 +31,10 @@ MINUTE = 60.0
 DAY = 86_400.0
 SWEEP_S = 60.0  # at most one sweep of idle tenants a minute, when a new tenant arrives
 MAX_TENANTS = 100_000  # past this, the least recently seen tenants are forgotten first
+REQUESTS, TOKENS, CALLS = 0, 1, 2  # `TenantState.used`, and the buckets, in this order
+# Another replica's key whose totals started this long before the previous look still counts
+# whole when first seen: its first write may have come just after that look (and clocks differ).
+BORN_SLACK_S = 5.0
 
 
 def prompt_chars(messages: Iterable[ChatMessage]) -> int:
@@ -102,9 +109,9 @@ def _bucket(old: Bucket | None, per_minute: int, now: float) -> Bucket | None:
 
 
 class TenantState:
-    __slots__ = ("calls", "day", "limits", "requests", "seen", "spent_usd", "tokens")
+    __slots__ = ("born", "calls", "changed", "day", "limits", "requests", "seen", "spent_usd", "tokens", "used")
 
-    def __init__(self, limits: TenantLimits, now: float, day: int) -> None:
+    def __init__(self, limits: TenantLimits, now: float, day: int, born: float = 0.0) -> None:
         self.requests: Bucket | None = None
         self.tokens: Bucket | None = None
         self.calls: Bucket | None = None  # teacher calls
@@ -112,6 +119,12 @@ class TenantState:
         self.spent_usd = 0.0  # teacher spend that day: real costs, plus estimates of calls in flight
         self.seen = now
         self.limits = limits
+        # What this process admitted (requests, tokens net of settlement, teacher calls) since
+        # the state was made (`born`, wall time), and whether that or the spend moved since it
+        # was last shared.
+        self.born = born
+        self.used = [0.0, 0.0, 0.0]
+        self.changed = False
         self.apply(limits, now)
 
     def apply(self, limits: TenantLimits, now: float) -> None:
@@ -119,6 +132,11 @@ class TenantState:
         self.requests = _bucket(self.requests, limits.requests_per_minute, now)
         self.tokens = _bucket(self.tokens, limits.tokens_per_minute, now)
         self.calls = _bucket(self.calls, limits.teacher_calls_per_minute, now)
+
+    def use(self, kind: int, n: float) -> None:
+        """Count `n` admitted (negative: handed back) of REQUESTS, TOKENS or CALLS."""
+        self.used[kind] += n
+        self.changed = True
 
     def spent(self, day: int) -> float:
         if self.day != day:
@@ -185,6 +203,12 @@ class Limiter:
         self._spent_since = spent_since
         self._seeded: tuple[int, dict[str, float]] = (-1, {})
         self._next_sweep = clock() + SWEEP_S
+        # Other replicas' usage (take_others): their teacher spend per key on `_others_day`,
+        # and the totals each of their rows had when last seen.
+        self._others_usd: dict[str, float] = {}
+        self._others_day = -1
+        self._seen: dict[tuple[str, str], Totals] = {}
+        self._looked = wall()  # when they were last taken (wall time)
         self.active = False
         self._refresh()
 
@@ -193,7 +217,7 @@ class Limiter:
         """Load the runtime overrides, and today's teacher spend so far (blocking: call in a thread)."""
         self.reload()
         if self._spent_since is not None:
-            day = self._today()
+            day = self.today()
             self._seeded = (day, self._spent_since(day * DAY))
 
     def reload(self) -> None:
@@ -245,7 +269,8 @@ class Limiter:
         self.active = any(_any(self.limits(t)) for t in (DEFAULT_TENANT, *self.config.tenants, *self._overrides))
 
     # -- per-tenant state --------------------------------------------------------------------
-    def _today(self) -> int:
+    def today(self) -> int:
+        """The UTC day number (days since the epoch) budgets are kept for."""
         return int(self._wall() // DAY)
 
     def _state(self, tenant: str, now: float) -> TenantState:
@@ -253,8 +278,8 @@ class Limiter:
         if state is None:
             if now >= self._next_sweep or len(self._states) >= self._max_tenants:
                 self._sweep(now)
-            day = self._today()
-            state = self._states[tenant] = TenantState(self.limits(tenant), now, day)
+            day = self.today()
+            state = self._states[tenant] = TenantState(self.limits(tenant), now, day, self._wall())
             if self._seeded[0] == day:
                 state.spent_usd = self._seeded[1].get(tenant, 0.0)
         state.seen = now
@@ -263,7 +288,7 @@ class Limiter:
     def _sweep(self, now: float) -> None:
         """Forget idle tenants; past `max_tenants`, the least recently seen ones too."""
         self._next_sweep = now + SWEEP_S
-        day = self._today()
+        day = self.today()
         for tenant in [t for t, s in self._states.items() if s.idle(now, day)]:
             del self._states[tenant]
         excess = len(self._states) - self._max_tenants + 1
@@ -298,6 +323,7 @@ class Limiter:
                 retry_after=wait,
                 headers=self.headers(state),
             )
+        state.use(REQUESTS, 1)
         return state
 
     def charge_tokens(self, state: TenantState, chars: int, max_tokens: int) -> int:
@@ -327,16 +353,19 @@ class Limiter:
                 retry_after=wait,
                 headers=self.headers(state),
             )
+        state.use(TOKENS, need)
         return need
 
     def _refund_request(self, state: TenantState, now: float) -> None:
         if state.requests is not None:
             state.requests.give(1, now)
+            state.use(REQUESTS, -1)
 
     def settle_tokens(self, state: TenantState, charged: int, used: int) -> None:
         """Replace a request's estimate with the tokens it really used (0 when it failed)."""
         if state.tokens is not None and charged:
             state.tokens.give(charged - used, self._clock())
+            state.use(TOKENS, used - charged)
 
     def headers(self, state: TenantState) -> dict[str, str]:
         """OpenAI's `x-ratelimit-*` headers for the limits that apply to the tenant."""
@@ -363,9 +392,9 @@ class Limiter:
         limits = state.limits
         if state.calls is None and not limits.teacher_usd_per_day:
             return None
-        day = self._today()
+        day = self.today()
         usd = self._price.cost(chars // 4, max_tokens)
-        spent = state.spent(day)
+        spent = state.spent(day) + self._others_spent(tenant, day)
         if limits.teacher_usd_per_day and spent + usd > limits.teacher_usd_per_day:
             self._deny(call, "usd")
             raise TeacherBudgetExceeded(
@@ -384,7 +413,9 @@ class Limiter:
                     limit="calls",
                     retry_after=wait,
                 )
+            state.use(CALLS, 1)
         state.spent_usd += usd
+        state.changed = True
         return TeacherGrant(state, usd, day)
 
     def settle_teacher(self, grant: TeacherGrant | None, usd: float | None) -> None:
@@ -396,6 +427,7 @@ class Limiter:
         state = grant.state
         if usd is not None and state.day == grant.day:
             state.spent_usd = max(0.0, state.spent_usd + usd - grant.usd)
+            state.changed = True
 
     def _deny(self, call: str, limit: str) -> None:
         if self._metrics is not None:
@@ -412,4 +444,54 @@ class Limiter:
             for name, b in (("requests", state.requests), ("tokens", state.tokens), ("teacher_calls", state.calls))
             if b is not None
         }
-        return {"tracked": True, "remaining": left, "teacher_usd_today": state.spent(self._today())}
+        day = self.today()
+        spent = state.spent(day) + self._others_spent(tenant, day)  # through every replica
+        return {"tracked": True, "remaining": left, "teacher_usd_today": spent}
+
+    # -- sharing with other replicas (gateway/usage.py) ----------------------------------------
+    def _others_spent(self, tenant: str, day: int) -> float:
+        return self._others_usd.get(tenant, 0.0) if self._others_day == day else 0.0
+
+    def changes(self) -> dict[str, Totals]:
+        """This process's totals for each key whose usage moved since the last call."""
+        day = self.today()
+        out: dict[str, Totals] = {}
+        for tenant, state in self._states.items():
+            if state.changed:
+                state.changed = False
+                requests, tokens, calls = state.used
+                out[tenant] = Totals(requests, tokens, calls, day, state.spent(day), state.born)
+        return out
+
+    def take_others(self, rows: dict[tuple[str, str], Totals]) -> None:
+        """Apply the other replicas' totals (`SharedUsage.exchange`): what each admitted since
+        its row was last seen comes out of this process's buckets for the key, into debt if
+        need be; their spend today counts against the key's daily budget. A row not seen before
+        counts whole if its totals started after the previous look (a key new to that replica),
+        and is only a baseline if they started earlier (this process has just started, and
+        cannot tell what of them is recent)."""
+        now, day, looked = self._clock(), self.today(), self._looked
+        self._looked = self._wall()
+        usd: dict[str, float] = {}
+        for (replica, tenant), totals in rows.items():
+            if totals.day == day and totals.usd > 0:
+                usd[tenant] = usd.get(tenant, 0.0) + totals.usd
+            before = self._seen.get((replica, tenant))
+            self._seen[(replica, tenant)] = totals
+            if before is None or before.born != totals.born:  # that replica's totals restarted
+                if totals.born < looked - BORN_SLACK_S:
+                    continue
+                before = Totals(0.0, 0.0, 0.0, day, 0.0, totals.born)
+            if not _any(self.limits(tenant)):
+                continue
+            state = None
+            for kind in (REQUESTS, TOKENS, CALLS):
+                delta = totals[kind] - before[kind]
+                if delta > 0:
+                    state = state or self._state(tenant, now)
+                    bucket = (state.requests, state.tokens, state.calls)[kind]
+                    if bucket is not None:
+                        bucket.give(-delta, now)
+        self._others_usd, self._others_day = usd, day
+        if len(self._seen) > 2 * self._max_tenants:  # replicas and keys long gone
+            self._seen = {k: v for k, v in self._seen.items() if k in rows}

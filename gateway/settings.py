@@ -150,7 +150,8 @@ class SyncConfig(BaseModel):
 
     # How often this replica checks the shared state (the serving version, routing floors,
     # policies, limits) for changes made elsewhere. With `signal.url` a change also wakes it
-    # at once (LISTEN/NOTIFY); this poll is the fallback, and the only way with files.
+    # at once (LISTEN/NOTIFY); this poll is the fallback, and the only way with files. Per-key
+    # usage is exchanged with the other replicas this often too (gateway/usage.py).
     interval_s: float = Field(default=1.0, gt=0, le=60)
 
 

@@ -1,8 +1,10 @@
 """The limiter on its own, with its clocks in the test's hands: buckets, headers, the teacher
-budget, how a key's limits are resolved, runtime changes in real SQLite, and the memory bound."""
+budget, how a key's limits are resolved, runtime changes in real SQLite, the memory bound, and
+replicas sharing usage through a real PostgreSQL database."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ from gateway.errors import InvalidRequest, RateLimited, TeacherBudgetExceeded
 from gateway.limits import DAY, Bucket, Limiter, duration, estimate_tokens
 from gateway.metrics import Metrics
 from gateway.settings import LimitsConfig, TenantLimits, TierPrice
+from gateway.usage import SharedUsage
 from router import AuditedTable
 
 PRICE = TierPrice(input_per_mtok=1_000_000, output_per_mtok=2_000_000)  # $1 per prompt token, $2 per completion token
@@ -190,3 +193,80 @@ def test_idle_tenants_are_forgotten_and_the_count_is_bounded() -> None:
     for i in range(100):  # never more than max_tenants, even when none is idle
         lim.admit(f"key-burst-{i}")
     assert lim.tracked() <= 50
+
+
+def test_replicas_on_one_database_share_each_keys_limits_and_spend(postgres_url: str) -> None:
+    """Two limiters with their own `SharedUsage` on a real PostgreSQL database, as two replicas:
+    what one admits comes out of the other's buckets and budget at the next exchange, a replica
+    that starts later only takes what the others do from then on (it cannot tell what of their
+    totals is recent), and one that restarts finds its former self's spend today."""
+    clock, wall = Clock(), Clock(10 * DAY + 3600)
+    opened: list[SharedUsage] = []
+
+    def replica() -> tuple[Limiter, SharedUsage]:
+        opened.append(SharedUsage(postgres_url))
+        return limiter(clock, wall, requests_per_minute=60, teacher_usd_per_day=100.0), opened[-1]
+
+    def exchange(lim: Limiter, shared: SharedUsage) -> None:
+        lim.take_others(shared.exchange(lim.changes(), lim.today()))
+
+    try:
+        _share(replica, exchange, wall, clock)
+    finally:
+        for shared in opened:
+            shared.close()
+
+
+def _share(
+    replica: Callable[[], tuple[Limiter, SharedUsage]],
+    exchange: Callable[[Limiter, SharedUsage], None],
+    wall: Clock,
+    clock: Clock,
+) -> None:
+    (a, sa), (b, sb) = replica(), replica()
+    for lim, shared in ((a, sa), (b, sb)):
+        exchange(lim, shared)  # each takes its first look (nothing there yet)
+    for _ in range(40):
+        a.admit("key-a")
+    grant = a.admit_teacher("key-a", 40, 20, "request")  # $50 held against the day's $100
+    a.settle_teacher(grant, 60.0)  # it cost $60
+    b.admit("key-b")  # another key: untouched by key-a's use
+    exchange(a, sa)
+    exchange(b, sb)
+    for _ in range(20):  # what a left of the minute's 60
+        b.admit("key-a")
+    with pytest.raises(RateLimited):
+        b.admit("key-a")
+    with pytest.raises(TeacherBudgetExceeded):  # 60 spent through a + 50 more > 100
+        b.admit_teacher("key-a", 40, 20, "request")
+    assert b.usage("key-a")["teacher_usd_today"] == 60.0
+    assert b.admit_teacher("key-a", 0, 10, "request") is not None  # $20 fits: 80
+    exchange(b, sb)
+    exchange(a, sa)
+    with pytest.raises(RateLimited):  # b's 20 came out of a's bucket
+        a.admit("key-a")
+    with pytest.raises(TeacherBudgetExceeded):  # 80 + 30
+        a.admit_teacher("key-a", 0, 15, "request")
+    assert a.usage("key-a")["teacher_usd_today"] == 80.0
+    state = b.admit("key-b")
+    assert state is not None and state.requests is not None and state.requests.level == 58  # only its own two
+
+    # A third replica starting a minute later takes a's and b's totals as a baseline (full
+    # buckets), but the day's spend counts in full.
+    wall.t += 60
+    c, sc = replica()
+    exchange(c, sc)
+    assert c.admit("key-a") is not None
+    assert c.usage("key-a")["teacher_usd_today"] == 80.0
+    # a restarts (a new replica id): its former self's $60 still counts.
+    sa.close()
+    a2, sa2 = replica()
+    exchange(a2, sa2)
+    with pytest.raises(TeacherBudgetExceeded):
+        a2.admit_teacher("key-a", 0, 15, "request")
+    # An hour on, the buckets are full again everywhere, and tomorrow the budget renews.
+    clock.t += 3600
+    wall.t += DAY
+    for lim, shared in ((a2, sa2), (b, sb), (c, sc)):
+        exchange(lim, shared)
+        assert lim.admit("key-a") is not None and lim.admit_teacher("key-a", 0, 15, "request") is not None

@@ -35,6 +35,7 @@ from distill_loop import (
     signal_db,
 )
 from distill_loop.buffer import is_heldout
+from gateway.routes import key_id
 from models import ChatMessage
 from tests.servers import TrainerProcess, start_gateway
 
@@ -178,6 +179,23 @@ def test_two_replicas_share_the_store_the_version_and_rollbacks(
         time.sleep(0.05)
     audit = httpx.get(b + "/admin/policy/audit", headers=AUTH).json()["audit"]
     assert audit[0]["new"]["threshold"] == 0.42  # one audit trail, whichever replica is asked
+
+    # A key's request limit holds across both replicas, not once in each: within a sync
+    # interval each admits from its own bucket (6 + 6 of 10), then each takes the other's 6.
+    t0 = time.monotonic()
+    flood = {"authorization": "Bearer sk-flood"}
+    limits = {"tenant": key_id("sk-flood"), "requests_per_minute": 10}
+    assert httpx.put(a + "/admin/limits", json=limits, headers=AUTH).status_code == 200
+    asked = {"tenant": limits["tenant"]}
+    while httpx.get(b + "/admin/limits", params=asked, headers=AUTH).json()["limits"]["requests_per_minute"] != 10:
+        assert time.monotonic() - t0 < SYNC_S, "the new limit did not reach the other replica"
+        time.sleep(0.05)
+    ask = {"model": "student", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    statuses = [httpx.post(url + "/v1/chat/completions", json=ask, headers=flood).status_code for url in (a, b) * 6]
+    assert statuses == [200] * 12  # each had 10, and neither had heard of the other's yet
+    time.sleep(2 * SYNC_S)  # both exchange their usage (`sync.interval_s`, 1 s): 10 - 6 - 6 each
+    again = [httpx.post(url + "/v1/chat/completions", json=ask, headers=flood) for url in (a, b)]
+    assert [r.status_code for r in again] == [429, 429], [r.text for r in again]
 
 
 def test_a_replica_killed_under_load_leaves_the_other_serving(
