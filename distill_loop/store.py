@@ -8,7 +8,7 @@ the gateway sends an escalated response only then (`signal.durability: acknowled
 holding such a record does not wait out `linger_s`: it takes what is queued and commits, and
 whatever arrives during that fsync is the next group (group commit). Told how many
 acknowledged records are on their way (`expect_from`: the gateway passes its teacher calls in
-flight), the writer holds such a batch open while more are coming, up to `ack_linger_s`:
+flight that a client waits on), the writer holds such a batch open while more are coming, up to `ack_linger_s`:
 PostgreSQL's commit_delay with commit_siblings, made exact. A lone request never waits, and
 under load several escalations share each fsync instead of two or three.
 If the database fails (disk full, locked), batches are kept and retried with back-off; a row

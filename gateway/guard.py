@@ -235,11 +235,12 @@ class RetryBudget:
 class Lease:
     """One granted call on a tier: the slot is held until `done`, which also tells the breaker."""
 
-    __slots__ = ("_guard", "deadline", "_done")
+    __slots__ = ("_guard", "background", "deadline", "_done")
 
-    def __init__(self, guard: TierGuard, deadline: float) -> None:
+    def __init__(self, guard: TierGuard, deadline: float, background: bool = False) -> None:
         self._guard = guard
         self.deadline = deadline  # loop.time() by which the call must have finished
+        self.background = background  # taken without waiting: work no client waits on
         self._done = False
 
     def done(self, exc: BaseException | None = None) -> None:
@@ -251,6 +252,8 @@ class Lease:
         else:
             self._guard.breaker.record("failed" if counts_as_failure(exc) else "ignored")
         self._guard.admission.release()
+        if self.background:
+            self._guard.background -= 1
         self._guard.progress()
 
 
@@ -271,6 +274,7 @@ class TierGuard:
         self.tier = tier
         self.config = config
         self.admission = Admission(config.max_inflight or capacity, config.max_queue, queue_timeout_s)
+        self.background = 0  # of the calls in flight, those leased without waiting (`lease`)
         self.breaker = Breaker(config.breaker, clock=clock, on_change=on_change)
         self.retries = RetryBudget(config.retry_budget, clock)
         self._clock = clock
@@ -299,7 +303,14 @@ class TierGuard:
         self.retries.called()
         if self.admission.inflight == 1:
             self._progress = self._clock()  # busy from idle: the stall clock starts now
-        return Lease(self, asyncio.get_running_loop().time() + self.config.deadline_s), waited
+        self.background += not wait
+        return Lease(self, asyncio.get_running_loop().time() + self.config.deadline_s, not wait), waited
+
+    @property
+    def foreground(self) -> int:
+        """Calls in flight that a client waits on (leased with `wait`): background work
+        (audits, labels, the missed escalations' backlog) takes only a free slot, never waits."""
+        return self.admission.inflight - self.background
 
     def progress(self) -> None:
         self._progress = self._clock()

@@ -315,10 +315,11 @@ class TieredService:
             )
             for tier in ("student", "teacher")
         }
-        # Each teacher call in flight is an acknowledged record on its way: the writer lets it
-        # share the fsync of the records already queued (`signal.ack_linger_s`).
-        teacher_admission = self.guards["teacher"].admission
-        store.expect_from(lambda: teacher_admission.inflight)
+        # Each teacher call a client waits on is an acknowledged record on its way: the writer
+        # lets it share the fsync of the records already queued (`signal.ack_linger_s`). An
+        # audit's or a label's record is not acknowledged: none of those is waited for.
+        teacher_guard = self.guards["teacher"]
+        store.expect_from(lambda: teacher_guard.foreground)
         # Escalations the draft answered while the teacher was out: asked again once it is back.
         self._backlog: deque[tuple[ChatCall, Route, Generation]] = deque(maxlen=settings.guard.backlog_max)
         self._draining: asyncio.Task[None] | None = None

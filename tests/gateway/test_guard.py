@@ -160,6 +160,33 @@ async def test_an_open_breaker_refuses_a_lease_with_retry_after() -> None:
     assert guard.admission.inflight == 0
 
 
+@pytest.mark.anyio
+async def test_calls_a_client_waits_on_are_told_from_background_ones(tmp_path: Path) -> None:
+    """The signal writer holds a batch open for acknowledged records on their way, and only
+    escalations (leased waiting) are: an audit or a label in flight (leased without waiting)
+    must not hold an escalation's commit (`signal.ack_linger_s`)."""
+    guard = TierGuard("teacher", TierGuardConfig(), capacity=4, queue_timeout_s=1)
+    audit, _ = await guard.lease(wait=False)
+    assert (guard.admission.inflight, guard.foreground) == (1, 0)
+    escalation, _ = await guard.lease()
+    assert (guard.admission.inflight, guard.foreground) == (2, 1)
+    audit.done(BackendUnavailable("refused"))
+    audit.done()  # once only
+    assert (guard.admission.inflight, guard.foreground) == (1, 1)
+    escalation.done()
+    assert (guard.admission.inflight, guard.foreground) == (0, 0)
+    # The service tells its store exactly that.
+    settings = Settings(student={"kind": "fake"}, teacher={"kind": "fake"}, signal={"path": tmp_path / "s.db"})
+    service = create_app(settings).state.service
+    teacher = service.guards["teacher"]
+    background, _ = await teacher.lease(wait=False)
+    assert service.store._coming() == 0
+    waited, _ = await teacher.lease()
+    assert service.store._coming() == 1
+    background.done()
+    waited.done()
+
+
 def test_log_throttle_keeps_one_line_per_interval_and_counts_the_rest(caplog: pytest.LogCaptureFixture) -> None:
     clock = Clock()
     throttle, logger = LogThrottle(10, clock), logging.getLogger("t")
