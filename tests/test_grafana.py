@@ -52,6 +52,10 @@ def test_dashboard_is_valid_and_queries_only_real_metrics(tmp_path: Path) -> Non
         assert name in exported or any(name.endswith(s) and name in exported for s in SUFFIXES), name
     for e in exprs:
         assert e.count("(") == e.count(")"), e
+        # Prometheus scrapes each replica: a rate is only the deployment's once aggregated
+        # over them (a bare one draws a line per replica, and dividing it by a sum matches nothing).
+        for rate in re.finditer(r"\b(?:rate|increase)\(", e):
+            assert re.search(r"\b(?:sum|max)(?: by \([^)]*\))? ?\($", e[: rate.start()]), e
     # The panels the SREs asked for: cost, latency, escalations by reason, the student version.
     titles = " ".join(p["title"].lower() for p in panels)
     for word in ("escalation", "spend", "latency", "version", "threshold"):
