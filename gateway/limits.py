@@ -109,9 +109,17 @@ def _bucket(old: Bucket | None, per_minute: int, now: float) -> Bucket | None:
 
 
 class TenantState:
-    __slots__ = ("born", "calls", "changed", "day", "limits", "requests", "seen", "spent_usd", "tokens", "used")
+    __slots__ = ("born", "calls", "day", "limits", "moved", "requests", "seen", "spent_usd", "tenant", "tokens", "used")
 
-    def __init__(self, limits: TenantLimits, now: float, day: int, born: float = 0.0) -> None:
+    def __init__(
+        self,
+        limits: TenantLimits,
+        now: float,
+        day: int,
+        born: float = 0.0,
+        tenant: str = "",
+        moved: set[str] | None = None,
+    ) -> None:
         self.requests: Bucket | None = None
         self.tokens: Bucket | None = None
         self.calls: Bucket | None = None  # teacher calls
@@ -120,11 +128,12 @@ class TenantState:
         self.seen = now
         self.limits = limits
         # What this process admitted (requests, tokens net of settlement, teacher calls) since
-        # the state was made (`born`, wall time), and whether that or the spend moved since it
-        # was last shared.
+        # the state was made (`born`, wall time); `moved` collects the tenants whose usage or
+        # spend moved since they were last shared.
         self.born = born
         self.used = [0.0, 0.0, 0.0]
-        self.changed = False
+        self.tenant = tenant
+        self.moved: set[str] = set() if moved is None else moved
         self.apply(limits, now)
 
     def apply(self, limits: TenantLimits, now: float) -> None:
@@ -136,7 +145,7 @@ class TenantState:
     def use(self, kind: int, n: float) -> None:
         """Count `n` admitted (negative: handed back) of REQUESTS, TOKENS or CALLS."""
         self.used[kind] += n
-        self.changed = True
+        self.moved.add(self.tenant)
 
     def spent(self, day: int) -> float:
         if self.day != day:
@@ -208,6 +217,7 @@ class Limiter:
         self._others_usd: dict[str, float] = {}
         self._others_day = -1
         self._seen: dict[tuple[str, str], Totals] = {}
+        self._moved: set[str] = set()  # keys whose usage moved since `changes` last took it
         self._looked = wall()  # when they were last taken (wall time)
         self.active = False
         self._refresh()
@@ -279,7 +289,8 @@ class Limiter:
             if now >= self._next_sweep or len(self._states) >= self._max_tenants:
                 self._sweep(now)
             day = self.today()
-            state = self._states[tenant] = TenantState(self.limits(tenant), now, day, self._wall())
+            state = TenantState(self.limits(tenant), now, day, self._wall(), tenant, self._moved)
+            self._states[tenant] = state
             if self._seeded[0] == day:
                 state.spent_usd = self._seeded[1].get(tenant, 0.0)
         state.seen = now
@@ -415,7 +426,7 @@ class Limiter:
                 )
             state.use(CALLS, 1)
         state.spent_usd += usd
-        state.changed = True
+        state.moved.add(state.tenant)
         return TeacherGrant(state, usd, day)
 
     def settle_teacher(self, grant: TeacherGrant | None, usd: float | None) -> None:
@@ -427,7 +438,7 @@ class Limiter:
         state = grant.state
         if usd is not None and state.day == grant.day:
             state.spent_usd = max(0.0, state.spent_usd + usd - grant.usd)
-            state.changed = True
+            state.moved.add(state.tenant)
 
     def _deny(self, call: str, limit: str) -> None:
         if self._metrics is not None:
@@ -456,11 +467,11 @@ class Limiter:
         """This process's totals for each key whose usage moved since the last call."""
         day = self.today()
         out: dict[str, Totals] = {}
-        for tenant, state in self._states.items():
-            if state.changed:
-                state.changed = False
+        for tenant in self._moved:
+            if (state := self._states.get(tenant)) is not None:
                 requests, tokens, calls = state.used
                 out[tenant] = Totals(requests, tokens, calls, day, state.spent(day), state.born)
+        self._moved.clear()
         return out
 
     def take_others(self, rows: dict[tuple[str, str], Totals]) -> None:
