@@ -4,6 +4,8 @@ replicas sharing usage through a real PostgreSQL database."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,7 +15,7 @@ from gateway.errors import InvalidRequest, RateLimited, TeacherBudgetExceeded
 from gateway.limits import DAY, Bucket, Limiter, duration, estimate_tokens
 from gateway.metrics import Metrics
 from gateway.settings import LimitsConfig, TenantLimits, TierPrice
-from gateway.usage import SharedUsage
+from gateway.usage import SharedUsage, Totals
 from router import AuditedTable
 
 PRICE = TierPrice(input_per_mtok=1_000_000, output_per_mtok=2_000_000)  # $1 per prompt token, $2 per completion token
@@ -270,3 +272,40 @@ def _share(
     for lim, shared in ((a2, sa2), (b, sb), (c, sc)):
         exchange(lim, shared)
         assert lim.admit("key-a") is not None and lim.admit_teacher("key-a", 0, 15, "request") is not None
+
+
+@pytest.mark.anyio
+async def test_usage_a_failed_exchange_could_not_write_goes_with_the_next_and_serving_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The database away: the exchange fails (one warning, not one a second), the limits hold
+    per replica meanwhile, and the totals it could not write go with the next exchange."""
+    from gateway.app import _share_usage
+
+    caplog.set_level(logging.INFO, logger="gateway.app")
+
+    class Flaky:
+        def __init__(self) -> None:
+            self.calls: list[dict[str, Totals]] = []
+
+        def exchange(self, mine: dict[str, Totals], today: int) -> dict[tuple[str, str], Totals]:
+            self.calls.append(dict(mine))
+            if len(self.calls) <= 3:
+                raise OSError("connection refused")
+            return {("other", "key-a"): Totals(5.0, 0.0, 0.0, today, 0.0, 0.0)}
+
+    clock = Clock()
+    lim = limiter(clock, requests_per_minute=60)
+    lim.admit("key-a")
+    flaky = Flaky()
+    task = asyncio.create_task(_share_usage(lim, flaky, 0.01))  # type: ignore[arg-type]
+    while len(flaky.calls) < 5:
+        await asyncio.sleep(0.01)
+        if len(flaky.calls) == 2 and lim.usage("key-b") == {"tracked": False}:
+            lim.admit("key-b")  # used while the database is away
+    task.cancel()
+    assert flaky.calls[0]["key-a"].requests == 1
+    assert set(flaky.calls[3]) == {"key-a", "key-b"}  # still unwritten after three failures
+    assert flaky.calls[4] == {}  # written: nothing new since
+    assert sum("exchange failed" in r.message for r in caplog.records) == 1
+    assert any("exchanging again" in r.message for r in caplog.records)
