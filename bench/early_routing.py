@@ -223,7 +223,9 @@ class Bench:
             temperature=0,
         ) as raw:
             headers = raw.headers
-            for chunk in raw.parse():
+            stream = raw.parse()
+            assert isinstance(stream, openai.Stream), "stream=True parses to chunks"
+            for chunk in stream:
                 content = chunk.choices[0].delta.content if chunk.choices else None
                 if content:
                     if ttft is None:

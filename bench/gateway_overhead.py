@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import aiohttp
 from rich.console import Console
@@ -41,9 +41,17 @@ RESULTS = REPO / "bench" / "results" / "gateway_overhead.json"
 HOST = "127.0.0.1"
 THRESHOLD = 0.5  # confidence exp(-0.05) ≈ 0.95 stays on the student; exp(-3.0) ≈ 0.05 escalates
 GOALS = {"gateway-0%": 0.70, "gateway-20%": 0.50}  # min throughput as a fraction of the pass-through
+
+
+class DefaultGoals(TypedDict):
+    rps: float
+    p99: float
+    concurrency: tuple[int, ...]
+
+
 # The default config (audits on, nothing escalated), at the concurrencies the goal names: req/s as
 # a fraction of the pass-through's, and p99 at most this multiple of the pass-through's (issue 14).
-GOALS_DEFAULT = {"rps": 0.85, "p99": 1.5, "concurrency": (16, 64)}
+GOALS_DEFAULT: DefaultGoals = {"rps": 0.85, "p99": 1.5, "concurrency": (16, 64)}
 # Goals against another system of the same round: (that system, min fraction of its req/s).
 GOALS_VS = {"gateway-20%-postgres": ("gateway-20%", 0.90)}
 NOISY_PCT = 25.0  # a run during which other processes used more than this much of a core is flagged

@@ -94,7 +94,7 @@ class PostgresServer:
         import psycopg
 
         with psycopg.connect(self.url_for(database), autocommit=True) as conn:
-            conn.execute(statement)  # type: ignore[arg-type]
+            conn.execute(statement)
 
     @contextlib.contextmanager
     def fresh_database(self) -> Iterator[str]:

@@ -276,8 +276,8 @@ async def run_cycle(
     cyc, base = Cycle(), gw.base
     scale = cycle_s / FULL_CYCLE_S
     loops = [quiet_client(cyc, base, no * 100 + i, pii) for i in range(QUIET_CLIENTS)]
-    flood = open_loop(cyc, base, "flood", FLOOD_KEY, FLOOD_RPS, True, float("inf"))
-    workers = [asyncio.create_task(c) for c in (*loops, flood, dropping_client(cyc, base), poll_ready(cyc, base))]
+    flooding = open_loop(cyc, base, "flood", FLOOD_KEY, FLOOD_RPS, True, float("inf"))
+    workers = [asyncio.create_task(c) for c in (*loops, flooding, dropping_client(cyc, base), poll_ready(cyc, base))]
     burst: asyncio.Task[None] | None = None
     for name, seconds, student_mode, teacher_mode in PHASES:
         for tier, mode in (("student", student_mode), ("teacher", teacher_mode)):
@@ -302,7 +302,10 @@ async def run_cycle(
     gw.proc.wait()
     cyc.running = False
     await asyncio.gather(*workers)
-    by = lambda group, phase=None: [r for r in cyc.results if r.group == group and (phase is None or r.phase == phase)]  # noqa: E731
+
+    def by(group: str, phase: str | None = None) -> list[Result]:
+        return [r for r in cyc.results if r.group == group and (phase is None or r.phase == phase)]
+
     quiet = {name: phase_stats(by("quiet", name)) for name, *_ in PHASES}
     flood = by("flood")
     spent, budget = usage["usage"].get("teacher_usd_today", 0.0), usage["limits"]["teacher_usd_per_day"]
@@ -461,7 +464,7 @@ def render(report: dict[str, Any]) -> None:
         table.add_column(col, justify="left" if col == "phase" else "right")
     for name, *_ in PHASES:
         rows = [c["quiet"][name] for c in report["cycles"]]
-        fails = sum((r["failures"] for r in rows), Counter())
+        fails: Counter[str] = sum((r["failures"] for r in rows), Counter())
         table.add_row(name, str(sum(r["requests"] for r in rows)), str(sum(r["ok"] for r in rows)),
                       ", ".join(f"{k} {v}" for k, v in fails.items()) or "0", str(sum(r["shed_503"] for r in rows)),
                       "/".join(str(r["p50_ms"]) for r in rows), "/".join(str(r["p99_ms"]) for r in rows))  # fmt: skip

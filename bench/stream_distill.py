@@ -35,7 +35,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from bench.gateway_overhead import busy_seconds, cpu_seconds, free_port, git_state, machine
+from bench.chaos import free_port
+from bench.gateway_overhead import busy_seconds, cpu_seconds, git_state, machine
 from bench.kb import (
     DATA,
     Intent,

@@ -74,7 +74,10 @@ class Tally:
 
     def row(self) -> dict[str, Any]:
         hits = self.exact + self.semantic
-        mean = lambda xs: round(float(np.mean(xs)), 4) if xs else None  # noqa: E731
+
+        def mean(xs: list[float]) -> float | None:
+            return round(float(np.mean(xs)), 4) if xs else None
+
         return {
             "requests": self.requests,
             "hit_rate": round(hits / self.requests, 4) if self.requests else 0.0,
@@ -141,7 +144,7 @@ async def replay(
 def recommend(rows: list[dict[str, Any]]) -> float | None:
     """The lowest threshold at which, on every domain and subset, hits are at least as good as
     fresh answers to the same requests, and no higher threshold breaks that."""
-    ok = sorted({r["threshold"] for r in rows if r["threshold"] is not None})
+    ok: list[float] = sorted({r["threshold"] for r in rows if r["threshold"] is not None})
     for t in ok:
         at_or_above = [r for r in rows if r["threshold"] is not None and r["threshold"] >= t]
         if all(r["hit_recall"] is None or r["hit_recall"] >= r["fresh_recall_same_requests"] for r in at_or_above):

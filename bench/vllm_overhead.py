@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from bench.gateway_overhead import free_port
+from bench.chaos import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "vllm_overhead.json"
@@ -190,7 +190,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             str(cell.errors),
         )  # fmt: skip
     console.print(table)
-    result = {
+    result: dict[str, object] = {
         "benchmark": "vllm_overhead",
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "method": {
