@@ -43,8 +43,12 @@ def test_tiny_local_student_escalates_to_remote_teacher(tiny_model_dir: Path, te
 
 @pytest.mark.slow
 def test_real_models_keep_one_and_escalate_one(tmp_path: Path) -> None:
+    # Between the two drafts' confidences with room on both sides: bfloat16 kernels differ
+    # between CPUs, and the hard prompt's draft scored under 0.35 on one machine and 0.42 on another
+    # ("Hi" about 0.71 on both).
+    threshold = 0.55
     settings = Settings(
-        router={"threshold": 0.35},
+        router={"threshold": threshold},
         signal={"path": tmp_path / "s.db", "audit_fraction": 0.0},
         distill={"registry_dir": tmp_path / "registry", "enabled": False},
     )
@@ -63,10 +67,10 @@ def test_real_models_keep_one_and_escalate_one(tmp_path: Path) -> None:
             "My order #4411 arrived with a cracked screen and the box was wet, what now?"
         )
     assert kept_headers["x-tiergate-tier"] == "student", kept_headers
-    assert float(kept_headers["x-tiergate-confidence"]) >= 0.35
+    assert float(kept_headers["x-tiergate-confidence"]) >= threshold
     assert kept_model == "smollm2-135m-instruct@base" and kept_text
     assert hard_headers["x-tiergate-tier"] == "teacher", hard_headers
-    assert float(hard_headers["x-tiergate-confidence"]) < 0.35
+    assert float(hard_headers["x-tiergate-confidence"]) < threshold
     assert hard_model == "gemma-3-270m" and hard_text
     (rec,) = list(read_samples(tmp_path / "s.db", kind="escalation"))  # active labels may add others
     assert rec.teacher.text == hard_text and rec.teacher.logprobs[0].top  # top-k logprobs from Gemma
