@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.types import Receive, Scope, Send
 
 from distill_loop import Listener, RuntimeConfig, SignalStore, teacher_usage_since
 from gateway.cache import build_cache
@@ -25,7 +26,7 @@ from gateway.labels import ActiveLabeler, HeldoutNeed
 from gateway.limits import Limiter
 from gateway.metrics import Metrics
 from gateway.openapi import install_openapi
-from gateway.routes import install_chat_routes
+from gateway.routes import CHAT_PATHS, install_chat_routes, serve_chat
 from gateway.routes import router as http_routes
 from gateway.service import TieredService
 from gateway.settings import Settings
@@ -117,6 +118,17 @@ async def _start_until_ready(name: str, backend: Backend, metrics: Metrics) -> N
         metrics.ready.labels(name).set(1)
         log.info("%s tier ready: %s", name, backend.info.name)
         return
+
+
+class GatewayApp(FastAPI):
+    """The FastAPI app, but chat completions (the one hot route) go straight to their handler
+    (`routes.serve_chat`); every other request takes FastAPI's way."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] in CHAT_PATHS and scope["method"] == "POST":
+            await serve_chat(self, scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
 
 
 def create_app(settings: Settings, *, student: Backend | None = None, teacher: Backend | None = None) -> FastAPI:
@@ -232,7 +244,7 @@ def create_app(settings: Settings, *, student: Backend | None = None, teacher: B
             release_gc()
             log.info("shutdown complete; signal queue flushed")
 
-    app = FastAPI(title="tiergate", version="0.1.0", lifespan=lifespan)
+    app = GatewayApp(title="tiergate", version="0.1.0", lifespan=lifespan)
     app.state.service = service
     app.state.students = manager
     app.state.tuning = tuning

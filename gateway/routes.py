@@ -12,6 +12,7 @@ import base64
 import dataclasses
 import hashlib
 import hmac
+import inspect
 import json
 import logging
 import time
@@ -27,6 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from sse_starlette import EventSourceResponse
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from gateway.errors import (
     ClientDisconnected,
@@ -220,6 +222,28 @@ CHAT_OPERATION: dict[str, Any] = {
 }
 
 
+CHAT_PATHS = frozenset(("/v1/chat/completions", "/chat/completions"))
+
+
+async def serve_chat(app: FastAPI, scope: Scope, receive: Receive, send: Send) -> None:
+    """A chat completion straight from the ASGI server, past Starlette's middleware stack and
+    router (about 60 µs of the gateway's CPU a request in an in-process harness, bench/README.md).
+    What those layers did for this route is done here: an error is rendered by the app's own
+    handler for it (the OpenAI error shape, as on every other route), and a bug is answered
+    with a 500 and logged by that handler rather than taking the connection down."""
+    scope["app"] = app
+    request = Request(scope, receive, send)
+    try:
+        response = await chat_completions(request)
+    except Exception as exc:  # noqa: BLE001 - every error gets the app's answer for it
+        handler = next((app.exception_handlers[t] for t in type(exc).__mro__ if t in app.exception_handlers), None)
+        if handler is None:
+            raise
+        answer = handler(request, exc)
+        response = await answer if inspect.isawaitable(answer) else answer
+    await response(scope, receive, send)
+
+
 def install_chat_routes(app: FastAPI) -> None:
     """Mount chat completions first in the app, as plain Starlette routes (documented by
     gateway/openapi.py from `CHAT_OPERATION`).
@@ -227,7 +251,8 @@ def install_chat_routes(app: FastAPI) -> None:
     The hottest endpoint skips FastAPI's per-request machinery (dependency solving, the body
     model, exit stacks, matching past the docs routes): about 55 µs of the gateway's CPU per
     request (bench/README.md). It validates its own body and raises the same errors, which the
-    app's handlers render.
+    app's handlers render. The app sends a POST there to `serve_chat` directly; these routes
+    answer what else reaches the paths (405 for another method) and document the operation.
     """
     for path in ("/v1/chat/completions", "/chat/completions"):
         app.router.routes.insert(0, Route(path, chat_completions, methods=["POST"], name=f"chat:{path}"))
