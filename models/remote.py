@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
 import aiohttp
+import msgspec
 import orjson
 from yarl import URL
 
@@ -43,6 +44,65 @@ from models.served import ServedByName, ServedNames
 MAX_RESPONSE_BYTES = 8 * 1024 * 1024  # a completion larger than this is garbage, not an answer
 MAX_LINE_BYTES = 1024 * 1024  # one SSE line (a chunk with top-20 logprobs is a few KiB)
 JSON_HEADERS = {"content-type": "application/json"}
+
+
+# What is read of a completion, decoded by msgspec straight from the bytes: the fields named
+# here and nothing else (the tokens' `bytes` arrays, a teacher answer's bulk, are skipped, not
+# built). Not tracked by the GC: they hold only strings and numbers, and live for one parse.
+class _Top(msgspec.Struct, gc=False):
+    token: str
+    logprob: float
+
+
+class _Token(msgspec.Struct, gc=False):
+    token: str
+    logprob: float
+    top_logprobs: list[_Top] | None = None
+
+
+class _Logprobs(msgspec.Struct, gc=False):
+    content: list[_Token] | None = None
+
+
+class _Message(msgspec.Struct, gc=False):
+    content: str | None = None
+
+
+class _Choice(msgspec.Struct, gc=False):
+    message: _Message
+    finish_reason: str | None = None
+    logprobs: _Logprobs | None = None
+
+
+class _Usage(msgspec.Struct, gc=False):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class _Completion(msgspec.Struct, gc=False):
+    choices: list[_Choice]
+    model: str | None = None
+    usage: _Usage | None = None
+
+
+class _Delta(msgspec.Struct, gc=False):
+    content: str | None = None
+
+
+class _ChunkChoice(msgspec.Struct, gc=False):
+    delta: _Delta | None = None
+    finish_reason: str | None = None
+    logprobs: _Logprobs | None = None
+
+
+class _Chunk(msgspec.Struct):
+    choices: list[_ChunkChoice] | None = None
+    usage: _Usage | None = None
+    error: Any = None  # a server's error mid-stream: {"message": ...} or a string
+
+
+_COMPLETION = msgspec.json.Decoder(_Completion)
+_CHUNK = msgspec.json.Decoder(_Chunk)
 
 
 @contextlib.contextmanager
@@ -101,40 +161,38 @@ def _token(raw: Any) -> tuple[str, int | None]:
     return text, None
 
 
-def _top(raw: Any) -> TopLogprob:
-    token, token_id = _token(raw["token"])
-    return TopLogprob(token, float(raw["logprob"]), token_id)
+def _top(raw: _Top) -> TopLogprob:
+    token, token_id = _token(raw.token)
+    return TopLogprob(token, raw.logprob, token_id)
 
 
 _tuple = tuple.__new__  # builds a named tuple in C: its own __new__ is Python, per token and alternative
 
 
-def _parse_logprobs(raw: Any) -> tuple[TokenLogprob, ...]:
+def _parse_logprobs(raw: _Logprobs | None) -> tuple[TokenLogprob, ...]:
     """OpenAI `logprobs.content` into TokenLogprobs (on the hot path for every draft, and for
     every teacher answer with its top-k alternatives: 21 tokens with 5 each, 59 us built through
     the named tuples' own constructors, 29 us this way).
     vLLM renders all of a response's tokens as "token_id:N" or none, so the first token decides."""
-    if not isinstance(raw, dict) or not isinstance(raw.get("content"), list):
-        return ()
-    content = raw["content"]
+    content = raw.content if raw is not None else None
     if not content:
         return ()
-    if str(content[0]["token"]).startswith("token_id:"):
+    if content[0].token.startswith("token_id:"):
         out = []
         for item in content:
-            alts = item.get("top_logprobs")
-            token, token_id = _token(item["token"])
-            out.append(TokenLogprob(token, float(item["logprob"]), token_id, tuple(map(_top, alts)) if alts else ()))
+            alts = item.top_logprobs
+            token, token_id = _token(item.token)
+            out.append(TokenLogprob(token, item.logprob, token_id, tuple(map(_top, alts)) if alts else ()))
         return tuple(out)
     return tuple(
         _tuple(
             TokenLogprob,
             (
-                str(item["token"]),
-                float(item["logprob"]),
+                item.token,
+                item.logprob,
                 None,
-                tuple([_tuple(TopLogprob, (str(x["token"]), float(x["logprob"]), None)) for x in alts])
-                if (alts := item.get("top_logprobs"))
+                tuple([_tuple(TopLogprob, (x.token, x.logprob, None)) for x in alts])
+                if (alts := item.top_logprobs)
                 else (),
             ),
         )
@@ -317,20 +375,20 @@ class RemoteBackend(ServedByName):
         with self._names.using(self._names.model) as (model, version):
             body = await self._call("POST", "/chat/completions", self._body(messages, params, False, model))
         try:
-            data = orjson.loads(body)
-            choice = data["choices"][0]
-            usage = data.get("usage") or {}
-            text = str(choice["message"].get("content") or "")
+            data = _COMPLETION.decode(body)
+            choice = data.choices[0]
+            usage = data.usage or _Usage()
+            text = choice.message.content or ""
             return Generation(
                 text=text.lstrip() if self.config.prompt_format == "transcript" else text,
-                finish_reason=_finish(choice.get("finish_reason")),
-                usage=Usage(int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))),
-                model=str(data.get("model") or model),
-                logprobs=_parse_logprobs(choice.get("logprobs")),
+                finish_reason=_finish(choice.finish_reason),
+                usage=Usage(usage.prompt_tokens, usage.completion_tokens),
+                model=data.model or model,
+                logprobs=_parse_logprobs(choice.logprobs),
                 version=version,
             )
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
-            raise BackendResponseError(f"{name}: malformed completion: {exc!r}") from exc
+        except (msgspec.DecodeError, IndexError) as exc:
+            raise BackendResponseError(f"{name}: malformed completion: {exc}") from exc
 
     async def stream(self, messages: tuple[ChatMessage, ...], params: SamplingParams) -> AsyncIterator[GenerationDelta]:
         name = self.config.name
@@ -370,23 +428,19 @@ class RemoteBackend(ServedByName):
     def _parse_chunk(self, payload: str) -> tuple[GenerationDelta | None, FinishReason | None, Usage | None]:
         name = self.config.name
         try:
-            data = orjson.loads(payload)
-            if "error" in data:
-                err = data["error"]
-                raise BackendResponseError(f"{name}: error mid-stream: {err.get('message', err)}")
-            usage = None
-            if data.get("usage"):
-                u = data["usage"]
-                usage = Usage(int(u.get("prompt_tokens", 0)), int(u.get("completion_tokens", 0)))
-            if not data.get("choices"):
-                return None, None, usage
-            choice = data["choices"][0]
-            text = (choice.get("delta") or {}).get("content") or ""
-            lps = _parse_logprobs(choice.get("logprobs"))
-            finish = _finish(choice["finish_reason"]) if choice.get("finish_reason") else None
-            delta = GenerationDelta(text=text, logprobs=lps) if (text or lps) else None
-            return delta, finish, usage
-        except BackendError:
-            raise
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
-            raise BackendResponseError(f"{name}: malformed stream chunk: {exc!r}") from exc
+            data = _CHUNK.decode(payload)
+        except msgspec.DecodeError as exc:
+            raise BackendResponseError(f"{name}: malformed stream chunk: {exc}") from exc
+        if data.error is not None:
+            err = data.error
+            message = err.get("message", err) if isinstance(err, dict) else err
+            raise BackendResponseError(f"{name}: error mid-stream: {message}")
+        usage = Usage(data.usage.prompt_tokens, data.usage.completion_tokens) if data.usage else None
+        if not data.choices:
+            return None, None, usage
+        choice = data.choices[0]
+        text = (choice.delta.content if choice.delta else None) or ""
+        lps = _parse_logprobs(choice.logprobs)
+        finish = _finish(choice.finish_reason) if choice.finish_reason else None
+        delta = GenerationDelta(text=text, logprobs=lps) if (text or lps) else None
+        return delta, finish, usage

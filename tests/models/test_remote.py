@@ -8,6 +8,7 @@ import socket
 from collections.abc import Iterator
 from typing import Any
 
+import orjson
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -23,6 +24,7 @@ from models import (
     SamplingParams,
     TokenLogprob,
     TopLogprob,
+    Usage,
 )
 from models.remote import RemoteBackend, retry_after_seconds
 from tests.fakes import UpstreamScript
@@ -231,10 +233,16 @@ async def test_429_passes_on_the_upstreams_retry_after(header: str, seconds: flo
 
 
 def test_logprobs_parse_plain_tokens_and_vllms_token_id_form_alike() -> None:
-    from models.remote import _parse_logprobs
+    import msgspec
+
+    from models.remote import _Logprobs
+    from models.remote import _parse_logprobs as parse
 
     def entry(token: str, lp: float) -> dict[str, Any]:
         return {"token": token, "logprob": lp, "bytes": [1], "top_logprobs": [{"token": token, "logprob": lp}]}
+
+    def _parse_logprobs(raw: dict[str, Any] | None) -> tuple[TokenLogprob, ...]:  # from the JSON, as served
+        return parse(msgspec.json.decode(orjson.dumps(raw), type=_Logprobs | None))
 
     plain = _parse_logprobs({"content": [entry("Hi", -0.5), entry(" there", 0)]})
     assert plain == (
@@ -249,3 +257,40 @@ def test_logprobs_parse_plain_tokens_and_vllms_token_id_form_alike() -> None:
         TokenLogprob("token_id:4", -1.0, 4, ()),
     )
     assert _parse_logprobs({"content": []}) == () == _parse_logprobs(None)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"not json", b'{"choices": []}', b'{"choices": [{"message": {"content": 7}}]}', b'{"model": "m"}'],
+)
+async def test_a_completion_that_is_not_one_is_a_response_error(body: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    b = remote("http://127.0.0.1:9/v1")
+
+    async def answer(*_: Any) -> bytes:
+        return body
+
+    monkeypatch.setattr(b, "_call", answer)
+    with pytest.raises(BackendResponseError, match="malformed completion"):
+        await b.generate(MSG, SamplingParams())
+    await b.aclose()
+
+
+def test_stream_chunks_parse_and_a_mid_stream_error_is_raised() -> None:
+    b = remote("http://127.0.0.1:9/v1")
+    delta, finish, usage = b._parse_chunk(
+        '{"choices": [{"delta": {"content": "Hi"}, "finish_reason": null,'
+        ' "logprobs": {"content": [{"token": "Hi", "logprob": -1, "bytes": [72]}]}}], "usage": null}'
+    )
+    assert delta is not None and delta.text == "Hi" and delta.logprobs == (TokenLogprob("Hi", -1.0),)
+    assert (finish, usage) == (None, None)
+    assert b._parse_chunk('{"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}') == (
+        None,
+        None,
+        Usage(3, 2),
+    )
+    assert b._parse_chunk('{"choices": [{"delta": {}, "finish_reason": "length"}]}') == (None, "length", None)
+    for chunk, message in (('{"error": {"message": "out of memory"}}', "out of memory"), ('{"error": "gone"}', "gone")):
+        with pytest.raises(BackendResponseError, match=f"error mid-stream: {message}"):
+            b._parse_chunk(chunk)
+    with pytest.raises(BackendResponseError, match="malformed stream chunk"):
+        b._parse_chunk('{"choices": [{"delta": {"content": ["not", "text"]}}]}')
