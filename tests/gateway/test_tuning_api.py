@@ -226,7 +226,8 @@ def test_whatif_weights_each_audit_by_the_fraction_it_was_sampled_at(tmp_path: P
             server={"admin_api_key": ADMIN},
             router={"threshold": 0.3},
             signal={"path": tmp_path / "s.db", **signal},
-            distill={"registry_dir": tmp_path / "registry"},
+            # No active labels: their budget refills with time, so a slow run made one more record.
+            distill={"registry_dir": tmp_path / "registry", "label_budget_per_hour": 0},
         )
         student = FakeBackend(BackendConfig(kind="fake", model="s"), reply)
         teacher = FakeBackend(BackendConfig(kind="fake", model="t"), lambda _m: Scripted("refunds take five days"))
