@@ -254,7 +254,7 @@ def install_chat_routes(app: FastAPI) -> None:
     app's handlers render. The app sends a POST there to `serve_chat` directly; these routes
     answer what else reaches the paths (405 for another method) and document the operation.
     """
-    for path in ("/v1/chat/completions", "/chat/completions"):
+    for path in sorted(CHAT_PATHS):
         app.router.routes.insert(0, Route(path, chat_completions, methods=["POST"], name=f"chat:{path}"))
 
 
