@@ -32,7 +32,7 @@ from gateway.service import TieredService
 from gateway.settings import Settings
 from gateway.student import StudentManager
 from gateway.tuning import Tuning
-from gateway.usage import SharedUsage, Totals
+from gateway.usage import SharedUsage
 from models import Backend, BackendError, build_backend
 from router import DEFAULT_TENANT, AuditedTable, ConfidenceRouter, PolicyBook, is_url
 
@@ -82,17 +82,17 @@ async def _follow_shared_state(settings: Settings, policies: PolicyBook, limits:
 
 async def _share_usage(limits: Limiter, shared: SharedUsage, interval_s: float) -> None:
     """Every `interval_s`, while any limit is set: write this replica's usage per key and take
-    the other replicas' (gateway/usage.py). Totals are running sums, so what a failed exchange
-    did not write goes with the next one; the database being away never stops serving."""
-    pending: dict[str, Totals] = {}
+    the other replicas' (gateway/usage.py). What a failed exchange did not write stays with
+    the limiter for the next one (or the last, at shutdown); the database being away never
+    stops serving."""
     failing = False
     while True:
         await asyncio.sleep(interval_s)
         if not limits.active:
             continue
-        pending |= limits.changes()
+        mine = limits.changes()
         try:
-            rows = await asyncio.to_thread(shared.exchange, pending, limits.today())
+            rows = await asyncio.to_thread(shared.exchange, mine, limits.today())
         except Exception:  # noqa: BLE001 - psycopg's errors, and anything else the database says
             if not failing:
                 log.warning("shared per-key usage: exchange failed; limits hold per replica until it works",
@@ -102,7 +102,7 @@ async def _share_usage(limits: Limiter, shared: SharedUsage, interval_s: float) 
         if failing:
             log.info("shared per-key usage: exchanging again")
         failing = False
-        pending = {}
+        limits.sent(mine)
         limits.take_others(rows)
 
 

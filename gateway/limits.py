@@ -218,6 +218,7 @@ class Limiter:
         self._others_day = -1
         self._seen: dict[tuple[str, str], Totals] = {}
         self._moved: set[str] = set()  # keys whose usage moved since `changes` last took it
+        self._unsent: dict[str, Totals] = {}  # taken by `changes`, not yet `sent`
         self._looked = wall()  # when they were last taken (wall time)
         self.active = False
         self._refresh()
@@ -464,15 +465,21 @@ class Limiter:
         return self._others_usd.get(tenant, 0.0) if self._others_day == day else 0.0
 
     def changes(self) -> dict[str, Totals]:
-        """This process's totals for each key whose usage moved since the last call."""
+        """This process's totals for each key whose usage moved since they were last `sent`
+        (a failed exchange's are still here: the totals are running sums, the newest wins)."""
         day = self.today()
-        out: dict[str, Totals] = {}
         for tenant in self._moved:
             if (state := self._states.get(tenant)) is not None:
                 requests, tokens, calls = state.used
-                out[tenant] = Totals(requests, tokens, calls, day, state.spent(day), state.born)
+                self._unsent[tenant] = Totals(requests, tokens, calls, day, state.spent(day), state.born)
         self._moved.clear()
-        return out
+        return dict(self._unsent)
+
+    def sent(self, totals: dict[str, Totals]) -> None:
+        """`totals` (from `changes`) are written: they need not go again unless they move."""
+        for tenant, written in totals.items():
+            if self._unsent.get(tenant) == written:
+                del self._unsent[tenant]
 
     def take_others(self, rows: dict[tuple[str, str], Totals]) -> None:
         """Apply the other replicas' totals (`SharedUsage.exchange`): what each admitted since
