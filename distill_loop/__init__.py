@@ -12,7 +12,7 @@ from distill_loop.metrics import METRICS
 from distill_loop.pointer import Listener
 from distill_loop.redact import Redactor, install_log_redaction
 from distill_loop.registry import BASE, Registry, RoutingState, UnknownVersion, VersionMeta, open_registry
-from distill_loop.sample import Sample, generation_from_json, generation_to_json, json_default, to_chat_jsonl
+from distill_loop.sample import Sample, generation_from_json, generation_to_json, to_chat_jsonl, to_json
 from distill_loop.settings import (
     DEFAULT_STUDENT,
     DEFAULT_TEACHER,
@@ -72,9 +72,9 @@ __all__ = [
     "read_samples",
     "teacher_usage_since",
     "to_chat_jsonl",
+    "to_json",
     "generation_from_json",
     "generation_to_json",
-    "json_default",
     "without_password",
     "training_student",
 ]

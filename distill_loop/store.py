@@ -33,8 +33,6 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from distill_loop.config import SignalConfig
 from distill_loop.db import DBWriter, Row, SignalDB, signal_db
 from distill_loop.errors import RecordRejected, SignalDBError, StoreClosed
@@ -44,12 +42,12 @@ from distill_loop.sample import (
     cap_texts,
     generation_from_json,
     generation_to_json,
-    json_default,
     logprobs_from_json,
     logprobs_to_json,
     messages_from_json,
     messages_to_json,
     to_chat_jsonl,
+    to_json,
 )
 
 log = logging.getLogger(__name__)
@@ -59,9 +57,8 @@ Listener = Callable[[str, int], None]
 
 
 def _json(value: Any) -> str:
-    """Compact UTF-8 JSON text (orjson: a fifth of the stdlib's cost on logprob-heavy rows).
-    Non-finite floats are written as null; `logprobs_from_json` reads them back as -inf."""
-    return orjson.dumps(value, default=json_default).decode()
+    """Compact JSON text (`to_json`: non-finite floats as null, read back as -inf)."""
+    return to_json(value).decode()
 
 
 def _row(s: Sample) -> Row:

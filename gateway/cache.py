@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 
-from distill_loop import Redactor, generation_from_json, generation_to_json, json_default
+from distill_loop import Redactor, generation_from_json, generation_to_json, to_json
 from gateway.guard import LogThrottle
 from gateway.settings import CacheConfig, Settings
 from models import ChatMessage, Generation, SamplingParams
@@ -289,7 +289,7 @@ class PostgresStore(AnswerStore):
     def keep(self, key: str, answer: Generation, ttl_s: float) -> bool:
         if len(self._queue) >= self.QUEUE_MAX and key not in self._queue:
             return False
-        self._queue[key] = (time.time() + ttl_s, orjson.dumps(generation_to_json(answer), default=json_default))
+        self._queue[key] = (time.time() + ttl_s, to_json(generation_to_json(answer)))
         if self._writer is None:
             self._writer = asyncio.create_task(self._write(), name="teacher-cache-writer")
         return True
