@@ -3,8 +3,9 @@
 The database is a SQLite file in WAL mode with synchronous=FULL (the default) or PostgreSQL
 (`signal.url`), both behind `db.py`. `submit()` never blocks the event loop: it puts the record
 on a bounded queue (full queue → the record is dropped and counted). The writer thread commits batches.
-`submit_acked()` does the same and returns a future that resolves once the record is committed:
-the gateway sends an escalated response only then (`signal.durability: acknowledged`). A batch
+`submit_acked()` does the same and returns a future that resolves once the record is committed
+(`submit_awaited()`: an event loop's future, a commit's all resolved in one callback): the
+gateway sends an escalated response only then (`signal.durability: acknowledged`). A batch
 holding such a record does not wait out `linger_s`: it takes what is queued and commits, and
 whatever arrives during that fsync is the next group (group commit). Told how many
 acknowledged records are on their way (`expect_from`: the gateway passes its teacher calls in
@@ -22,6 +23,8 @@ it. Training reads happen elsewhere.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -54,6 +57,9 @@ log = logging.getLogger(__name__)
 
 # (event, count): written | failed | dropped | dead_letter | truncated | redacted
 Listener = Callable[[str, int], None]
+# What an acknowledged record's commit resolves: a thread's future (`submit_acked`) or an
+# event loop's (`submit_awaited`).
+Ack = Future[bool] | asyncio.Future[bool]
 
 
 def _json(value: Any) -> str:
@@ -112,7 +118,7 @@ class SignalStore:
         self.config = config
         self._listener = listener or (lambda _e, _n: None)
         # A record and, for an acknowledged one, the future its commit resolves; None stops the writer.
-        self._queue: queue.Queue[tuple[Sample, Future[bool] | None] | None] = queue.Queue(maxsize=config.queue_size)
+        self._queue: queue.Queue[tuple[Sample, Ack | None] | None] = queue.Queue(maxsize=config.queue_size)
         self._thread: threading.Thread | None = None
         self._closing = threading.Event()
         self._closed = False
@@ -177,7 +183,17 @@ class SignalStore:
             done.set_result(False)
         return done
 
-    def _enqueue(self, sample: Sample, done: Future[bool] | None) -> bool:
+    def submit_awaited(self, sample: Sample) -> asyncio.Future[bool]:
+        """`submit_acked` for a caller on an event loop (the gateway): the future is the loop's
+        own, and the writer resolves all of a commit's futures in one callback, so a group
+        commit wakes the loop once, not once a record. Cancelling it (a wait that timed out)
+        is harmless: the record stays queued and is written."""
+        done = asyncio.get_running_loop().create_future()
+        if not self._enqueue(sample, done):
+            done.set_result(False)
+        return done
+
+    def _enqueue(self, sample: Sample, done: Ack | None) -> bool:
         if self._closed:
             raise StoreClosed("signal store is closed")
         # Cut here (cheap), so the writer never redacts megabytes; never through an identifier.
@@ -205,7 +221,7 @@ class SignalStore:
             while not stop:
                 first = self._queue.get()
                 taken = 1
-                batch: list[tuple[Sample, Future[bool] | None]] = []
+                batch: list[tuple[Sample, Ack | None]] = []
                 if first is None:
                     stop = True
                 else:
@@ -235,7 +251,7 @@ class SignalStore:
                 for _ in range(taken):
                     self._queue.task_done()
             # Anything submitted between close() and the sentinel is still written.
-            rest: list[tuple[Sample, Future[bool] | None]] = []
+            rest: list[tuple[Sample, Ack | None]] = []
             while True:
                 try:
                     item = self._queue.get_nowait()
@@ -249,21 +265,17 @@ class SignalStore:
         finally:
             conn.close()
 
-    def _write_and_ack(self, conn: DBWriter, batch: list[tuple[Sample, Future[bool] | None]]) -> None:
+    def _write_and_ack(self, conn: DBWriter, batch: list[tuple[Sample, Ack | None]]) -> None:
         """Write a batch, then resolve its acknowledged records' futures: once `_write` returns,
         each record is committed, quarantined in the dead-letter table, or spilled and synced.
         Records are redacted first; one the redactor fails on is dropped, never stored raw."""
         if self._redactor is not None:
             batch = self._redact(batch, self._redactor)
         stored = self._write(conn, [s for s, _ in batch]) if batch else True
-        for _, done in batch:
-            if done is not None and not done.done():
-                done.set_result(stored)
+        _settle([(done, stored) for _, done in batch if done is not None])
 
-    def _redact(
-        self, batch: list[tuple[Sample, Future[bool] | None]], redactor: Redactor
-    ) -> list[tuple[Sample, Future[bool] | None]]:
-        out: list[tuple[Sample, Future[bool] | None]] = []
+    def _redact(self, batch: list[tuple[Sample, Ack | None]], redactor: Redactor) -> list[tuple[Sample, Ack | None]]:
+        out: list[tuple[Sample, Ack | None]] = []
         redacted = 0
         for sample, done in batch:
             try:
@@ -272,7 +284,7 @@ class SignalStore:
                 self._listener("failed", 1)
                 log.error("signal record %s dropped: redaction failed (%s)", sample.id, type(exc).__name__)
                 if done is not None:
-                    done.set_result(False)
+                    _settle([(done, False)])
                 continue
             redacted += found > 0
             out.append((clean, done))
@@ -385,3 +397,24 @@ def export_jsonl(
             fh.write(json.dumps(to_chat_jsonl(s), ensure_ascii=False) + "\n")
             n += 1
     return n
+
+
+def _settle(acks: list[tuple[Ack, bool]]) -> None:
+    """Resolve acknowledged records' futures from the writer thread: a thread's future at once;
+    an event loop's in one callback a loop (a closed loop has no one left waiting)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[bool], bool]]] = {}
+    for done, ok in acks:
+        if isinstance(done, Future):
+            if not done.done():
+                done.set_result(ok)
+        else:
+            by_loop.setdefault(done.get_loop(), []).append((done, ok))
+    for loop, futures in by_loop.items():
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(_set_results, futures)
+
+
+def _set_results(futures: list[tuple[asyncio.Future[bool], bool]]) -> None:
+    for done, ok in futures:
+        if not done.done():  # cancelled: its wait timed out
+            done.set_result(ok)

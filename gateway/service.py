@@ -20,7 +20,6 @@ import random
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
@@ -998,7 +997,7 @@ class TieredService:
         handle: AnswerStream,
         grant: TeacherGrant | None,
         probe: Probe | None,
-    ) -> Future[bool] | asyncio.Task[None] | None:
+    ) -> asyncio.Future[bool] | asyncio.Task[None] | None:
         """Account a finished live stream; returns what its escalation record's commit awaits."""
         info = self.tiers[tier].info
         gen = collect(deltas, model=info.name, version=info.version)
@@ -1172,7 +1171,7 @@ class TieredService:
         draft: Generation | None,
         decision: Decision | None,
         answer: Generation,
-    ) -> Future[bool] | asyncio.Task[None] | None:
+    ) -> asyncio.Future[bool] | asyncio.Task[None] | None:
         """Record the pair. An escalation under `signal.durability: acknowledged` returns what
         its commit resolves, for the response to wait on (`_acknowledge`); otherwise None."""
         sample = Sample(
@@ -1220,21 +1219,40 @@ class TieredService:
             log.warning("teacher could not score draft %s: %s", sample.id, exc)
         committed = self._submit(sample, acked)
         if committed is not None:
-            await asyncio.wrap_future(committed)
+            await committed
 
-    async def _acknowledge(self, call: ChatCall, committed: Future[bool] | asyncio.Task[None] | None) -> None:
+    async def _acknowledge(self, call: ChatCall, committed: asyncio.Future[bool] | asyncio.Task[None] | None) -> None:
         """Wait, at most `signal.ack_timeout_s`, until the request's record is committed. Past
         that the response goes out anyway and the wait is counted: a failing database never
-        fails serving, and the record stays queued (written once it recovers, or spilled)."""
+        fails serving, and the record stays queued (written once it recovers, or spilled).
+
+        The store's future (`submit_awaited`) is waited on with a bare timer, not `wait_for`
+        (three more futures and callbacks a request in Python 3.11): expiring cancels it,
+        which the store allows. A task (the draft scored first) is shielded: it must go on."""
         if committed is None:
             return
-        waiting = asyncio.wrap_future(committed) if isinstance(committed, Future) else committed
+        timeout_s = self.settings.signal.ack_timeout_s
+        if isinstance(committed, asyncio.Task):
+            try:
+                await asyncio.wait_for(asyncio.shield(committed), timeout_s)
+            except TimeoutError:
+                self._ack_timed_out(call)
+            return
+        timer = asyncio.get_running_loop().call_later(timeout_s, committed.cancel)
         try:
-            await asyncio.wait_for(asyncio.shield(waiting), self.settings.signal.ack_timeout_s)
-        except TimeoutError:
-            self.metrics.signal_ack_timeouts.inc()
-            self._logs.warning(log, "ack_timeout", "signal record %s not committed within %.1f s; answering anyway",
-                               call.request_id, self.settings.signal.ack_timeout_s)  # fmt: skip
+            await committed
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():  # the request itself was cancelled
+                raise
+            self._ack_timed_out(call)
+        finally:
+            timer.cancel()
+
+    def _ack_timed_out(self, call: ChatCall) -> None:
+        self.metrics.signal_ack_timeouts.inc()
+        self._logs.warning(log, "ack_timeout", "signal record %s not committed within %.1f s; answering anyway",
+                           call.request_id, self.settings.signal.ack_timeout_s)  # fmt: skip
 
     def _spawn(self, coro: Coroutine[Any, Any, None], request_id: str) -> asyncio.Task[None]:
         task = asyncio.create_task(coro, name=f"signal-{request_id}")
@@ -1242,12 +1260,11 @@ class TieredService:
         task.add_done_callback(self._background.discard)
         return task
 
-    def _submit(self, sample: Sample, acked: bool = False) -> Future[bool] | None:
-        """Queue the record; acknowledged, return the future its commit resolves (a thread's
-        future: `_acknowledge` awaits it on the event loop)."""
+    def _submit(self, sample: Sample, acked: bool = False) -> asyncio.Future[bool] | None:
+        """Queue the record; acknowledged, return the future its commit resolves."""
         try:
             if acked:
-                return self.store.submit_acked(sample)
+                return self.store.submit_awaited(sample)
             self.store.submit(sample)
         except StoreClosed:
             self.metrics.signal_records.labels("failed").inc()

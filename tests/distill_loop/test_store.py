@@ -4,6 +4,7 @@ on both; the rest are about SQLite's own file (WAL, old schema versions, a locke
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -391,6 +392,44 @@ def test_an_acknowledged_record_resolves_only_once_committed_and_waiters_share_c
     t0 = time.monotonic()
     assert store.submit_acked(sample(99)).result(timeout=10)
     assert time.monotonic() - t0 < 0.9
+    store.close()
+
+
+def test_awaited_records_resolve_on_their_loop_one_wakeup_a_commit_and_a_cancelled_wait_is_harmless(
+    tmp_path: Path, backend: str | None
+) -> None:
+    """`submit_awaited` (the gateway's): the futures belong to the caller's event loop, none
+    resolves before the commit, a commit's futures are all resolved by one callback on the
+    loop, and a future cancelled by its waiter (an ack timeout) leaves its record to be written."""
+    events: list[tuple[str, int]] = []
+    store = open_store(tmp_path, events, backend)
+
+    async def scenario() -> tuple[list[bool], bool, int]:
+        loop = asyncio.get_running_loop()
+        wakeups = 0
+        call_soon_threadsafe = loop.call_soon_threadsafe
+
+        def counted(*args: object, **kwargs: object) -> asyncio.Handle:
+            nonlocal wakeups
+            wakeups += 1
+            return call_soon_threadsafe(*args, **kwargs)  # type: ignore[arg-type]
+
+        loop.call_soon_threadsafe = counted  # type: ignore[method-assign]
+        with database_locked(store):
+            futures = [store.submit_awaited(sample(i)) for i in range(20)]
+            given_up = store.submit_awaited(sample(20))
+            await asyncio.sleep(0.3)
+            assert not any(f.done() for f in futures)  # nothing is acknowledged before it is on disk
+            given_up.cancel()
+        results = await asyncio.gather(*futures)
+        return results, given_up.cancelled(), wakeups
+
+    results, cancelled, wakeups = asyncio.run(scenario())
+    assert all(results) and cancelled
+    assert store.flush(10)
+    assert store.count() == 21  # the cancelled wait's record is written all the same
+    commits = [n for e, n in events if e == "written"]
+    assert sum(commits) == 21 and wakeups == len(commits) <= 2  # one wake-up a commit, not a record
     store.close()
 
 
