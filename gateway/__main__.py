@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> None:
         port=settings.server.port,
         log_level=settings.runtime.log_level.lower(),
         access_log=False,
+        # Nothing reads the client's address or scheme (no access log, keys name tenants), so
+        # X-Forwarded-* rewriting would be work for no one, on every request.
+        proxy_headers=False,
         timeout_graceful_shutdown=int(settings.server.shutdown_grace_s) + 10,
         timeout_keep_alive=settings.server.keep_alive_s,
     )
