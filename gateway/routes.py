@@ -258,7 +258,7 @@ def install_chat_routes(app: FastAPI) -> None:
         app.router.routes.insert(0, Route(path, chat_completions, methods=["POST"], name=f"chat:{path}"))
 
 
-async def chat_completions(request: Request) -> Response:
+async def chat_completions(request: Request) -> Response | JSONAnswer:
     tenant = await tenant_of(request)  # authenticate before reading the body
     service = _service(request)
     limits = service.limits
@@ -304,7 +304,26 @@ async def chat_completions(request: Request) -> Response:
         logprobs=logprobs_json(gen.logprobs, call.params.top_logprobs) if call.want_logprobs else None,
         tiergate=route.body(call.request_id),
     )
-    return Response(orjson.dumps(payload), media_type="application/json", headers=headers)
+    return JSONAnswer(payload, headers)
+
+
+class JSONAnswer:
+    """A 200 with a JSON body, sent as the two raw ASGI messages: what Starlette's `Response`
+    sends for it, without its header normalisation and media-type handling, which cost the
+    hottest path about 15 µs a request. Header names are the gateway's own (lowercase); values
+    are latin-1, as HTTP/1.1 carries them (a client's `x-request-id` came in as latin-1)."""
+
+    __slots__ = ("body", "headers")
+
+    def __init__(self, payload: Any, headers: dict[str, str]) -> None:
+        self.body = orjson.dumps(payload)
+        self.headers = headers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raw = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(self.body))]
+        raw += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]
+        await send({"type": "http.response.start", "status": 200, "headers": raw})
+        await send({"type": "http.response.body", "body": self.body})
 
 
 # A request still running after this long gets a task that watches for the client leaving.
