@@ -218,7 +218,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.local_throughput", description=__doc__)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--model", default="smollm2-135m-instruct", help="bundled model name or transformers folder")
-    p.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default=BackendConfig().dtype)
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32", "float16"], default=BackendConfig().dtype)
     p.add_argument("--concurrency", type=int, nargs="*", default=[1, 4, 16], help="none: skip the throughput cells")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--requests-per-caller", type=int, default=4, help="requests per cell = this × callers")
@@ -288,7 +288,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "method": {
             "model": args.model,
             "device": info.detail.get("device", args.device),
-            "dtype": args.dtype,
+            "dtype": info.detail.get("dtype", args.dtype),
             "torch_threads": torch.get_num_threads(),
             "max_tokens": args.max_tokens,
             "temperature": 0.0,

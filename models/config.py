@@ -31,8 +31,11 @@ class BackendConfig(BaseModel):
     system_prompt: str | None = None
     # local: "cpu", "cuda", "cuda:1" or "auto" (CUDA when present).
     device: str = "auto"
-    # local: weights dtype. bfloat16 is about 1.4x faster than float32 on AVX-512 CPUs.
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    # local: weights dtype. "auto": bfloat16 where the hardware computes in it (CUDA with bf16,
+    # CPUs with AVX-512 BF16 or AMX), else float32 (float16 on older CUDA). On an AVX-512 CPU
+    # bfloat16 decodes about 1.4x faster than float32; on an AVX2 CPU, which emulates it, a
+    # batch of 16 decodes 2-2.7x slower (bench/README.md). vllm: passed to vLLM as is.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # local: most requests decoded together in one running batch (continuous batching: newcomers join at the next step).
     max_batch_size: int = Field(default=16, ge=1, le=512)
     # local: how long the owner thread waits for more requests to fill a batch, in ms.

@@ -150,6 +150,17 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The serving dtype; "auto" is bfloat16 only where the hardware computes in it. A CPU
+    without AVX-512 BF16 or AMX (oneDNN's check) emulates bfloat16 in float32 and pays for the
+    conversions: there float32 is the faster one."""
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+
+
 class LocalBackend:
     """A transformers model served from one owner thread. See the module docstring."""
 
@@ -157,7 +168,7 @@ class LocalBackend:
         self.config = config
         self._cache_dir = cache_dir
         self._device = pick_device(config.device)
-        self._dtype = _DTYPES[config.dtype]
+        self._dtype = pick_dtype(config.dtype, self._device)
         self._inbox: queue.Queue[_Job | _Call | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._path: Path | None = None  # the base weights, resolved once by start()
@@ -179,7 +190,7 @@ class LocalBackend:
             kind="local",
             version=loaded.version if loaded else "base",
             ready=loaded is not None and not self._closed,
-            detail={"device": str(self._device), "dtype": self.config.dtype},
+            detail={"device": str(self._device), "dtype": str(self._dtype).removeprefix("torch.")},
         )
 
     @property

@@ -23,7 +23,7 @@ from models import (
     SwappableStudent,
     collect,
 )
-from models.local import LoadedModel, LocalBackend, load_model
+from models.local import LoadedModel, LocalBackend, load_model, pick_dtype
 from tests.fakes import make_adapter
 
 pytestmark = pytest.mark.anyio
@@ -410,3 +410,18 @@ async def test_a_job_that_waited_out_its_deadline_fails_at_admission_without_a_p
     assert backend._admit(waiting, None) == [fresh]
     err = await asyncio.wait_for(late.out.get(), 5)
     assert isinstance(err, BackendTimeout) and "before it started" in str(err)
+
+
+def test_auto_dtype_is_bfloat16_only_where_the_hardware_computes_in_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU without AVX-512 BF16 or AMX emulates bfloat16 (3.4x slower at 16 callers on one,
+    bench/README.md): `auto` serves float32 there; named dtypes are taken as given."""
+    cpu = torch.device("cpu")
+    assert pick_dtype("float32", cpu) is torch.float32 and pick_dtype("bfloat16", cpu) is torch.bfloat16
+    for supported, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda s=supported: s)
+        assert pick_dtype("auto", cpu) is expected
+    for supported, expected in ((True, torch.bfloat16), (False, torch.float16)):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda s=supported: s)
+        assert pick_dtype("auto", torch.device("cuda")) is expected
+    backend = LocalBackend(BackendConfig(kind="local", model="tiny", device="cpu"))
+    assert backend.info.detail["dtype"] == str(pick_dtype("auto", cpu)).removeprefix("torch.")
