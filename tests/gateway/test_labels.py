@@ -205,7 +205,10 @@ def test_what_if_leaves_labels_out_and_calibration_takes_them(tmp_path: Path) ->
         for i, kind in enumerate(("escalation", "audit", "label", "label")):
             call, route, draft = served(f"question {i}", confidence=0.6, rid=f"r{i}")
             answer = Generation("the teacher's answer", "stop", Usage(5, 3), "teacher")
-            app.state.service._record(call, kind, "margin" if kind == "label" else kind, draft, route.decision, answer)
+            reason = "margin" if kind == "label" else kind
+            # On the app's event loop, where the service records (an escalation's commit is
+            # a future of that loop).
+            client.portal.call(app.state.service._record, call, kind, reason, draft, route.decision, answer)  # type: ignore[union-attr]
         assert app.state.service.store.flush()
         auth = {"authorization": "Bearer k"}
         assert client.get("/admin/whatif", headers=auth).json()["samples"] == 2
