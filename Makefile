@@ -68,7 +68,7 @@ typecheck: install
 	$(BIN)/mypy
 
 test: models vllm-venv browser postgres haproxy
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --durations=15 $(PYTEST_ARGS)
 
 # Leaves out slow tests (torch models, vLLM) and skips the browser test without Chromium, so it
 # passes on a fresh checkout.
