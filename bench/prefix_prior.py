@@ -99,16 +99,16 @@ def agreement(
 
 
 def spreads(router: ConfidenceRouter, drafts: Sequence[Draft]) -> list[dict[str, Any]]:
-    """Per prefix length: the prior's reading of the prefix (its confidence, in logit space)
-    minus the whole draft's, over drafts longer than the prefix."""
+    """Per prefix length: the prior's reading of the prefix (the whole-draft confidence it
+    predicts, in logit space) minus the whole draft's, over drafts longer than the prefix."""
+    wholes = [logit(router.decide(as_generation(d.logprobs)).confidence) for d in drafts]
     out = []
     for k in SPREAD_LENGTHS:
-        diffs = []
-        for d in drafts:
-            if len(d.logprobs) > k:
-                whole = router.decide(as_generation(d.logprobs)).confidence
-                prefix = router.scorer.score(router.scorer.features_of(d.logprobs[:k]))
-                diffs.append(logit(prefix) - logit(whole))
+        diffs = [
+            logit(router.judge_prefix(d.logprobs[:k], router.threshold, final=False).confidence) - whole
+            for d, whole in zip(drafts, wholes, strict=True)
+            if len(d.logprobs) > k
+        ]
         out.append(
             {
                 "tokens": k,
