@@ -82,7 +82,8 @@ def agreement(
 ) -> dict[str, Any]:
     full = [router.decide(as_generation(d.logprobs), threshold).escalate for d in drafts]
     early = [replay(router, config, d.logprobs, threshold) for d in drafts]
-    agree = sum(e == f for (e, _), f in zip(early, full, strict=True))
+    pairs = [(e, f) for (e, _), f in zip(early, full, strict=True)]  # (early escalates, full escalates)
+    agree = sum(e == f for e, f in pairs)
     at = sorted(k for _, k in early)
     return {
         "threshold": threshold,
@@ -91,8 +92,8 @@ def agreement(
         "early_escalates": sum(e for e, _ in early),
         "agreement": agree / len(drafts) if drafts else None,
         "agreement_ci95": wilson(agree, len(drafts)),
-        "kept_but_full_escalates": sum((not e) and f for (e, _), f in zip(early, full, strict=True)),
-        "escalated_but_full_keeps": sum(e and not f for (e, _), f in zip(early, full, strict=True)),
+        "kept_but_full_escalates": sum((not e) and f for e, f in pairs),
+        "escalated_but_full_keeps": sum(e and not f for e, f in pairs),
         "decided_before_final": sum(k < config.decide_after_tokens for k in at),
         "decision_tokens_p50": at[len(at) // 2] if at else None,
     }
@@ -150,13 +151,15 @@ async def generate(limit: int) -> list[Draft]:
 def summarize(drafts: Sequence[Draft], thresholds: Sequence[float]) -> dict[str, Any]:
     config = RouterConfig()
     router = ConfidenceRouter.from_config(config)
-    domains = sorted({d.domain for d in drafts})
+    by_domain: dict[str, list[Draft]] = {}
+    for d in drafts:
+        by_domain.setdefault(d.domain, []).append(d)
     return {
         domain: {
-            "agreement": [agreement(router, config, [d for d in drafts if d.domain == domain], t) for t in thresholds],
-            "spread": spreads(router, [d for d in drafts if d.domain == domain]),
+            "agreement": [agreement(router, config, ds, t) for t in thresholds],
+            "spread": spreads(router, ds),
         }
-        for domain in domains
+        for domain, ds in sorted(by_domain.items())
     }
 
 

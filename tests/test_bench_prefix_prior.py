@@ -28,9 +28,10 @@ def test_a_prefix_surer_than_its_whole_draft_counts_against_agreement() -> None:
         Draft("d", "heldout", (UNSURE,) * 40),
         Draft("d", "train", late_doubt),
     ]
-    (row,) = summarize(drafts, [0.35])["d"]["agreement"]
+    summary = summarize(drafts, [0.35])["d"]
+    (row,) = summary["agreement"]
     assert row["full_escalates"] == 2 and row["early_escalates"] == 1
     assert row["kept_but_full_escalates"] == 1 and row["escalated_but_full_keeps"] == 0
     assert row["agreement"] == 2 / 3 and row["decided_before_final"] == 2
-    spread = summarize(drafts, [0.35])["d"]["spread"]
+    spread = summary["spread"]
     assert spread[-1]["tokens"] == 16 and spread[-1]["mean"] > 0  # the prefix reads surer than the whole
