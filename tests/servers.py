@@ -1,5 +1,5 @@
 """Run ASGI apps under real uvicorn on 127.0.0.1, in a thread, for end-to-end tests; start a
-subprocess gateway or trainer.
+subprocess gateway or trainer; read a running server's metrics.
 
 Follows httpx's `serve_in_thread`, but binds port 0 first so tests never race for ports.
 """
@@ -17,7 +17,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.chaos import free_port
 
@@ -64,6 +66,16 @@ def serve_in_thread(app: Any, *, ready_path: str | None = None, timeout: float =
         server.should_exit = True
         thread.join(timeout=60)
         sock.close()
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    """The value of one sample of the server at `url`'s `/metrics`, by name and labels (those
+    given must match; others are free)."""
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return float(s.value)
+    raise KeyError(f"{name}{labels} not exported")
 
 
 def wait_healthy(proc: subprocess.Popen[bytes], url: str, log: Path, timeout: float = 400, poll_s: float = 0.5) -> None:

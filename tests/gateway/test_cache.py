@@ -25,8 +25,8 @@ from gateway.cache import MemoryStore, PostgresStore, TeacherCache, build_cache,
 from gateway.settings import CacheConfig
 from models import ChatMessage, Generation, SamplingParams, TokenLogprob, TopLogprob, Usage
 from tests.fakes import UpstreamScript
-from tests.gateway.test_e2e import metric, settings_for
-from tests.servers import serve_in_thread
+from tests.gateway.test_e2e import settings_for
+from tests.servers import metric, serve_in_thread
 
 GREEDY = SamplingParams(max_tokens=50, temperature=0.0)
 HARD = "HARD: where is my parcel?"  # the fake student is unsure of it: it escalates

@@ -12,12 +12,11 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from distill_loop import read_samples
 from gateway import Settings, create_app
 from tests.fakes import UpstreamScript
-from tests.servers import serve_in_thread
+from tests.servers import metric, serve_in_thread
 
 THRESHOLD = 0.5
 
@@ -49,15 +48,6 @@ def gateway_url(student_url: str, teacher_url: str, db: Path) -> Iterator[str]:
 
 def sdk(url: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=url + "/v1", api_key="test-key", max_retries=0)
-
-
-def metric(url: str, name: str, **labels: str) -> float:
-    text = httpx.get(url + "/metrics").text
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                return float(s.value)
-    raise KeyError(f"{name}{labels} not exported")
 
 
 def ask(client: openai.OpenAI, text: str, **kw: Any) -> Any:

@@ -19,8 +19,8 @@ import pytest
 from distill_loop import read_samples
 from gateway import Settings, create_app
 from tests.fakes import UpstreamScript
-from tests.gateway.test_e2e import metric, settings_for
-from tests.servers import serve_in_thread
+from tests.gateway.test_e2e import settings_for
+from tests.servers import metric, serve_in_thread
 
 LONG = " ".join(f"word{i}" for i in range(40)) + "."  # 40 tokens in the fake's word tokenizer
 

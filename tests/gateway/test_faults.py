@@ -29,7 +29,7 @@ import pytest
 
 from bench.chaos import ChaosProxy
 from tests.fakes import UpstreamScript
-from tests.servers import start_gateway
+from tests.servers import metric, start_gateway
 
 log = logging.getLogger(__name__)
 CLIENTS = 32
@@ -149,13 +149,6 @@ class Breakers(Background):
         raise AssertionError(f"{tier} breaker still not closed {timeout}s after the tier came back")
 
 
-def metric(url: str, name: str) -> float:
-    for line in httpx.get(url + "/metrics").text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            return float(line.rsplit(" ", 1)[1])
-    raise KeyError(name)
-
-
 def _env(db: Path) -> dict[str, str]:
     env = {
         "TIERGATE_SIGNAL__PATH": str(db),
@@ -222,7 +215,7 @@ def test_teacher_killed_then_hung(student_url: str, teacher_url: str, tmp_path: 
             deadline = time.monotonic() + 60
             while metric(url, "tiergate_teacher_backlog") > 0 and time.monotonic() < deadline:
                 time.sleep(0.2)
-            fallbacks = metric(url, 'tiergate_fallbacks_total{reason="teacher_unavailable"}')
+            fallbacks = metric(url, "tiergate_fallbacks_total", reason="teacher_unavailable")
             deferred = metric(url, "tiergate_deferred_escalations_total")
             dropped = metric(url, "tiergate_teacher_backlog_dropped_total")
             assert deferred > 0 and deferred + dropped == fallbacks, (fallbacks, deferred, dropped)

@@ -15,7 +15,6 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from prometheus_client.parser import text_string_to_metric_families
 
 from distill_loop import Sample, is_heldout, read_samples
 from gateway import Settings, create_app
@@ -32,7 +31,7 @@ from models import (
     Usage,
 )
 from router import Decision
-from tests.servers import serve_in_thread
+from tests.servers import metric, serve_in_thread
 
 THRESHOLD = 0.5
 
@@ -274,14 +273,6 @@ def ask(url: str, prompt: str, model: str = "tiered", stream: bool = False) -> h
     resp = httpx.post(url + "/v1/chat/completions", json=body, timeout=30)
     assert resp.status_code == 200, resp.text
     return resp
-
-
-def metric(url: str, name: str, **labels: str) -> float:
-    for family in text_string_to_metric_families(httpx.get(url + "/metrics").text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                return float(s.value)
-    raise KeyError(f"{name}{labels} not exported")
 
 
 def records(db: Path, until: Callable[[list[Sample]], bool], timeout: float = 15.0) -> list[Sample]:

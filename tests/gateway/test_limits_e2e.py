@@ -23,8 +23,8 @@ from gateway import Settings, create_app
 from gateway.routes import key_id
 from gateway.settings import LimitsConfig, ServerConfig, TenantLimits
 from tests.fakes import UpstreamScript
-from tests.gateway.test_e2e import metric, settings_for
-from tests.servers import serve_in_thread
+from tests.gateway.test_e2e import settings_for
+from tests.servers import metric, serve_in_thread
 
 ADMIN = "limits-admin"
 RATE_HEADERS = {

@@ -19,8 +19,8 @@ from gateway import create_app
 from gateway.settings import GuardConfig
 from tests.distill_loop.pii_corpus import identifier_prompts
 from tests.fakes import UpstreamScript
-from tests.gateway.test_e2e import metric, settings_for
-from tests.servers import serve_in_thread
+from tests.gateway.test_e2e import settings_for
+from tests.servers import metric, serve_in_thread
 
 AUTH = {"authorization": "Bearer test-key"}
 
