@@ -67,13 +67,21 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
+# Two passes, both always run: the fast tests (and the slow ones marked `beside`) two at a time,
+# as they mostly wait on loopback servers and subprocesses; then the other slow ones one at a
+# time, since they load real models on both cores or bound a latency. Exit 5 (none selected,
+# say by PYTEST_ARGS) is not a failure.
+PASSES := "-n 2 -m 'not slow or beside'" "-m 'slow and not beside'"
 test: models vllm-venv browser postgres haproxy
-	$(BIN)/python -m pytest --durations=15 $(PYTEST_ARGS)
+	@status=0; for pass in $(PASSES); do \
+	  eval $(BIN)/python -m pytest $$pass --durations=15 $(PYTEST_ARGS); rc=$$?; \
+	  if [ $$rc -ne 0 ] && [ $$rc -ne 5 ]; then status=$$rc; fi; \
+	done; exit $$status
 
 # Leaves out slow tests (torch models, vLLM) and skips the browser test without Chromium, so it
 # passes on a fresh checkout.
 test-fast: install
-	$(BIN)/python -m pytest -m "not slow" --allow-missing-browser --allow-missing-postgres $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 2 -m "not slow" --allow-missing-browser --allow-missing-postgres $(PYTEST_ARGS)
 
 bench: install postgres haproxy
 	$(BIN)/python -m bench.gateway_overhead

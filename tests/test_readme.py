@@ -71,6 +71,7 @@ def test_every_relative_link_leads_somewhere(page: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.beside  # pip, on one core, most of its minutes
 def test_first_command_starts_the_gateway_from_a_clean_checkout(tmp_path: Path) -> None:
     if shutil.which("git") is None or not (ROOT / ".git").exists():
         pytest.skip("needs a git checkout")
