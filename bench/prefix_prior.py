@@ -62,26 +62,22 @@ def as_generation(logprobs: Sequence[float]) -> Generation:
     )
 
 
-def replay(
-    router: ConfidenceRouter, config: RouterConfig, logprobs: Sequence[float], threshold: float
-) -> tuple[bool, int]:
+def replay(router: ConfidenceRouter, logprobs: Sequence[float], threshold: float) -> tuple[bool, int]:
     """The gateway's early decision on a draft that arrives a token at a time
-    (`gateway.service._route_early`): (escalates, tokens seen when it was decided)."""
+    (`gateway.service._route_early`, on `ConfidenceRouter.judge_so_far`'s schedule): (escalates,
+    tokens seen when it was decided)."""
     for k in range(1, len(logprobs) + 1):
         if k == len(logprobs):  # the draft ended first: decided whole
             return router.decide(as_generation(logprobs), threshold).escalate, k
-        if k >= config.min_prefix_tokens:
-            verdict = router.judge_prefix(logprobs[:k], threshold, final=k >= config.decide_after_tokens)
-            if verdict.verdict != "undecided":
-                return verdict.verdict == "escalate", k
+        verdict = router.judge_so_far(logprobs[:k], threshold)
+        if verdict is not None and verdict.verdict != "undecided":
+            return verdict.verdict == "escalate", k
     return router.decide(as_generation(logprobs), threshold).escalate, 0  # an empty draft
 
 
-def agreement(
-    router: ConfidenceRouter, config: RouterConfig, drafts: Sequence[Draft], threshold: float
-) -> dict[str, Any]:
+def agreement(router: ConfidenceRouter, drafts: Sequence[Draft], threshold: float) -> dict[str, Any]:
     full = [router.decide(as_generation(d.logprobs), threshold).escalate for d in drafts]
-    early = [replay(router, config, d.logprobs, threshold) for d in drafts]
+    early = [replay(router, d.logprobs, threshold) for d in drafts]
     pairs = [(e, f) for (e, _), f in zip(early, full, strict=True)]  # (early escalates, full escalates)
     agree = sum(e == f for e, f in pairs)
     at = sorted(k for _, k in early)
@@ -94,7 +90,7 @@ def agreement(
         "agreement_ci95": wilson(agree, len(drafts)),
         "kept_but_full_escalates": sum((not e) and f for e, f in pairs),
         "escalated_but_full_keeps": sum(e and not f for e, f in pairs),
-        "decided_before_final": sum(k < config.decide_after_tokens for k in at),
+        "decided_before_final": sum(k < router.decide_after_tokens for k in at),
         "decision_tokens_p50": at[len(at) // 2] if at else None,
     }
 
@@ -149,14 +145,13 @@ async def generate(limit: int) -> list[Draft]:
 
 
 def summarize(drafts: Sequence[Draft], thresholds: Sequence[float]) -> dict[str, Any]:
-    config = RouterConfig()
-    router = ConfidenceRouter.from_config(config)
+    router = ConfidenceRouter.from_config(RouterConfig())
     by_domain: dict[str, list[Draft]] = {}
     for d in drafts:
         by_domain.setdefault(d.domain, []).append(d)
     return {
         domain: {
-            "agreement": [agreement(router, config, ds, t) for t in thresholds],
+            "agreement": [agreement(router, ds, t) for t in thresholds],
             "spread": spreads(router, ds),
         }
         for domain, ds in sorted(by_domain.items())

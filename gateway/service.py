@@ -546,13 +546,13 @@ class TieredService:
                             _Early(verdict, threshold, held, hedge=hedge),
                         )
                     return route, draft, None
-                if len(lps) >= cfg.min_prefix_tokens:
-                    verdict = self.router.judge_prefix(lps, threshold, final=len(lps) >= cfg.decide_after_tokens)
-                    if verdict.verdict != "undecided":
+                so_far = self.router.judge_so_far(lps, threshold)
+                if so_far is not None:
+                    if so_far.verdict != "undecided":
                         handed_on = True
-                        early = _Early(verdict, threshold, held, source, lease, hedge)
+                        early = _Early(so_far, threshold, held, source, lease, hedge)
                         return self._decided_early(call, early)
-                    if hedge is None and verdict.confidence < cfg.hedge_below:
+                    if hedge is None and so_far.confidence < cfg.hedge_below:
                         system = self.settings.teacher.system_prompt or ""
                         estimate = (prompt_chars(call.messages) + len(system)) // 4
                         run = functools.partial(self._run_hedge, call)

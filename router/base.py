@@ -98,3 +98,6 @@ class Router(Protocol):
 
     def judge_prefix(self, logprobs: Sequence[float], threshold: float, *, final: bool) -> PrefixVerdict:
         """The early decision on a draft's first tokens (router/prefix.py)."""
+
+    def judge_so_far(self, logprobs: Sequence[float], threshold: float) -> PrefixVerdict | None:
+        """`judge_prefix` on the schedule a streamed draft is judged on: None while too short."""

@@ -24,14 +24,26 @@ def check_threshold(value: float) -> float:
     return float(value)
 
 
+_DEFAULT = RouterConfig()
+
+
 class ConfidenceRouter:
-    def __init__(self, scorer: ConfidenceScorer, threshold: float, *, decisive: float = 0.9) -> None:
+    def __init__(
+        self,
+        scorer: ConfidenceScorer,
+        threshold: float,
+        *,
+        decisive: float = _DEFAULT.decisive,
+        min_prefix_tokens: int = _DEFAULT.min_prefix_tokens,
+        decide_after_tokens: int = _DEFAULT.decide_after_tokens,
+    ) -> None:
         self.scorer = scorer
         self._threshold = check_threshold(threshold)
         self.calibrator: Calibrator = IDENTITY  # replaced whole on refit, never mutated
         self.learned: LearnedRouter | None = None
         self.prefix: PrefixScorer = PRIOR  # the serving version's, replaced whole at each swap or refit
         self.decisive = decisive
+        self.min_prefix_tokens, self.decide_after_tokens = min_prefix_tokens, decide_after_tokens
 
     @classmethod
     def from_config(cls, config: RouterConfig) -> ConfidenceRouter:
@@ -39,7 +51,13 @@ class ConfidenceRouter:
             factory = SCORERS[config.scorer]
         except KeyError:
             raise UnknownScorer(f"unknown scorer {config.scorer!r}; known: {', '.join(SCORERS)}") from None
-        return cls(factory(config), config.threshold, decisive=config.decisive)
+        return cls(
+            factory(config),
+            config.threshold,
+            decisive=config.decisive,
+            min_prefix_tokens=config.min_prefix_tokens,
+            decide_after_tokens=config.decide_after_tokens,
+        )
 
     @property
     def threshold(self) -> float:
@@ -86,3 +104,11 @@ class ConfidenceRouter:
         prefix, calibrator = self.prefix, self.calibrator  # read once: one verdict, one model
         prior = 0.0 if prefix.fitted else calibrator(self.scorer.score(self.scorer.features_of(logprobs)))
         return prefix.judge(logprobs, prior, threshold, decisive=self.decisive, final=final)
+
+    def judge_so_far(self, logprobs: Sequence[float], threshold: float) -> PrefixVerdict | None:
+        """The early decision's schedule, on a draft that arrives a token at a time: no verdict
+        before `router.min_prefix_tokens` tokens, then `judge_prefix`, forced once the draft
+        has `decide_after_tokens`. (A draft that ends first is decided whole, by `decide`.)"""
+        if len(logprobs) < self.min_prefix_tokens:
+            return None
+        return self.judge_prefix(logprobs, threshold, final=len(logprobs) >= self.decide_after_tokens)

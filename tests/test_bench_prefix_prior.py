@@ -14,10 +14,10 @@ SURE, UNSURE, MIDDLING = -0.01, -6.0, -1.0
 def test_replay_decides_clear_prefixes_at_the_first_judged_token_and_short_drafts_whole() -> None:
     config = RouterConfig()
     router = ConfidenceRouter.from_config(config)
-    assert replay(router, config, [SURE] * 40, 0.35) == (False, config.min_prefix_tokens)
-    assert replay(router, config, [UNSURE] * 40, 0.35) == (True, config.min_prefix_tokens)
-    assert replay(router, config, [MIDDLING] * 40, 0.35)[1] == config.decide_after_tokens  # never decisive
-    assert replay(router, config, [UNSURE] * 2, 0.35) == (True, 2)  # ended before any prefix was judged
+    assert replay(router, [SURE] * 40, 0.35) == (False, config.min_prefix_tokens)
+    assert replay(router, [UNSURE] * 40, 0.35) == (True, config.min_prefix_tokens)
+    assert replay(router, [MIDDLING] * 40, 0.35)[1] == config.decide_after_tokens  # never decisive
+    assert replay(router, [UNSURE] * 2, 0.35) == (True, 2)  # ended before any prefix was judged
 
 
 def test_a_prefix_surer_than_its_whole_draft_counts_against_agreement() -> None:

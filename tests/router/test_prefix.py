@@ -37,6 +37,17 @@ def test_the_prior_reads_a_prefix_as_a_draft_and_decides_only_clear_cases() -> N
     assert router.judge_prefix([-3.0] * 4, 0.0, final=False).verdict == "keep"  # 0 escalates nothing
 
 
+def test_a_streamed_draft_is_judged_on_the_configured_schedule() -> None:
+    """No verdict before `min_prefix_tokens`; undecided until `decide_after_tokens`, where the
+    verdict is forced; the schedule is the config's, not a default's."""
+    router = ConfidenceRouter.from_config(RouterConfig(min_prefix_tokens=2, decide_after_tokens=6))
+    middling = [-1.0] * 8
+    verdicts = [router.judge_so_far(middling[:k], 0.35) for k in range(1, 8)]
+    assert verdicts[0] is None
+    assert [v.verdict if v else None for v in verdicts[1:5]] == ["undecided"] * 4
+    assert all(v is not None and v.verdict != "undecided" for v in verdicts[5:])
+
+
 def test_a_fitted_scorer_predicts_the_whole_drafts_decision_from_its_prefix() -> None:
     train, conf = drafts(80)
     scorer = fit_prefix_scorer(train, conf, lengths=range(4, 17))
