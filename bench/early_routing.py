@@ -29,13 +29,14 @@ import httpx
 import openai
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from bench.gateway_overhead import busy_seconds, cpu_seconds, git_state, machine
 from bench.kb import StreamItem, load_kb, read_stream
 from bench.stream_distill import DOMAINS, MAX_TOKENS, OVERRIDES, REPO, Override, gateway, score, teacher_prompt_for
 from gateway.routes import key_id
+from models.progress import Progress
 from router import RouterConfig
 from router.prefix import MIN_DRAFTS
 

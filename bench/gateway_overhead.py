@@ -29,12 +29,13 @@ from typing import Any, TypedDict
 
 import aiohttp
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from bench.chaos import free_port
 from bench.postgres import PostgresServer, postgres_bin
 from bench.upstream import run_fast
+from models.progress import Progress
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "gateway_overhead.json"

@@ -237,9 +237,10 @@ def read_stream(path: Path) -> list[StreamItem]:
 
 # -- probe ---------------------------------------------------------------------------------------
 async def _answers(backend: Any, questions: Sequence[str], max_tokens: int, label: str) -> list[str]:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
     from models import ChatMessage, SamplingParams
+    from models.progress import Progress
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:

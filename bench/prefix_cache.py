@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import Progress
 from rich.table import Table
 
 from bench.gateway_overhead import busy_seconds
@@ -30,6 +29,7 @@ from bench.kb import asked_intents, load_kb, read_stream, teacher_prompt
 from bench.stream_distill import DOMAINS, MAX_TOKENS
 from models import BackendConfig, ChatMessage, SamplingParams
 from models.local import LocalBackend
+from models.progress import Progress
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "prefix_cache.json"

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from bench.early_routing import choose_prompts, wilson
@@ -36,6 +36,7 @@ from bench.gateway_overhead import git_state, machine
 from bench.kb import read_stream
 from bench.stream_distill import DOMAINS, MAX_TOKENS, REPO
 from models import ChatMessage, Generation, SamplingParams, TokenLogprob, Usage
+from models.progress import Progress
 from router import ConfidenceRouter, RouterConfig
 from router.prefix import PRIOR_SIGMA, logit
 

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from bench.chaos import free_port
@@ -50,6 +50,7 @@ from bench.gateway_overhead import (
 from bench.haproxy import CONFIG, INSTALL_HINT, for_loopback, haproxy_bin
 from bench.postgres import PostgresServer, postgres_bin
 from bench.upstream import run_fast
+from models.progress import Progress
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "replicas.json"

@@ -33,13 +33,14 @@ from typing import Any
 
 import aiohttp
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from stdnum import iban, luhn
 
 from bench.chaos import ChaosProxy
 from bench.gateway_overhead import Server, console, git_state, machine, rss_mib, start, stop, wait_ready
 from bench.upstream import run_fast
+from models.progress import Progress
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "soak.json"

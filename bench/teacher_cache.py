@@ -27,7 +27,6 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
-from rich.progress import Progress
 from rich.table import Table
 
 from bench.kb import StreamItem, key_fact_recall, read_stream
@@ -36,6 +35,7 @@ from bench.stream_distill import DOMAINS
 from gateway.cache import AnswerStore, Embedder, MemoryStore, PostgresStore, TeacherCache
 from gateway.settings import CacheConfig, SemanticCacheConfig
 from models import ChatMessage, Generation, SamplingParams, Usage
+from models.progress import Progress
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import aiohttp
 from rich.console import Console
-from rich.progress import Progress
 from rich.table import Table
 
 from bench.chaos import free_port
+from models.progress import Progress
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "vllm_overhead.json"

@@ -94,8 +94,10 @@ def resolve_model_dir(model: str, cache_dir: Path | None = None) -> Path:
 
 def _convert(spec: BundledModel, target: Path) -> None:
     import torch
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import SpinnerColumn, TextColumn, TimeElapsedColumn
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from models.progress import Progress
 
     target.parent.mkdir(parents=True, exist_ok=True)
     steps = ["locate GGUF", "tokenizer", "de-quantise weights", "rebuild", "save"]
