@@ -31,6 +31,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow tests marked `beside` go first: in `make test`'s parallel pass one worker starts
+    on them at once, instead of running them alone after the fast tests (pytest-xdist deals
+    the first tests out in collection order)."""
+    items.sort(key=lambda item: item.get_closest_marker("beside") is None)
+
+
 @pytest.fixture(autouse=True)
 def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
     for key in list(os.environ):
